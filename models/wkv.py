@@ -1,0 +1,304 @@
+"""The RWKV-4 WKV operator: one public entry point, three backends.
+
+Per channel, with w = -exp(decay) < 0 and u = first, inputs k, v of shape (B, T, C):
+
+    y_t     = (A_t + e^{u+k_t} v_t) / (B_t + e^{u+k_t})
+    A_{t+1} = e^w A_t + e^{k_t} v_t,    B_{t+1} = e^w B_t + e^{k_t}
+
+The state (A, B) is carried as (a, b, p) with A = a e^p, B = b e^p, p a running max of
+exponents, so nothing overflows for any k or T. A state tensor has shape (B, 3, C) and holds
+[a, b, p]; an empty state is a = b = 0, p = -1e38.
+
+Gradient convention: p is a scale, treated as a constant by autograd (its incoming gradient is
+ignored, the gradient of p in an *input* state is exact). Gradients of y are exact; gradients
+through a state are exact for any loss that uses it through A = a e^p and B = b e^p, which is
+what happens when a long signal is cut into pieces and the state is carried along.
+
+Backends (see `wkv`):
+  reference        the sequential loop below: the definition, the test oracle, any float dtype
+  torch            vectorised chunked PyTorch (`wkv_chunked`), CPU and GPU, plain autograd
+  cuda             the chunked-parallel CUDA kernel in cuda/, through the custom ops in
+                   models/wkv_ops.py (torch.compile and autocast friendly)
+  cuda_sequential  the same kernel library's one-thread-per-channel loop: the in-house baseline
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+EMPTY_P = -1e38  # p of an empty state: exp(EMPTY_P - anything) == 0 without inf - inf
+BACKENDS = ("auto", "reference", "torch", "cuda", "cuda_sequential")
+
+# Factorised chunks are exact while the exponents inside a chunk span less than this (float64
+# holds e^-745 .. e^709); a chunk that spans more is recomputed step by step.
+_SPAN_LIMIT = 600.0
+_PAD_K = -1e30  # k of padding steps: they add nothing to the state
+
+
+def empty_state(batch: int, channels: int, device=None, dtype=torch.float32) -> Tensor:
+    """An empty WKV state, (batch, 3, channels): a = b = 0, p = -1e38."""
+    state = torch.zeros(batch, 3, channels, device=device, dtype=dtype)
+    state[:, 2] = EMPTY_P
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The definition: one step of the recurrence, and the sequential reference built from it.
+
+
+def _step_output(a: Tensor, b: Tensor, p: Tensor, u: Tensor, kt: Tensor, vt: Tensor) -> Tensor:
+    ww = u + kt
+    q = torch.maximum(p, ww).detach()  # a scale: cancels between numerator and denominator
+    e1 = torch.exp(p - q)
+    e2 = torch.exp(ww - q)
+    return (e1 * a + e2 * vt) / (e1 * b + e2)
+
+
+def _step_state(a: Tensor, b: Tensor, p: Tensor, w: Tensor, kt: Tensor, vt: Tensor):
+    ww = p + w
+    q = torch.maximum(ww, kt).detach()
+    e1 = torch.exp(ww - q)
+    e2 = torch.exp(kt - q)
+    return e1 * a + e2 * vt, e1 * b + e2, q
+
+
+def wkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor):
+    """Sequential WKV, one step at a time: the exact definition.
+
+    w, u: (C,) in the compute dtype; k, v: (B, T, C); state: (B, 3, C).
+    Returns y (B, T, C) and the final state (B, 3, C), both in the compute dtype.
+    """
+    a, b, p = state.unbind(1)
+    ys = []
+    for t in range(k.shape[1]):
+        kt, vt = k[:, t], v[:, t]
+        ys.append(_step_output(a, b, p, u, kt, vt))
+        a, b, p = _step_state(a, b, p, w, kt, vt)
+    return torch.stack(ys, 1), torch.stack((a, b, p), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Vectorised chunked PyTorch: no Python loop over time steps.
+
+
+def _combine(state: tuple[Tensor, Tensor, Tensor], local: tuple[Tensor, Tensor, Tensor], decay):
+    """State after a chunk: the incoming state decayed by `decay` (= length * w) plus the
+    chunk's own contribution `local` (its state when started from empty)."""
+    a, b, p = state
+    la, lb, lp = local
+    pd = p + decay
+    q = torch.maximum(pd, lp).detach()
+    e1 = torch.exp(pd - q)
+    e2 = torch.exp(lp - q)
+    return e1 * a + e2 * la, e1 * b + e2 * lb, q
+
+
+def wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, chunk: int = 16):
+    """Chunked WKV in float64 PyTorch, differentiable by plain autograd.
+
+    (1) every chunk's own final state in parallel, (2) a short scan over chunks for the state
+    entering each chunk, (3) every step's output in parallel: inside a chunk the decayed sum is
+    a cumulative sum after factoring e^{(t-1-i)w} = e^{(t-L)w} e^{(L-1-i)w}. A chunk whose
+    exponents span too much for that factorisation (more than float64's range can hold, e.g.
+    k jumping by hundreds) is recomputed step by step from its incoming state.
+
+    Returns y (B, T, C), the final state (B, 3, C) and the state entering each chunk
+    (B, N, 3, C), all in float64.
+    """
+    f64 = torch.float64
+    w, u = w.to(f64), u.to(f64)
+    k, v, state = k.to(f64), v.to(f64), state.to(f64)
+    bsz, steps, channels = k.shape
+    L = chunk
+    n_chunks = -(-steps // L)
+    pad = n_chunks * L - steps
+    kc = torch.nn.functional.pad(k, (0, 0, 0, pad), value=_PAD_K).view(bsz, n_chunks, L, channels)
+    vc = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(bsz, n_chunks, L, channels)
+    j = torch.arange(L, device=k.device, dtype=f64)[:, None]  # position inside the chunk
+
+    # (1) each chunk started from an empty state: exponents k_i + (L-1-i) w
+    e = kc + (L - 1 - j) * w
+    lp = e.amax(2).detach()
+    x = torch.exp(e - lp.unsqueeze(2))
+    xv = x * vc
+    la, lb = xv.sum(2), x.sum(2)
+    # the factorised sums below stay exact while every x_i a row needs is far from underflow
+    wide = ((lp - e[:, :, 0]) > _SPAN_LIMIT).any(-1)  # (B, N)
+
+    # (2) scan over chunks (a loop over T / L chunks, not over T)
+    carry = tuple(state.unbind(1))
+    incoming = []
+    for n in range(n_chunks):
+        incoming.append(torch.stack(carry, 1))
+        carry = _combine(carry, (la[:, n], lb[:, n], lp[:, n]), L * w)
+    a_out, b_out, p_out = carry
+    # padding steps added nothing but decay: undo their decay on the scale
+    state_out = torch.stack((a_out, b_out, p_out - pad * w), 1)
+    chunk_states = torch.stack(incoming, 1)  # (B, N, 3, C)
+    a_in, b_in, p_in = (s.unsqueeze(2) for s in chunk_states.unbind(2))
+
+    # (3) outputs. Row j of a chunk sums three kinds of terms: the incoming state,
+    # e^{p_in + j w}; the steps before it in the chunk, sum_{i<j} e^{k_i + (j-1-i) w} v_i
+    # = e^{lp + (j-L) w} * sum_{i<j} x_i v_i (x from step 1, a cumulative sum); and the bonus
+    # e^{u + k_j} v_j. q bounds the row's exponents so every factor is <= 1.
+    cs_v = torch.cumsum(xv, 2) - xv  # exclusive: i < j
+    cs_1 = torch.cumsum(x, 2) - x
+    s_state = p_in + j * w
+    s_intra = lp.unsqueeze(2) + (j - L) * w
+    s_bonus = u + kc
+    q = torch.maximum(torch.maximum(s_state, s_intra), s_bonus).detach()
+    f_intra = torch.exp(s_intra - q)
+    f_state = torch.exp(s_state - q)
+    f_bonus = torch.exp(s_bonus - q)
+    y = (cs_v * f_intra + a_in * f_state + vc * f_bonus) / (cs_1 * f_intra + b_in * f_state + f_bonus)
+
+    # chunks whose span defeats the factorisation: step through them from their incoming state
+    if bool(wide.any()):
+        bi, ni = wide.nonzero(as_tuple=True)
+        a, b, p = chunk_states[bi, ni].unbind(1)
+        rows = []
+        for t in range(L):
+            kt, vt = kc[bi, ni, t], vc[bi, ni, t]
+            rows.append(_step_output(a, b, p, u, kt, vt))
+            a, b, p = _step_state(a, b, p, w, kt, vt)
+        y = torch.index_put(y, (bi, ni), torch.stack(rows, 1))
+
+    y = y.reshape(bsz, n_chunks * L, channels)[:, :steps]
+    return y, state_out, chunk_states
+
+
+# ----------------------------------------------------------------------------------------------
+# The public operator.
+
+_logged_choice: set[str] = set()
+
+
+def _log_backend_once(backend: str, reason: str) -> None:
+    key = f"{backend}:{reason}"
+    if key not in _logged_choice:
+        _logged_choice.add(key)
+        log.info("WKV backend: %s (%s)", backend, reason)
+
+
+def _choose_backend(k: Tensor) -> str:
+    if not k.is_cuda:
+        _log_backend_once("torch", "inputs on CPU")
+        return "torch"
+    from cuda.build import load_extension_or_none, why_unavailable
+
+    if load_extension_or_none() is None:
+        _log_backend_once("torch", why_unavailable())
+        return "torch"
+    _log_backend_once("cuda", "kernel built and loaded")
+    return "cuda"
+
+
+def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_finite: bool):
+    for name, t in (("decay", decay), ("first", first), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+    if k.dim() != 3:
+        raise ValueError(f"k must have 3 dims (B, T, C); got shape {tuple(k.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    bsz, steps, channels = k.shape
+    if steps < 1 or channels < 1 or bsz < 1:
+        raise ValueError(f"k must have B, T, C >= 1; got shape {tuple(k.shape)}")
+    for name, t in (("decay", decay), ("first", first)):
+        if t.shape != (channels,):
+            raise ValueError(f"{name} must have shape (C,) = ({channels},); got {tuple(t.shape)}")
+    tensors = [("decay", decay), ("first", first), ("k", k), ("v", v)]
+    if state is not None:
+        if not isinstance(state, Tensor) or state.shape != (bsz, 3, channels):
+            shape = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"state must have shape (B, 3, C) = ({bsz}, 3, {channels}); got {shape}")
+        if not state.is_floating_point():
+            raise ValueError(f"state must be a floating-point tensor; got dtype {state.dtype}")
+        tensors.append(("state", state))
+    devices = {t.device for _, t in tensors}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in tensors)
+        raise ValueError(f"all WKV inputs must be on one device; got {where}")
+    if check_finite and not torch.compiler.is_compiling():
+        for name, t in tensors:
+            if name == "state":
+                t = t[:, :2]  # p may legitimately be very negative, but not NaN
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def wkv(
+    decay: Tensor,
+    first: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Tensor | None = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """RWKV-4 WKV time mixing.
+
+    decay, first: (C,) parameters (w = -exp(decay), u = first).
+    k, v: (B, T, C) float64/float32/bfloat16/float16, T >= 1.
+    state: optional (B, 3, C) [a, b, p] entering the sequence; empty when None.
+    backend: "auto" (cuda when built and the inputs are on a GPU, else torch), "reference",
+        "torch", "cuda" or "cuda_sequential".
+    check_finite: refuse NaN/Inf inputs (costs a device sync; models check their input once
+        and pass False).
+    Returns y (B, T, C) in k's dtype and the final state (B, 3, C) in float32 (float64 for
+    float64 inputs). Half-precision inputs are accumulated in float32.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    _validate(decay, first, k, v, state, check_finite)
+    if backend == "auto":
+        backend = _choose_backend(k)
+    compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+    w = -torch.exp(decay.to(compute))
+    u = first.to(compute)
+    if state is None:
+        state = empty_state(k.shape[0], k.shape[2], k.device, compute)
+    else:
+        # -inf would give inf - inf; -1e38 is just as empty
+        state = torch.cat((state[:, :2], state[:, 2:].clamp(min=EMPTY_P)), 1).to(compute)
+
+    if backend in ("cuda", "cuda_sequential"):
+        if not k.is_cuda:
+            raise ValueError(f"backend {backend!r} needs CUDA tensors; got k on {k.device}")
+        from models.wkv_ops import wkv_cuda
+
+        return wkv_cuda(w, u, k, v, state, sequential=backend == "cuda_sequential")
+    if backend == "reference":
+        y, state_out = wkv_reference(w, u, k.to(compute), v.to(compute), state)
+    else:
+        y, state_out, _ = wkv_chunked(w, u, k, v, state)
+    return y.to(k.dtype), state_out.to(compute)
+
+
+def wkv_bandwidth_floor_ms(bsz: int, steps: int, channels: int, bytes_per_el: int,
+                           tb_per_s: float, backward: bool) -> float:
+    """The time to move the operator's unavoidable bytes at `tb_per_s`: forward reads k, v and
+    writes y; forward + backward also reads k, v, gy and writes gk, gv."""
+    n = bsz * steps * channels * bytes_per_el
+    moved = 3 * n + (5 * n if backward else 0)
+    return moved / (tb_per_s * 1e12) * 1e3
+
+
+__all__ = [
+    "BACKENDS",
+    "EMPTY_P",
+    "empty_state",
+    "wkv",
+    "wkv_bandwidth_floor_ms",
+    "wkv_chunked",
+    "wkv_reference",
+]
