@@ -1,0 +1,160 @@
+"""Evaluation reports built from a confusion matrix: per-class text/dict report, PNG, JSON.
+
+The confusion matrix is the one thing every rank agrees on after a torchmetrics sync, so the
+per-class report is derived from it rather than from per-rank predictions. Rows are true
+classes, columns predicted classes (torchmetrics and sklearn convention).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are only ever written to files or TensorBoard
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import classification_report  # noqa: E402
+
+
+def _as_matrix(confusion: torch.Tensor | np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+    cm = confusion.detach().cpu().numpy() if isinstance(confusion, torch.Tensor) else confusion
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion matrix must be square (K, K); got shape {tuple(cm.shape)}")
+    if (cm < 0).any():
+        raise ValueError("confusion matrix counts must be non-negative")
+    return np.rint(cm).astype(np.int64)
+
+
+def labels_from_confusion(confusion: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Expand a confusion matrix back into (y_true, y_pred) label arrays.
+
+    confusion: (K, K) counts, rows true, columns predicted. Returns two (N,) int64 arrays with
+    N = confusion.sum(); the pair order is arbitrary but each (true, pred) pair appears exactly
+    as often as its count, which is all any per-class metric depends on.
+    """
+    cm = _as_matrix(confusion)
+    k = cm.shape[0]
+    true_idx, pred_idx = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    counts = cm.ravel()
+    return np.repeat(true_idx.ravel(), counts), np.repeat(pred_idx.ravel(), counts)
+
+
+def classification_report_from_confusion(
+    confusion: torch.Tensor | np.ndarray, class_names: Sequence[str]
+) -> tuple[str, dict[str, Any]]:
+    """sklearn's per-class precision/recall/F1/support report for a confusion matrix.
+
+    Returns (text, dict): the text is sklearn's table, the dict its `output_dict=True` form with
+    plain Python floats/ints (JSON-ready). Classes without support or predictions report 0.
+    """
+    cm = _as_matrix(confusion)
+    if len(class_names) != cm.shape[0]:
+        raise ValueError(
+            f"got {len(class_names)} class names for a {cm.shape[0]}-class confusion matrix"
+        )
+    y_true, y_pred = labels_from_confusion(cm)
+    labels = list(range(cm.shape[0]))
+    names = [str(n) for n in class_names]
+    kwargs = dict(labels=labels, target_names=names, zero_division=0, digits=4)
+    text = classification_report(y_true, y_pred, **kwargs)
+    report = classification_report(y_true, y_pred, output_dict=True, **kwargs)
+    return text, to_plain(report)
+
+
+def plot_confusion_matrix(
+    confusion: torch.Tensor | np.ndarray,
+    class_names: Sequence[str],
+    title: str = "Confusion matrix",
+    normalize: bool = True,
+) -> Figure:
+    """A matplotlib figure of the confusion matrix (rows true, columns predicted).
+
+    With normalize=True the colour is the row-normalised rate (recall per true class) and each
+    cell is annotated with rate and raw count; otherwise colour and text are counts.
+    """
+    cm = _as_matrix(confusion)
+    k = cm.shape[0]
+    row_sums = cm.sum(axis=1, keepdims=True)
+    rates = np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=float), where=row_sums > 0)
+    shown = rates if normalize else cm
+
+    size = min(3.0 + 0.6 * k, 16.0)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=100)
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1.0 if normalize else max(cm.max(), 1))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set(
+        xticks=range(k),
+        yticks=range(k),
+        xticklabels=list(class_names),
+        yticklabels=list(class_names),
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
+    if k <= 30:  # annotations become unreadable beyond this
+        threshold = (1.0 if normalize else max(cm.max(), 1)) / 2
+        for i in range(k):
+            for j in range(k):
+                text = f"{rates[i, j]:.2f}\n({cm[i, j]})" if normalize else str(cm[i, j])
+                colour = "white" if shown[i, j] > threshold else "black"
+                ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_confusion_matrix_png(
+    confusion: torch.Tensor | np.ndarray,
+    class_names: Sequence[str],
+    path: str | Path,
+    title: str = "Confusion matrix",
+) -> Path:
+    """Write the confusion-matrix figure to `path` as PNG and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = plot_confusion_matrix(confusion, class_names, title=title)
+    try:
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def to_plain(value: Any) -> Any:
+    """Convert tensors, numpy values and nested containers into JSON-ready Python values.
+
+    NaN and infinities become None (JSON has no NaN).
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return to_plain(value.item() if value.numel() == 1 else value.tolist())
+    if isinstance(value, np.ndarray):
+        return to_plain(value.tolist())
+    if isinstance(value, np.generic):
+        return to_plain(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write `payload` (converted with `to_plain`) as indented JSON and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_plain(payload), indent=2, sort_keys=False) + "\n")
+    return path
