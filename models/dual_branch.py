@@ -1,0 +1,177 @@
+"""The classifier: RWKV time branch + spectrogram CNN frequency branch -> fusion -> logits.
+
+Read top to bottom: `DualBranchConfig` (nested `RWKVConfig` and `FrequencyConfig`) -> `Fusion`
+-> `DualBranchClassifier`. Either branch can be switched off for ablations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.frequency import FrequencyBranch, FrequencyConfig
+from models.rwkv import RWKVConfig, RWKVEncoder, optimizer_groups, validate_signal
+
+
+def _config_from_dict(cls: type, values: dict[str, Any], where: str):
+    """cls(**values), with unknown keys (typos in a YAML file) named in a ValueError."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {where} setting(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass
+class DualBranchConfig:
+    """The whole model in one object; `from_dict` builds it from a YAML mapping."""
+
+    num_classes: int = 2
+    time: RWKVConfig = field(default_factory=RWKVConfig)
+    freq: FrequencyConfig = field(default_factory=FrequencyConfig)
+    fusion: str = "concat"  # "concat" | "gated"
+    branches: str = "both"  # "both" | "time" | "freq"
+    fusion_dim: int = 256  # width both branches are projected to by "gated" fusion
+    dropout: float = 0.1  # before the final linear layer
+
+    def __post_init__(self) -> None:
+        if isinstance(self.time, dict):
+            self.time = _config_from_dict(RWKVConfig, self.time, "time")
+        if isinstance(self.freq, dict):
+            self.freq = _config_from_dict(FrequencyConfig, self.freq, "freq")
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2; got {self.num_classes!r}")
+        if self.fusion not in ("concat", "gated"):
+            raise ValueError(f"fusion must be 'concat' or 'gated'; got {self.fusion!r}")
+        if self.branches not in ("both", "time", "freq"):
+            raise ValueError(f"branches must be 'both', 'time' or 'freq'; got {self.branches!r}")
+        if self.use_freq and self.time.input_size != 1:
+            raise ValueError(f"the frequency branch takes 1-channel signals; "
+                             f"time.input_size = {self.time.input_size}")
+        if self.time.return_sequence:
+            raise ValueError("time.return_sequence must be False: the classifier pools features")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+
+    @property
+    def use_time(self) -> bool:
+        return self.branches in ("both", "time")
+
+    @property
+    def use_freq(self) -> bool:
+        return self.branches in ("both", "freq")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DualBranchConfig:
+        """{"num_classes": 5, "time": {...RWKVConfig fields}, "freq": {...}, "fusion": ...}.
+        Unknown keys raise a ValueError naming them."""
+        return _config_from_dict(cls, dict(values), "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Fusion(nn.Module):
+    """Combines the branches' pooled features into one (B, out_features) vector.
+
+    Each branch is LayerNorm'd first: RWKV features are already normalised, CNN features are
+    ReLU-scale, and without it the larger one would dominate the head (and the gate).
+    "concat": [time, freq]. "gated": both projected to fusion_dim and mixed per feature by a
+    learned gate g = sigmoid(W [time, freq]) as g * time + (1 - g) * freq.
+    """
+
+    def __init__(self, widths: list[int], mode: str, fusion_dim: int):
+        super().__init__()
+        self.mode = mode if len(widths) > 1 else "concat"  # one branch: nothing to gate
+        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
+        if self.mode == "gated":
+            self.projections = nn.ModuleList(nn.Linear(w, fusion_dim) for w in widths)
+            self.gate = nn.Linear(sum(widths), fusion_dim)
+            self.out_features = fusion_dim
+        else:
+            self.out_features = sum(widths)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        features = [norm(f) for norm, f in zip(self.norms, features, strict=True)]
+        if self.mode == "concat":
+            return torch.cat(features, dim=-1)
+        g = torch.sigmoid(self.gate(torch.cat(features, dim=-1)))
+        a, b = (proj(f) for proj, f in zip(self.projections, features, strict=True))
+        return g * a + (1 - g) * b
+
+
+class DualBranchClassifier(nn.Module):
+    """(B, T) or (B, T, 1) float signal -> (B, num_classes) logits.
+
+    Build it from a whole `DualBranchConfig` (`DualBranchClassifier(config)`) or from its fields
+    (`DualBranchClassifier(5, time={...}, freq={...}, fusion="gated")`); time and freq may be
+    `RWKVConfig` / `FrequencyConfig` or dicts of their fields (None: defaults). The input is
+    checked once here (shape, length >= n_fft when the frequency branch is on, finite values);
+    the branches trust it.
+    """
+
+    def __init__(self, num_classes: int | DualBranchConfig = 2,
+                 time: RWKVConfig | dict | None = None,
+                 freq: FrequencyConfig | dict | None = None, fusion: str = "concat",
+                 branches: str = "both", fusion_dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        if isinstance(num_classes, DualBranchConfig):
+            config = num_classes
+        else:
+            config = DualBranchConfig(num_classes=num_classes, time=time or RWKVConfig(),
+                                      freq=freq or FrequencyConfig(), fusion=fusion,
+                                      branches=branches, fusion_dim=fusion_dim, dropout=dropout)
+        self.config = config
+        widths = []
+        self.time_branch = self.freq_branch = None
+        if config.use_time:
+            # this class checks finiteness itself: one device sync per forward, not two
+            self.time_branch = RWKVEncoder(dataclasses.replace(config.time,
+                                                               check_input_finite=False))
+            widths.append(self.time_branch.out_features)
+        if config.use_freq:
+            self.freq_branch = FrequencyBranch(config.freq)
+            widths.append(self.freq_branch.out_features)
+        self.fusion = Fusion(widths, config.fusion, config.fusion_dim)
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(self.fusion.out_features, config.num_classes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DualBranchClassifier:
+        """Build from a plain mapping (e.g. the `model:` section of a YAML config)."""
+        return cls(DualBranchConfig.from_dict(values))
+
+    @property
+    def min_length(self) -> int:
+        """The shortest signal the model accepts."""
+        return self.config.freq.n_fft if self.config.use_freq else 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        channels = self.config.time.input_size
+        why = f"the STFT window n_fft = {self.config.freq.n_fft}" if self.config.use_freq else ""
+        x = validate_signal(x, channels, min_length=self.min_length, why=why)
+        features = []
+        if self.time_branch is not None:
+            features.append(self.time_branch(x))
+        if self.freq_branch is not None:
+            features.append(self.freq_branch(x))
+        return self.head(self.drop(self.fusion(features)))
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Checkpoint every RWKV block (the frequency CNN is small and is left alone)."""
+        if self.time_branch is not None:
+            self.time_branch.set_gradient_checkpointing(enabled)
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on weight matrices and conv kernels; none on RWKV decay/first/
+        time-mix, norms and biases. Each trainable parameter appears exactly once."""
+        return optimizer_groups(self, weight_decay)
+
+
+ClassifierConfig = DualBranchConfig  # the name used in the project issue
+
+__all__ = ["ClassifierConfig", "DualBranchClassifier", "DualBranchConfig", "Fusion"]

@@ -1,0 +1,157 @@
+"""Frequency branch: spectrogram -> dB -> per-frequency normalisation -> SpecAugment -> 2D CNN.
+
+Read top to bottom: `FrequencyConfig` -> `ConvStage` -> `FrequencyBranch`.
+Shapes: B batch, T samples, F frequency bins (n_mels, or n_fft // 2 + 1 for a linear
+spectrogram), N frames = 1 + T // hop_length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchaudio
+from torch import Tensor, nn
+
+
+@dataclass
+class FrequencyConfig:
+    """Everything that shapes the frequency branch."""
+
+    spectrogram: str = "mel"  # "mel" | "linear"
+    sample_rate: int = 16000  # Hz, places the mel filters (unused by "linear")
+    n_fft: int = 512  # STFT size; also the shortest signal the branch accepts
+    hop_length: int = 128
+    win_length: int | None = None  # None: n_fft
+    n_mels: int = 64
+    f_min: float = 0.0
+    f_max: float | None = None  # None: sample_rate / 2
+    top_db: float | None = 80.0  # floor each spectrogram at (its max - top_db) dB
+    freq_norm: str = "batch"  # "batch" (per-bin stats over the data) | "instance" (per record)
+    channels: tuple[int, ...] = (16, 32, 64, 128)  # CNN stage widths; out_features = last
+    dropout: float = 0.0  # before the pooled features leave the branch
+    freq_mask_param: int = 8  # SpecAugment: widest frequency mask in bins (0: none)
+    time_mask_param: int = 16  # SpecAugment: widest time mask in frames (0: none)
+    num_masks: int = 2  # masks of each kind per example
+    max_time_mask_fraction: float = 0.2  # a time mask never covers more of a short record
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(self.channels)  # YAML gives lists
+        if self.spectrogram not in ("mel", "linear"):
+            raise ValueError(f"FrequencyConfig.spectrogram must be 'mel' or 'linear'; "
+                             f"got {self.spectrogram!r}")
+        if self.freq_norm not in ("batch", "instance"):
+            raise ValueError(f"FrequencyConfig.freq_norm must be 'batch' or 'instance'; "
+                             f"got {self.freq_norm!r}")
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"FrequencyConfig.{name} must be an integer >= 1; got {value!r}")
+        if self.hop_length > self.n_fft or not 1 <= (self.win_length or self.n_fft) <= self.n_fft:
+            raise ValueError(f"FrequencyConfig needs hop_length <= n_fft and win_length <= n_fft; "
+                             f"got n_fft={self.n_fft}, hop_length={self.hop_length}, "
+                             f"win_length={self.win_length}")
+        if self.spectrogram == "mel" and self.n_mels > self.n_fft // 2 + 1:
+            raise ValueError(f"FrequencyConfig.n_mels = {self.n_mels} exceeds the "
+                             f"{self.n_fft // 2 + 1} STFT bins of n_fft = {self.n_fft}")
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"FrequencyConfig.channels must be positive widths; "
+                             f"got {self.channels}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"FrequencyConfig.dropout must be in [0, 1); got {self.dropout!r}")
+        if self.freq_mask_param >= self.n_freq:
+            raise ValueError(f"FrequencyConfig.freq_mask_param = {self.freq_mask_param} must be "
+                             f"below the {self.n_freq} frequency bins")
+
+    @property
+    def n_freq(self) -> int:
+        """F, the number of frequency bins the CNN sees."""
+        return self.n_mels if self.spectrogram == "mel" else self.n_fft // 2 + 1
+
+    @property
+    def out_features(self) -> int:
+        return self.channels[-1]
+
+
+class ConvStage(nn.Module):
+    """Conv3x3 -> BatchNorm -> ReLU -> 2x2 average pooling: (B, c_in, F, N) -> (B, c_out,
+    ceil(F/2), ceil(N/2)). ceil_mode keeps a dimension of 1 alive on short records."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(c_out)
+        self.act = nn.ReLU()
+        self.pool = nn.AvgPool2d(2, ceil_mode=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.act(self.norm(self.conv(x))))
+
+
+class FrequencyBranch(nn.Module):
+    """Spectrogram CNN: (B, T) or (B, T, 1) float signal, T >= n_fft -> (B, out_features).
+
+    The spectrogram is computed in fp32 with autocast off (a bf16 FFT loses the quiet bins) on
+    the input's device; SpecAugment masks are applied only in training.
+    """
+
+    def __init__(self, config: FrequencyConfig):
+        super().__init__()
+        self.config = config
+        win_length = config.win_length or config.n_fft
+        if config.spectrogram == "mel":
+            self.spectrogram = torchaudio.transforms.MelSpectrogram(
+                sample_rate=config.sample_rate, n_fft=config.n_fft, win_length=win_length,
+                hop_length=config.hop_length, f_min=config.f_min, f_max=config.f_max,
+                n_mels=config.n_mels, power=2.0)
+        else:
+            self.spectrogram = torchaudio.transforms.Spectrogram(
+                n_fft=config.n_fft, win_length=win_length, hop_length=config.hop_length,
+                power=2.0)
+        self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=config.top_db)
+        # normalise each frequency bin on its own: dB levels differ by tens of dB between low
+        # and high bins, and a shared scale would let the loudest bins dominate the CNN
+        if config.freq_norm == "batch":
+            self.freq_norm = nn.BatchNorm1d(config.n_freq)
+        else:
+            self.freq_norm = nn.InstanceNorm1d(config.n_freq, affine=True)
+        self.freq_masks = nn.ModuleList(
+            torchaudio.transforms.FrequencyMasking(config.freq_mask_param, iid_masks=True)
+            for _ in range(config.num_masks if config.freq_mask_param > 0 else 0))
+        self.time_masks = nn.ModuleList(
+            torchaudio.transforms.TimeMasking(config.time_mask_param, iid_masks=True,
+                                              p=config.max_time_mask_fraction)
+            for _ in range(config.num_masks if config.time_mask_param > 0 else 0))
+        widths = (1, *config.channels)
+        self.cnn = nn.Sequential(*(ConvStage(a, b) for a, b in zip(widths, widths[1:],
+                                                                       strict=False)))
+        self.drop = nn.Dropout(config.dropout)
+
+    @property
+    def out_features(self) -> int:
+        return self.config.out_features
+
+    def log_spectrogram(self, x: Tensor) -> Tensor:
+        """(B, T) signal -> (B, F, N) normalised dB spectrogram, float32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # (B, 1, T) -> (B, 1, F, N): the 4D layout makes top_db a per-record floor; on a
+            # 3D (B, F, N) batch torchaudio would take one max over the whole batch
+            spec = self.to_db(self.spectrogram(x.float().unsqueeze(1)))
+            return self.freq_norm(spec.squeeze(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            x = x.squeeze(-1)
+        spec = self.log_spectrogram(x).unsqueeze(1)  # (B, 1, F, N)
+        if self.training:
+            # masks set bins to 0, the mean of the normalised spectrogram
+            for mask in (*self.freq_masks, *self.time_masks):
+                spec = mask(spec)
+        h = self.cnn(spec)  # (B, C, F', N')
+        # mean over frequency, then max + mean over time: brief events (max) and sustained
+        # patterns (mean) both survive pooling
+        h = h.mean(2)
+        return self.drop(h.amax(-1) + h.mean(-1))
+
+
+__all__ = ["ConvStage", "FrequencyBranch", "FrequencyConfig"]

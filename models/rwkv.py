@@ -1,0 +1,474 @@
+"""RWKV-4 time branch: blocks, the encoder, and the sequential 'original' model.
+
+Read top to bottom: `RWKVConfig` -> `PatchEmbedding` (stem) -> `TimeMix` (token shift + WKV) ->
+`ChannelMix` (squared ReLU) -> `Block` -> `RWKVEncoder` (the optimized model) -> `SequentialRWKV`
+(the same parameters computed with plain per-op code and the sequential reference WKV) ->
+`create_optimized_rwkv` / `create_original_rwkv`.
+
+Shapes: B batch, T input samples, T' = ceil(T / patch_size) steps after the stem, C hidden_size,
+L num_layers. The WKV operator itself lives in models/wkv.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from models.wkv import BACKENDS, empty_state, wkv
+
+
+@dataclass
+class RWKVConfig:
+    """Everything that shapes the time branch; passed down to every module unchanged."""
+
+    input_size: int = 1  # channels per input sample
+    hidden_size: int = 256  # C, the width of every block
+    num_layers: int = 6  # L
+    ffn_mult: int = 4  # channel-mix hidden width = ffn_mult * C (RWKV-4 uses 4)
+    dropout: float = 0.0  # residual dropout after each time mix and channel mix
+    patch_size: int = 1  # strided-conv stem: T samples -> ceil(T / patch_size) steps
+    bidirectional: bool = False  # add a time-reversed WKV scan to every block (no streaming)
+    pooling: str = "mean"  # "mean" | "last": per-step features -> (B, C)
+    return_sequence: bool = False  # forward returns (B, T', C) per-step features, not pooled
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward
+    compile_blocks: bool = False  # torch.compile every block (GPU; slow to start on CPU)
+    wkv_backend: str = "auto"  # models.wkv backend: "auto" | "torch" | "cuda" | "reference" ...
+    check_input_finite: bool = True  # refuse NaN/Inf input (one device sync per forward)
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "hidden_size", "num_layers", "ffn_mult", "patch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"RWKVConfig.{name} must be an integer >= 1; got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"RWKVConfig.dropout must be in [0, 1); got {self.dropout!r}")
+        if self.pooling not in ("mean", "last"):
+            raise ValueError(f"RWKVConfig.pooling must be 'mean' or 'last'; got {self.pooling!r}")
+        if self.wkv_backend not in BACKENDS:
+            raise ValueError(f"RWKVConfig.wkv_backend must be one of {BACKENDS}; "
+                             f"got {self.wkv_backend!r}")
+
+
+class RWKVState(NamedTuple):
+    """What the unidirectional encoder carries from one chunk of a signal to the next.
+
+    Its size does not depend on the signal's length. A NamedTuple of tensors, so it moves
+    through torch.compile, checkpointing and `torch.save` as plain data.
+    """
+
+    att_shift: Tensor  # (L, B, C) last normalised input of each time mix (token shift)
+    ffn_shift: Tensor  # (L, B, C) last normalised input of each channel mix
+    wkv: Tensor  # (L, B, 3, C) WKV state [a, b, p] of each layer, float32
+    pool_sum: Tensor  # (B, C) sum of all output steps so far (mean pooling across chunks)
+    steps: Tensor  # () number of output steps so far
+
+    def detach(self) -> RWKVState:
+        """The same state cut from the autograd graph (truncated backprop between chunks)."""
+        return RWKVState(*(t.detach() for t in self))
+
+
+def validate_signal(x: Tensor, channels: int, min_length: int = 1, why: str = "",
+                    check_finite: bool = True) -> Tensor:
+    """Check a batch of signals at a model's public boundary; return it as (B, T, channels).
+
+    x: (B, T, channels), or (B, T) when channels == 1, floating point. Raises ValueError naming
+    the problem and the expected shape. `min_length`/`why`: the shortest T the model can take
+    and the reason (e.g. the STFT window).
+    """
+    expected = f"(B, T, {channels})" + (" or (B, T)" if channels == 1 else "")
+    if not isinstance(x, Tensor):
+        raise ValueError(f"expected a torch.Tensor of shape {expected}; got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if x.dim() == 2 and channels == 1:
+        x = x.unsqueeze(-1)
+    if x.dim() != 3:
+        raise ValueError(f"expected a signal batch of shape {expected}; got {len(shape)} dims, "
+                         f"shape {shape}")
+    if x.shape[-1] != channels:
+        raise ValueError(f"expected {channels} channel(s) in the last dim, shape {expected}; got "
+                         f"shape {shape} (a (B, C, T) batch needs x.transpose(1, 2))")
+    if x.shape[0] < 1:
+        raise ValueError(f"expected at least one signal, shape {expected}; got {shape}")
+    if x.shape[1] < min_length:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"signal too short: T = {x.shape[1]}, but at least {min_length} samples "
+                         f"are needed{reason}; shape {expected}, got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected a floating-point signal; got dtype {x.dtype} "
+                         f"(convert integer PCM with x.float() and scale it)")
+    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"the signal contains NaN or Inf values (shape {shape})")
+    return x
+
+
+def token_shift(x: Tensor, last: Tensor | None) -> Tensor:
+    """Each step's previous input: (B, T, C) -> (B, T, C), step 0 gets `last` (B, C) or zeros."""
+    if last is None:
+        return F.pad(x, (0, 0, 1, -1))  # RWKV-LM's ZeroPad2d((0, 0, 1, -1))
+    return torch.cat((last.unsqueeze(1).to(x.dtype), x[:, :-1]), dim=1)
+
+
+def _mix(x: Tensor, xx: Tensor, ratio: Tensor) -> Tensor:
+    """ratio * x + (1 - ratio) * xx in one op; ratio (C,) follows x's dtype (bf16-true models)."""
+    return torch.lerp(xx, x, ratio.to(x.dtype))
+
+
+def _fan_ratio(layer_id: int, num_layers: int) -> tuple[float, float]:
+    """RWKV-LM v4's depth ratios: (0 at the bottom -> 1 at the top, 1 -> almost 0)."""
+    return layer_id / max(num_layers - 1, 1), 1.0 - layer_id / num_layers
+
+
+def _channel_position(channels: int) -> Tensor:
+    return torch.arange(channels, dtype=torch.float32) / channels  # 0 .. (C-1)/C
+
+
+def _decay_init(channels: int, layer_id: int, num_layers: int) -> Tensor:
+    """RWKV-LM v4: decay from -5 (w ~ -0.007, remembers ~150 steps) to 3 (w ~ -20, forgets at
+    once) across channels, bending towards slow decay in deeper layers: every layer gets a
+    spread of memory lengths."""
+    ratio_0_to_1, _ = _fan_ratio(layer_id, num_layers)
+    h = torch.arange(channels, dtype=torch.float32) / max(channels - 1, 1)
+    return -5 + 8 * h ** (0.7 + 1.3 * ratio_0_to_1)
+
+
+def _first_init(channels: int) -> Tensor:
+    """RWKV-LM v4: the current step's bonus u = log(0.3) with a zigzag of +-0.5 across channels."""
+    zigzag = torch.tensor([(i + 1) % 3 - 1 for i in range(channels)], dtype=torch.float32) * 0.5
+    return math.log(0.3) + zigzag
+
+
+class PatchEmbedding(nn.Module):
+    """Strided-conv stem: non-overlapping patches of `patch_size` samples -> C features.
+
+    (B, T, input_size) -> (B, ceil(T / patch_size), C); the end is zero-padded to whole patches.
+    Written as reshape + Linear, which is exactly Conv1d(kernel_size=stride=patch_size) but one
+    GEMM with no transposes. Non-overlapping patches need no context across a chunk boundary, so
+    streaming stays exact when every chunk but the last is a multiple of patch_size.
+    """
+
+    def __init__(self, config: RWKVConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.proj = nn.Linear(config.patch_size * config.input_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bsz, steps, channels = x.shape
+        pad = -steps % self.patch_size
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        return self.proj(x.reshape(bsz, (steps + pad) // self.patch_size, -1))
+
+
+class TimeMix(nn.Module):
+    """RWKV-4 time mixing: token shift, k/v/r projections, WKV, receptance gate, output.
+
+    With `bidirectional`, a second WKV with its own decay/first runs over the reversed sequence
+    and the two are averaged (both are weighted averages of v, so the mean keeps the scale).
+    """
+
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        C = config.hidden_size
+        self.bidirectional = config.bidirectional
+        self.backend = config.wkv_backend
+        ratio_0_to_1, ratio_1_to_0 = _fan_ratio(layer_id, config.num_layers)
+        position = _channel_position(C)
+        self.time_decay = nn.Parameter(_decay_init(C, layer_id, config.num_layers))
+        self.time_first = nn.Parameter(_first_init(C))
+        if config.bidirectional:
+            self.time_decay_reverse = nn.Parameter(_decay_init(C, layer_id, config.num_layers))
+            self.time_first_reverse = nn.Parameter(_first_init(C))
+        # how much of the current (vs previous) step each channel sees; lower layers lean on
+        # the previous step more, as in RWKV-LM v4
+        self.time_mix_k = nn.Parameter(position ** ratio_1_to_0)
+        self.time_mix_v = nn.Parameter(position ** ratio_1_to_0 + 0.3 * ratio_0_to_1)
+        self.time_mix_r = nn.Parameter(position ** (0.5 * ratio_1_to_0))
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        # RWKV-LM v4 init: k = 0 (WKV starts as a plain decayed average), r = 0 (gate 0.5),
+        # output = 0 (each block starts as the identity, so deep stacks train stably)
+        nn.init.zeros_(self.key.weight)
+        nn.init.zeros_(self.receptance.weight)
+        nn.init.zeros_(self.output.weight)
+        nn.init.orthogonal_(self.value.weight)
+
+    def forward(self, x: Tensor, last: Tensor | None = None, state: Tensor | None = None):
+        """x: (B, T', C) normalised input; last: (B, C) previous chunk's last x or None;
+        state: (B, 3, C) WKV state or None. Returns (out (B, T', C), x[:, -1], WKV state)."""
+        xx = token_shift(x, last)
+        k = self.key(_mix(x, xx, self.time_mix_k))
+        v = self.value(_mix(x, xx, self.time_mix_v))
+        r = torch.sigmoid(self.receptance(_mix(x, xx, self.time_mix_r)))
+        # the model checks its input once at its boundary: no per-layer device sync here
+        y, state = wkv(self.time_decay, self.time_first, k, v, state,
+                       backend=self.backend, check_finite=False)
+        if self.bidirectional:
+            y_rev, _ = wkv(self.time_decay_reverse, self.time_first_reverse, k.flip(1), v.flip(1),
+                           backend=self.backend, check_finite=False)
+            y = 0.5 * (y + y_rev.flip(1))
+        return self.output(r * y), x[:, -1], state
+
+
+class ChannelMix(nn.Module):
+    """RWKV-4 channel mixing: token shift, squared-ReLU MLP, receptance gate."""
+
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        C = config.hidden_size
+        _, ratio_1_to_0 = _fan_ratio(layer_id, config.num_layers)
+        position = _channel_position(C)
+        self.time_mix_k = nn.Parameter(position ** ratio_1_to_0)
+        self.time_mix_r = nn.Parameter(position ** ratio_1_to_0)
+        self.key = nn.Linear(C, config.ffn_mult * C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(config.ffn_mult * C, C, bias=False)
+        # RWKV-LM v4 init: orthogonal key scaled by sqrt(fan_out / fan_in), zero r and value
+        nn.init.orthogonal_(self.key.weight, gain=math.sqrt(config.ffn_mult))
+        nn.init.zeros_(self.receptance.weight)
+        nn.init.zeros_(self.value.weight)
+
+    def forward(self, x: Tensor, last: Tensor | None = None):
+        """x: (B, T', C) normalised input; last: (B, C) or None. Returns (out, x[:, -1])."""
+        xx = token_shift(x, last)
+        k = torch.square(torch.relu(self.key(_mix(x, xx, self.time_mix_k))))
+        r = torch.sigmoid(self.receptance(_mix(x, xx, self.time_mix_r)))
+        return r * self.value(k), x[:, -1]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + TimeMix(LN(x)), then + ChannelMix(LN(x))."""
+
+    def __init__(self, config: RWKVConfig, layer_id: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.hidden_size)
+        self.att = TimeMix(config, layer_id)
+        self.ln2 = nn.LayerNorm(config.hidden_size)
+        self.ffn = ChannelMix(config, layer_id)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None):
+        """x: (B, T', C); state: (att_shift (B, C), ffn_shift (B, C), wkv (B, 3, C)) or None.
+        Returns (x (B, T', C), the block's new state, same layout)."""
+        att_last, ffn_last, wkv_state = (None, None, None) if state is None else state
+        att, att_last, wkv_state = self.att(self.ln1(x), att_last, wkv_state)
+        x = x + self.drop(att)
+        ffn, ffn_last = self.ffn(self.ln2(x), ffn_last)
+        x = x + self.drop(ffn)
+        return x, (att_last, ffn_last, wkv_state)
+
+
+class RWKVEncoder(nn.Module):
+    """RWKV-4 encoder: stem -> LayerNorm -> L blocks -> LayerNorm -> pooling.
+
+    forward(x) with x (B, T, input_size) (or (B, T) for one channel) returns pooled features
+    (B, C), or (B, T', C) per-step features with `return_sequence`.
+    forward(x, state) (unidirectional only) streams: it continues from `state` (see
+    `init_state`) and returns (out, new_state); a signal fed chunk by chunk gives the same
+    per-step outputs as one pass, and with mean pooling the pooled output after the last chunk
+    is the mean over the whole signal.
+    """
+
+    def __init__(self, config: RWKVConfig):
+        super().__init__()
+        self.config = config
+        self.stem = PatchEmbedding(config)
+        self.ln_in = nn.LayerNorm(config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.ln_out = nn.LayerNorm(config.hidden_size)
+        self.gradient_checkpointing = config.gradient_checkpointing
+        if config.compile_blocks:
+            for block in self.blocks:
+                block.compile()  # in place: parameter names and state_dict stay the same
+
+    @property
+    def out_features(self) -> int:
+        return self.config.hidden_size
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.gradient_checkpointing = enabled
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> RWKVState:
+        """An empty streaming state for `batch_size` signals (on the parameters' device)."""
+        if self.config.bidirectional:
+            raise ValueError("streaming needs a unidirectional encoder; this one is bidirectional")
+        param = self.ln_in.weight
+        device = param.device if device is None else device
+        L, C = self.config.num_layers, self.config.hidden_size
+        # the WKV state is fp32 whatever the model's dtype: bf16 loses the tail of long decays
+        wkv_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        shift = torch.zeros(L, batch_size, C, device=device, dtype=param.dtype)
+        return RWKVState(
+            att_shift=shift,
+            ffn_shift=shift.clone(),
+            wkv=empty_state(batch_size, C, device, wkv_dtype).expand(L, -1, -1, -1).clone(),
+            pool_sum=torch.zeros(batch_size, C, device=device, dtype=wkv_dtype),
+            steps=torch.zeros((), device=device, dtype=torch.long),
+        )
+
+    def forward(self, x: Tensor, state: RWKVState | None = None):
+        cfg = self.config
+        x = validate_signal(x, cfg.input_size, check_finite=cfg.check_input_finite)
+        if state is not None:
+            self._check_state(state, x.shape[0])
+        h = self.ln_in(self.stem(x))
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            layer = None if state is None else (state.att_shift[i], state.ffn_shift[i],
+                                                state.wkv[i])
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h, layer = checkpoint(block, h, layer, use_reentrant=False)
+            else:
+                h, layer = block(h, layer)
+            new_layers.append(layer)
+        h = self.ln_out(h)
+        if state is None:
+            return h if cfg.return_sequence else self._pool(h)
+        pool_sum = state.pool_sum + h.sum(1).to(state.pool_sum.dtype)
+        steps = state.steps + h.shape[1]
+        if cfg.return_sequence:
+            out = h
+        elif cfg.pooling == "mean":
+            out = (pool_sum / steps).to(h.dtype)
+        else:
+            out = h[:, -1]
+        att_shift, ffn_shift, wkv_state = (torch.stack(s) for s in zip(*new_layers, strict=True))
+        return out, RWKVState(att_shift, ffn_shift, wkv_state, pool_sum, steps)
+
+    def _pool(self, h: Tensor) -> Tensor:
+        """(B, T', C) -> (B, C)."""
+        return h.mean(1) if self.config.pooling == "mean" else h[:, -1]
+
+    def _check_state(self, state: RWKVState, batch_size: int) -> None:
+        if self.config.bidirectional:
+            raise ValueError("streaming needs a unidirectional encoder; this one is bidirectional")
+        if not isinstance(state, RWKVState):
+            raise ValueError(f"state must be an RWKVState from init_state(); "
+                             f"got {type(state).__name__}")
+        L, C = self.config.num_layers, self.config.hidden_size
+        if state.wkv.shape != (L, batch_size, 3, C):
+            raise ValueError(f"state does not fit this input: expected wkv of shape (L, B, 3, C) "
+                             f"= {(L, batch_size, 3, C)}; got {tuple(state.wkv.shape)}")
+
+
+class SequentialRWKV(RWKVEncoder):
+    """The 'original' RWKV-4: the same parameters as `RWKVEncoder` (load its state_dict) computed
+    the plain way: explicit token shift and mixing, per-op code, and the sequential reference
+    WKV (a Python loop over time steps). No streaming, checkpointing or compilation; slow by
+    design. The test oracle for the encoder and the benchmark's baseline."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        x = validate_signal(x, cfg.input_size, check_finite=cfg.check_input_finite)
+        h = self.ln_in(self.stem(x))
+        for block in self.blocks:
+            h = h + block.drop(self._time_mix(block.att, block.ln1(h)))
+            h = h + block.drop(self._channel_mix(block.ffn, block.ln2(h)))
+        h = self.ln_out(h)
+        return h if cfg.return_sequence else self._pool(h)
+
+    @staticmethod
+    def _shifted(x: Tensor) -> Tensor:
+        previous = torch.zeros_like(x)
+        previous[:, 1:] = x[:, :-1]
+        return previous
+
+    @staticmethod
+    def _project(x: Tensor, xx: Tensor, ratio: Tensor, linear: nn.Linear) -> Tensor:
+        return (x * ratio + xx * (1 - ratio)) @ linear.weight.t()
+
+    def _time_mix(self, att: TimeMix, x: Tensor) -> Tensor:
+        xx = self._shifted(x)
+        k = self._project(x, xx, att.time_mix_k, att.key)
+        v = self._project(x, xx, att.time_mix_v, att.value)
+        r = torch.sigmoid(self._project(x, xx, att.time_mix_r, att.receptance))
+        y, _ = wkv(att.time_decay, att.time_first, k, v, backend="reference", check_finite=False)
+        if self.config.bidirectional:
+            backwards = torch.arange(x.shape[1] - 1, -1, -1, device=x.device)
+            y_rev, _ = wkv(att.time_decay_reverse, att.time_first_reverse, k[:, backwards],
+                           v[:, backwards], backend="reference", check_finite=False)
+            y = (y + y_rev[:, backwards]) / 2
+        return (r * y) @ att.output.weight.t()
+
+    def _channel_mix(self, ffn: ChannelMix, x: Tensor) -> Tensor:
+        xx = self._shifted(x)
+        k = self._project(x, xx, ffn.time_mix_k, ffn.key)
+        r = torch.sigmoid(self._project(x, xx, ffn.time_mix_r, ffn.receptance))
+        return r * ((torch.relu(k) ** 2) @ ffn.value.weight.t())
+
+
+def optimizer_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups the RWKV way: weight decay only on matrices and conv kernels;
+    none on decay/first/time-mix ratios, norms and biases (decaying them toward 0 changes what
+    they mean: a decay of 0 is w = -1, a mix of 0 ignores the current step). Every trainable
+    parameter lands in exactly one group."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_time = name.rsplit(".", 1)[-1].startswith("time_")
+        (decay if param.dim() >= 2 and not is_time else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _config(input_size: int, hidden_size: int, num_layers: int, dropout: float,
+            options: dict) -> RWKVConfig:
+    known = set(RWKVConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown RWKV option(s) {unknown}; known: {sorted(known)}")
+    return RWKVConfig(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
+                      dropout=dropout, **options)
+
+
+def create_optimized_rwkv(input_size: int = 1, hidden_size: int = 256, num_layers: int = 6,
+                          dropout: float = 0.0, compile_kernels: bool = True,
+                          **options) -> RWKVEncoder:
+    """The fast RWKV-4 encoder: (B, T, input_size) -> (B, hidden_size) features.
+
+    compile_kernels: True uses WKV backend "auto" (the CUDA kernel where it builds and the input
+        is on a GPU, else vectorised PyTorch); False forces the "torch" backend. An explicit
+        `wkv_backend` option wins over it.
+    options: any other `RWKVConfig` field, e.g. patch_size=8, bidirectional=True,
+        return_sequence=True, gradient_checkpointing=True, compile_blocks=True, pooling="last".
+    """
+    options.setdefault("wkv_backend", "auto" if compile_kernels else "torch")
+    return RWKVEncoder(_config(input_size, hidden_size, num_layers, dropout, options))
+
+
+def create_original_rwkv(input_size: int = 1, hidden_size: int = 256, num_layers: int = 6,
+                         dropout: float = 0.0, compile_kernels: bool = False,
+                         **options) -> SequentialRWKV:
+    """The 'original' sequential RWKV-4 with the same architecture and parameter names as
+    `create_optimized_rwkv(...)` given the same arguments, so one state_dict loads into both.
+    compile_kernels, gradient_checkpointing and compile_blocks are accepted (for symmetric
+    calls) and ignored: the original is always plain and uses the reference WKV."""
+    del compile_kernels
+    options.update(wkv_backend="reference", gradient_checkpointing=False, compile_blocks=False)
+    return SequentialRWKV(_config(input_size, hidden_size, num_layers, dropout, options))
+
+
+__all__ = [
+    "Block",
+    "ChannelMix",
+    "PatchEmbedding",
+    "RWKVConfig",
+    "RWKVEncoder",
+    "RWKVState",
+    "SequentialRWKV",
+    "TimeMix",
+    "create_optimized_rwkv",
+    "create_original_rwkv",
+    "optimizer_groups",
+    "token_shift",
+    "validate_signal",
+]
