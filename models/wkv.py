@@ -82,6 +82,48 @@ def wkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor):
     return torch.stack(ys, 1), torch.stack((a, b, p), 1)
 
 
+def wkv_reference_backward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor,
+                           gy: Tensor, gstate: Tensor):
+    """The backward the CUDA kernel computes, written out step by step (no autograd).
+
+    Runs in reverse time on the gradient state R = dL/dA_t = r e^rho, S = dL/dB_t = s e^rho:
+        gA_t = gy_t / D_t + e^w gA_{t+1},   gB_t = -gy_t y_t / D_t + e^w gB_{t+1},
+    starting from dL/dA_T = g_a e^{-p_T} (the p row of gstate is ignored: p is a scale).
+    Returns (gw, gu, gk, gv, gstate_in); gw is the gradient of w, not of decay.
+    """
+    states = []
+    a, b, p = state.unbind(1)
+    for t in range(k.shape[1]):
+        states.append((a, b, p))
+        a, b, p = _step_state(a, b, p, w, k[:, t], v[:, t])
+    r, s, rho = gstate[:, 0], gstate[:, 1], -p
+    gk, gv = torch.empty_like(k), torch.empty_like(v)
+    gw = torch.zeros_like(k[:, 0])
+    gu = torch.zeros_like(k[:, 0])
+    for t in reversed(range(k.shape[1])):
+        a, b, p = states[t]
+        kt, vt = k[:, t], v[:, t]
+        q = torch.maximum(p, u + kt)
+        e1, e2 = torch.exp(p - q), torch.exp(u + kt - q)
+        d = e1 * b + e2  # D_t = d e^q
+        y = (e1 * a + e2 * vt) / d
+        g = gy[:, t] / d
+        ek = torch.exp(kt + rho)
+        bonus = e2 * g
+        gk[:, t] = (r * vt + s) * ek + bonus * (vt - y)
+        gv[:, t] = r * ek + bonus
+        gu = gu + bonus * (vt - y)
+        gw = gw + (r * a + s * b) * torch.exp(w + p + rho)
+        new_rho = torch.maximum(rho + w, -q)
+        f1, f2 = torch.exp(rho + w - new_rho), torch.exp(-q - new_rho)
+        r, s, rho = f1 * r + f2 * g, f1 * s - f2 * g * y, new_rho
+    a0, b0, p0 = state.unbind(1)
+    scale = torch.exp(rho + p0)
+    ga, gb = r * scale, s * scale
+    gstate_in = torch.stack((ga, gb, ga * a0 + gb * b0), 1)
+    return gw.sum(0), gu.sum(0), gk, gv, gstate_in
+
+
 # ----------------------------------------------------------------------------------------------
 # Vectorised chunked PyTorch: no Python loop over time steps.
 
@@ -146,10 +188,11 @@ def wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, chunk
     # e^{p_in + j w}; the steps before it in the chunk, sum_{i<j} e^{k_i + (j-1-i) w} v_i
     # = e^{lp + (j-L) w} * sum_{i<j} x_i v_i (x from step 1, a cumulative sum); and the bonus
     # e^{u + k_j} v_j. q bounds the row's exponents so every factor is <= 1.
-    cs_v = torch.cumsum(xv, 2) - xv  # exclusive: i < j
-    cs_1 = torch.cumsum(x, 2) - x
+    # exclusive sums (i < j) by shifting, not by subtracting x_j: that would cancel
+    cs_v = torch.nn.functional.pad(torch.cumsum(xv[:, :, :-1], 2), (0, 0, 1, 0))
+    cs_1 = torch.nn.functional.pad(torch.cumsum(x[:, :, :-1], 2), (0, 0, 1, 0))
     s_state = p_in + j * w
-    s_intra = lp.unsqueeze(2) + (j - L) * w
+    s_intra = (lp.unsqueeze(2) + (j - L) * w).masked_fill(j == 0, EMPTY_P)  # row 0: no terms
     s_bonus = u + kc
     q = torch.maximum(torch.maximum(s_state, s_intra), s_bonus).detach()
     f_intra = torch.exp(s_intra - q)
@@ -301,4 +344,5 @@ __all__ = [
     "wkv_bandwidth_floor_ms",
     "wkv_chunked",
     "wkv_reference",
+    "wkv_reference_backward",
 ]

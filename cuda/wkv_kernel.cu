@@ -1,0 +1,462 @@
+// RWKV-4 WKV forward and backward, chunked-parallel over time.
+//
+// The math is models/wkv.py's reference (read that first); state (a, b, p) means
+// A = a e^p, B = b e^p. One thread owns one (batch, chunk, channel): a warp reads 32
+// neighbouring channels of one time step, so every load is coalesced.
+//
+// Forward:  (1) fwd_summary: each chunk's state when started from empty, all chunks at once
+//           (2) fwd_scan:    one thread per (batch, channel) folds the chunk summaries in order,
+//                            writing the state entering every chunk (kept for the backward)
+//           (3) fwd_output:  each chunk's outputs from its incoming state, all chunks at once
+// Backward: the same three phases run in reverse time on the gradient state
+//           R = dL/dA_t = r e^rho, S = dL/dB_t = s e^rho, which is linear with decay e^w:
+//           gA_t = gy_t / D_t + e^w gA_{t+1},  gB_t = -gy_t y_t / D_t + e^w gB_{t+1}.
+// Nothing per thread grows with T: a thread holds at most kChunk steps in registers.
+// `*_sequential` kernels are the one-thread-per-channel baseline built from the same steps.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <vector>
+
+#include "wkv_chunk.h"
+
+namespace {
+
+constexpr float kEmpty = -1e38f;  // p of an empty state; exp(kEmpty - x) == 0, never inf - inf
+constexpr int kThreads = 256;
+
+struct State {
+  float a, b, p;
+};
+
+// I/O in float, half or bfloat16; all arithmetic in float
+template <typename T>
+__device__ __forceinline__ float load(const T* x, int64_t i) {
+  return static_cast<float>(x[i]);
+}
+template <typename T>
+__device__ __forceinline__ void store(T* x, int64_t i, float value) {
+  x[i] = static_cast<T>(value);
+}
+
+__device__ __forceinline__ State load_state(const float* s, int64_t i, int C) {
+  return {s[i], s[i + C], s[i + 2 * C]};
+}
+__device__ __forceinline__ void store_state(float* s, int64_t i, int C, State st) {
+  s[i] = st.a;
+  s[i + C] = st.b;
+  s[i + 2 * C] = st.p;
+}
+
+// y_t from the state before step t
+__device__ __forceinline__ float step_output(const State& s, float u, float k, float v) {
+  const float ww = u + k;
+  const float q = fmaxf(s.p, ww);
+  const float e1 = expf(s.p - q);
+  const float e2 = expf(ww - q);
+  return (e1 * s.a + e2 * v) / (e1 * s.b + e2);
+}
+
+// state after step t
+__device__ __forceinline__ void step_state(State& s, float w, float k, float v) {
+  const float ww = s.p + w;
+  const float q = fmaxf(ww, k);
+  const float e1 = expf(ww - q);
+  const float e2 = expf(k - q);
+  s.a = e1 * s.a + e2 * v;
+  s.b = e1 * s.b + e2;
+  s.p = q;
+}
+
+// s decayed over `decay` = length * w, plus a chunk's own contribution `local`.
+// Works alike for forward states and for gradient states.
+__device__ __forceinline__ void combine(State& s, const State& local, float decay) {
+  const float pd = s.p + decay;
+  const float q = fmaxf(pd, local.p);
+  const float e1 = expf(pd - q);
+  const float e2 = expf(local.p - q);
+  s.a = e1 * s.a + e2 * local.a;
+  s.b = e1 * s.b + e2 * local.b;
+  s.p = q;
+}
+
+struct Index {
+  int b, n, c, len;
+  int64_t base;  // element (b, n * kChunk, c) of a (B, T, C) tensor
+  int64_t chunk_state;  // element (b, n, 0, c) of a (B, N, 3, C) tensor
+  int64_t part;  // element (b, n, c) of a (B, N, C) tensor
+};
+
+__device__ __forceinline__ bool chunk_index(int B, int T, int C, int N, Index& ix) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= static_cast<int64_t>(B) * N * C) return false;
+  ix.c = static_cast<int>(id % C);
+  ix.n = static_cast<int>((id / C) % N);
+  ix.b = static_cast<int>(id / (static_cast<int64_t>(C) * N));
+  ix.len = min(kChunk, T - ix.n * kChunk);
+  ix.base = (static_cast<int64_t>(ix.b) * T + static_cast<int64_t>(ix.n) * kChunk) * C + ix.c;
+  ix.chunk_state = (static_cast<int64_t>(ix.b) * N + ix.n) * 3 * C + ix.c;
+  ix.part = (static_cast<int64_t>(ix.b) * N + ix.n) * C + ix.c;
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+__global__ void fwd_summary(const T* __restrict__ k, const T* __restrict__ v,
+                            const float* __restrict__ w, float* __restrict__ summary, int B,
+                            int T_, int C, int N) {
+  Index ix;
+  if (!chunk_index(B, T_, C, N, ix)) return;
+  float kk[kChunk], vv[kChunk];
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j < ix.len) {
+      kk[j] = load(k, ix.base + static_cast<int64_t>(j) * C);
+      vv[j] = load(v, ix.base + static_cast<int64_t>(j) * C);
+    }
+  }
+  const float ww = w[ix.c];
+  State s{0.f, 0.f, kEmpty};
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j)
+    if (j < ix.len) step_state(s, ww, kk[j], vv[j]);
+  store_state(summary, ix.chunk_state, C, s);
+}
+
+// One thread per (batch, channel): the state entering each chunk, and the final state.
+__global__ void fwd_scan(const float* __restrict__ summary, const float* __restrict__ state_in,
+                         const float* __restrict__ w, float* __restrict__ chunk_states,
+                         float* __restrict__ state_out, int B, int T, int C, int N) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= static_cast<int64_t>(B) * C) return;
+  const int c = static_cast<int>(id % C), b = static_cast<int>(id / C);
+  const float ww = w[c];
+  State s = load_state(state_in, static_cast<int64_t>(b) * 3 * C + c, C);
+  for (int n = 0; n < N; ++n) {
+    const int64_t i = (static_cast<int64_t>(b) * N + n) * 3 * C + c;
+    const State local = load_state(summary, i, C);
+    store_state(chunk_states, i, C, s);
+    combine(s, local, static_cast<float>(min(kChunk, T - n * kChunk)) * ww);
+  }
+  store_state(state_out, static_cast<int64_t>(b) * 3 * C + c, C, s);
+}
+
+template <typename T>
+__global__ void fwd_output(const T* __restrict__ k, const T* __restrict__ v,
+                           const float* __restrict__ w, const float* __restrict__ u,
+                           const float* __restrict__ chunk_states, T* __restrict__ y, int B,
+                           int T_, int C, int N) {
+  Index ix;
+  if (!chunk_index(B, T_, C, N, ix)) return;
+  float kk[kChunk], vv[kChunk];
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j < ix.len) {
+      kk[j] = load(k, ix.base + static_cast<int64_t>(j) * C);
+      vv[j] = load(v, ix.base + static_cast<int64_t>(j) * C);
+    }
+  }
+  const float ww = w[ix.c], uu = u[ix.c];
+  State s = load_state(chunk_states, ix.chunk_state, C);
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j < ix.len) {
+      store(y, ix.base + static_cast<int64_t>(j) * C, step_output(s, uu, kk[j], vv[j]));
+      step_state(s, ww, kk[j], vv[j]);
+    }
+  }
+}
+
+// Baseline: one thread per (batch, channel) walks all of T. Also records the state entering
+// every chunk, so the backward is shared with the chunked path.
+template <typename T>
+__global__ void fwd_sequential(const T* __restrict__ k, const T* __restrict__ v,
+                               const float* __restrict__ w, const float* __restrict__ u,
+                               const float* __restrict__ state_in, T* __restrict__ y,
+                               float* __restrict__ chunk_states, float* __restrict__ state_out,
+                               int B, int T_, int C, int N) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= static_cast<int64_t>(B) * C) return;
+  const int c = static_cast<int>(id % C), b = static_cast<int>(id / C);
+  const float ww = w[c], uu = u[c];
+  State s = load_state(state_in, static_cast<int64_t>(b) * 3 * C + c, C);
+  for (int t = 0; t < T_; ++t) {
+    if (t % kChunk == 0)
+      store_state(chunk_states, (static_cast<int64_t>(b) * N + t / kChunk) * 3 * C + c, C, s);
+    const int64_t i = (static_cast<int64_t>(b) * T_ + t) * C + c;
+    const float kt = load(k, i), vt = load(v, i);
+    store(y, i, step_output(s, uu, kt, vt));
+    step_state(s, ww, kt, vt);
+  }
+  store_state(state_out, static_cast<int64_t>(b) * 3 * C + c, C, s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// Walks one chunk backwards. `s` is the forward state entering the chunk, `R` the gradient
+// state (r, s, rho) entering from the chunk's end; on return R is the gradient state at the
+// chunk's start. With kGrads, writes gk, gv and accumulates the w and u gradients.
+template <typename T, bool kGrads>
+__device__ __forceinline__ void chunk_backward(const T* __restrict__ k, const T* __restrict__ v,
+                                               const T* __restrict__ gy, T* __restrict__ gk,
+                                               T* __restrict__ gv, int64_t base, int C, int len,
+                                               float w, float u, State s, State& R, float& gw,
+                                               float& gu) {
+  float kk[kChunk], vv[kChunk], gg[kChunk], sa[kChunk], sb[kChunk], sp[kChunk];
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j < len) {
+      kk[j] = load(k, base + static_cast<int64_t>(j) * C);
+      vv[j] = load(v, base + static_cast<int64_t>(j) * C);
+      gg[j] = load(gy, base + static_cast<int64_t>(j) * C);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j < len) {
+      sa[j] = s.a;
+      sb[j] = s.b;
+      sp[j] = s.p;
+      step_state(s, w, kk[j], vv[j]);
+    }
+  }
+#pragma unroll
+  for (int j = kChunk - 1; j >= 0; --j) {
+    if (j < len) {
+      const float ww = u + kk[j];
+      const float q = fmaxf(sp[j], ww);
+      const float e1 = expf(sp[j] - q);
+      const float e2 = expf(ww - q);
+      const float inv_d = 1.f / (e1 * sb[j] + e2);  // D_t = d e^q, d >= 1
+      const float y = (e1 * sa[j] + e2 * vv[j]) * inv_d;
+      const float g = gg[j] * inv_d;  // gy_t / D_t = g e^{-q}
+      if (kGrads) {
+        // e^{k_t} R <= 1: R's terms are e^{(s-t-1)w}/D_s and D_s holds e^{(s-1-t)w + k_t}
+        const float ek = expf(kk[j] + R.p);
+        const float bonus = e2 * g;  // e^{u+k_t} gy_t / D_t
+        const int64_t i = base + static_cast<int64_t>(j) * C;
+        store(gk, i, (R.a * vv[j] + R.b) * ek + bonus * (vv[j] - y));
+        store(gv, i, R.a * ek + bonus);
+        gu += bonus * (vv[j] - y);
+        gw += (R.a * sa[j] + R.b * sb[j]) * expf(w + sp[j] + R.p);
+      }
+      const float rho = fmaxf(R.p + w, -q);
+      const float f1 = expf(R.p + w - rho);
+      const float f2 = expf(-q - rho);
+      R.a = f1 * R.a + f2 * g;
+      R.b = f1 * R.b - f2 * g * y;
+      R.p = rho;
+    }
+  }
+}
+
+template <typename T>
+__global__ void bwd_summary(const T* __restrict__ k, const T* __restrict__ v,
+                            const T* __restrict__ gy, const float* __restrict__ w,
+                            const float* __restrict__ u, const float* __restrict__ chunk_states,
+                            float* __restrict__ summary, int B, int T_, int C, int N) {
+  Index ix;
+  if (!chunk_index(B, T_, C, N, ix)) return;
+  State R{0.f, 0.f, kEmpty};
+  float unused_w = 0.f, unused_u = 0.f;
+  chunk_backward<T, false>(k, v, gy, nullptr, nullptr, ix.base, C, ix.len, w[ix.c], u[ix.c],
+                           load_state(chunk_states, ix.chunk_state, C), R, unused_w, unused_u);
+  store_state(summary, ix.chunk_state, C, R);
+}
+
+// dL/d(initial state) from the gradient state at t = 0: A_0 = a0 e^{p0}.
+__device__ __forceinline__ void store_state_grad(float* gstate_in, const float* state_in,
+                                                 int64_t i, int C, const State& R) {
+  const State s0 = load_state(state_in, i, C);
+  const float scale = expf(R.p + s0.p);
+  const float ga = R.a * scale, gb = R.b * scale;
+  gstate_in[i] = ga;
+  gstate_in[i + C] = gb;
+  gstate_in[i + 2 * C] = ga * s0.a + gb * s0.b;
+}
+
+// gradient state entering from the final state's gradient: dL/dA_T = g_a e^{-p_T}
+__device__ __forceinline__ State final_grad_state(const float* gstate_out, const float* state_out,
+                                                  int64_t i, int C) {
+  return {gstate_out[i], gstate_out[i + C], -state_out[i + 2 * C]};
+}
+
+__global__ void bwd_scan(const float* __restrict__ summary, const float* __restrict__ gstate_out,
+                         const float* __restrict__ state_out,
+                         const float* __restrict__ chunk_states, const float* __restrict__ w,
+                         float* __restrict__ grad_states, float* __restrict__ gstate_in, int B,
+                         int T, int C, int N) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= static_cast<int64_t>(B) * C) return;
+  const int c = static_cast<int>(id % C), b = static_cast<int>(id / C);
+  const float ww = w[c];
+  const int64_t si = static_cast<int64_t>(b) * 3 * C + c;
+  State R = final_grad_state(gstate_out, state_out, si, C);
+  for (int n = N - 1; n >= 0; --n) {
+    const int64_t i = (static_cast<int64_t>(b) * N + n) * 3 * C + c;
+    const State local = load_state(summary, i, C);
+    store_state(grad_states, i, C, R);
+    combine(R, local, static_cast<float>(min(kChunk, T - n * kChunk)) * ww);
+  }
+  // the state entering chunk 0 is the initial state
+  store_state_grad(gstate_in, chunk_states, static_cast<int64_t>(b) * N * 3 * C + c, C, R);
+}
+
+template <typename T>
+__global__ void bwd_grads(const T* __restrict__ k, const T* __restrict__ v,
+                          const T* __restrict__ gy, const float* __restrict__ w,
+                          const float* __restrict__ u, const float* __restrict__ chunk_states,
+                          const float* __restrict__ grad_states, T* __restrict__ gk,
+                          T* __restrict__ gv, float* __restrict__ gw_part,
+                          float* __restrict__ gu_part, int B, int T_, int C, int N) {
+  Index ix;
+  if (!chunk_index(B, T_, C, N, ix)) return;
+  State R = load_state(grad_states, ix.chunk_state, C);
+  float gw = 0.f, gu = 0.f;
+  chunk_backward<T, true>(k, v, gy, gk, gv, ix.base, C, ix.len, w[ix.c], u[ix.c],
+                          load_state(chunk_states, ix.chunk_state, C), R, gw, gu);
+  gw_part[ix.part] = gw;
+  gu_part[ix.part] = gu;
+}
+
+// Baseline backward: one thread per (batch, channel) walks the chunks from last to first.
+template <typename T>
+__global__ void bwd_sequential(const T* __restrict__ k, const T* __restrict__ v,
+                               const T* __restrict__ gy, const float* __restrict__ w,
+                               const float* __restrict__ u, const float* __restrict__ chunk_states,
+                               const float* __restrict__ gstate_out,
+                               const float* __restrict__ state_out, T* __restrict__ gk,
+                               T* __restrict__ gv, float* __restrict__ gw_part,
+                               float* __restrict__ gu_part, float* __restrict__ gstate_in, int B,
+                               int T_, int C, int N) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= static_cast<int64_t>(B) * C) return;
+  const int c = static_cast<int>(id % C), b = static_cast<int>(id / C);
+  const float ww = w[c], uu = u[c];
+  State R = final_grad_state(gstate_out, state_out, static_cast<int64_t>(b) * 3 * C + c, C);
+  float gw = 0.f, gu = 0.f;
+  for (int n = N - 1; n >= 0; --n) {
+    const int64_t base = (static_cast<int64_t>(b) * T_ + static_cast<int64_t>(n) * kChunk) * C + c;
+    const State s = load_state(chunk_states, (static_cast<int64_t>(b) * N + n) * 3 * C + c, C);
+    chunk_backward<T, true>(k, v, gy, gk, gv, base, C, min(kChunk, T_ - n * kChunk), ww, uu, s,
+                            R, gw, gu);
+  }
+  gw_part[static_cast<int64_t>(b) * C + c] = gw;
+  gu_part[static_cast<int64_t>(b) * C + c] = gu;
+  store_state_grad(gstate_in, chunk_states, static_cast<int64_t>(b) * N * 3 * C + c, C, R);
+}
+
+// Calls f with a value of the I/O element type: float, half or bfloat16.
+template <typename F>
+void dispatch_io(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "wkv: k and v must be float32, float16 or bfloat16; got ", type);
+  }
+}
+
+unsigned blocks_for(int64_t threads) {
+  return static_cast<unsigned>((threads + kThreads - 1) / kThreads);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Host entry points. Inputs are validated by wkv_op.cpp: CUDA, contiguous, float state.
+
+std::vector<at::Tensor> wkv_forward_cuda(const at::Tensor& w, const at::Tensor& u,
+                                         const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& state, bool sequential) {
+  const int B = k.size(0), T = k.size(1), C = k.size(2);
+  const int N = (T + kChunk - 1) / kChunk;
+  auto y = at::empty_like(k);
+  auto fopts = k.options().dtype(at::kFloat);
+  auto chunk_states = at::empty({B, N, 3, C}, fopts);
+  auto state_out = at::empty({B, 3, C}, fopts);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_io(k.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto* kp = k.data_ptr<scalar_t>();
+    const auto* vp = v.data_ptr<scalar_t>();
+    if (sequential) {
+      fwd_sequential<scalar_t><<<blocks_for(int64_t(B) * C), kThreads, 0, stream>>>(
+          kp, vp, w.data_ptr<float>(), u.data_ptr<float>(), state.data_ptr<float>(),
+          y.data_ptr<scalar_t>(), chunk_states.data_ptr<float>(), state_out.data_ptr<float>(), B,
+          T, C, N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    auto summary = at::empty({B, N, 3, C}, fopts);
+    const unsigned grid = blocks_for(int64_t(B) * N * C);
+    fwd_summary<scalar_t><<<grid, kThreads, 0, stream>>>(kp, vp, w.data_ptr<float>(),
+                                                         summary.data_ptr<float>(), B, T, C, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fwd_scan<<<blocks_for(int64_t(B) * C), kThreads, 0, stream>>>(
+        summary.data_ptr<float>(), state.data_ptr<float>(), w.data_ptr<float>(),
+        chunk_states.data_ptr<float>(), state_out.data_ptr<float>(), B, T, C, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fwd_output<scalar_t><<<grid, kThreads, 0, stream>>>(
+        kp, vp, w.data_ptr<float>(), u.data_ptr<float>(), chunk_states.data_ptr<float>(),
+        y.data_ptr<scalar_t>(), B, T, C, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, state_out, chunk_states};
+}
+
+std::vector<at::Tensor> wkv_backward_cuda(const at::Tensor& w, const at::Tensor& u,
+                                          const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& chunk_states,
+                                          const at::Tensor& state_out, const at::Tensor& gy,
+                                          const at::Tensor& gstate_out, bool sequential) {
+  const int B = k.size(0), T = k.size(1), C = k.size(2);
+  const int N = (T + kChunk - 1) / kChunk;
+  auto gk = at::empty_like(k);
+  auto gv = at::empty_like(v);
+  auto fopts = k.options().dtype(at::kFloat);
+  auto gstate_in = at::empty({B, 3, C}, fopts);
+  const int parts = sequential ? 1 : N;
+  auto gw_part = at::empty({B, parts, C}, fopts);
+  auto gu_part = at::empty({B, parts, C}, fopts);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_io(k.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto* kp = k.data_ptr<scalar_t>();
+    const auto* vp = v.data_ptr<scalar_t>();
+    const auto* gp = gy.data_ptr<scalar_t>();
+    if (sequential) {
+      bwd_sequential<scalar_t><<<blocks_for(int64_t(B) * C), kThreads, 0, stream>>>(
+          kp, vp, gp, w.data_ptr<float>(), u.data_ptr<float>(), chunk_states.data_ptr<float>(),
+          gstate_out.data_ptr<float>(), state_out.data_ptr<float>(), gk.data_ptr<scalar_t>(),
+          gv.data_ptr<scalar_t>(), gw_part.data_ptr<float>(), gu_part.data_ptr<float>(),
+          gstate_in.data_ptr<float>(), B, T, C, N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    auto summary = at::empty({B, N, 3, C}, fopts);
+    auto grad_states = at::empty({B, N, 3, C}, fopts);
+    const unsigned grid = blocks_for(int64_t(B) * N * C);
+    bwd_summary<scalar_t><<<grid, kThreads, 0, stream>>>(
+        kp, vp, gp, w.data_ptr<float>(), u.data_ptr<float>(), chunk_states.data_ptr<float>(),
+        summary.data_ptr<float>(), B, T, C, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bwd_scan<<<blocks_for(int64_t(B) * C), kThreads, 0, stream>>>(
+        summary.data_ptr<float>(), gstate_out.data_ptr<float>(), state_out.data_ptr<float>(),
+        chunk_states.data_ptr<float>(), w.data_ptr<float>(), grad_states.data_ptr<float>(),
+        gstate_in.data_ptr<float>(), B, T, C, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bwd_grads<scalar_t><<<grid, kThreads, 0, stream>>>(
+        kp, vp, gp, w.data_ptr<float>(), u.data_ptr<float>(), chunk_states.data_ptr<float>(),
+        grad_states.data_ptr<float>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
+        gw_part.data_ptr<float>(), gu_part.data_ptr<float>(), B, T, C, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const std::vector<int64_t> dims{0, 1};
+  return {gw_part.sum(dims), gu_part.sum(dims), gk, gv, gstate_in};
+}

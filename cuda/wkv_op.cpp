@@ -1,0 +1,79 @@
+// The kernel boundary: one narrow, typed function per direction. Python (models/wkv_ops.py)
+// registers them as torch.library custom ops and owns shapes, dtypes and user-facing checks;
+// here we only refuse what would make the kernels read out of bounds.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <vector>
+
+#include "wkv_chunk.h"
+
+std::vector<at::Tensor> wkv_forward_cuda(const at::Tensor& w, const at::Tensor& u,
+                                         const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& state, bool sequential);
+std::vector<at::Tensor> wkv_backward_cuda(const at::Tensor& w, const at::Tensor& u,
+                                          const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& chunk_states,
+                                          const at::Tensor& state_out, const at::Tensor& gy,
+                                          const at::Tensor& gstate_out, bool sequential);
+
+namespace {
+
+void check_io(const at::Tensor& k, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_cuda() && x.device() == k.device(), "wkv: ", name, " must be on ", k.device());
+  TORCH_CHECK(x.is_contiguous(), "wkv: ", name, " must be contiguous");
+  TORCH_CHECK(x.sizes() == k.sizes(), "wkv: ", name, " must have k's shape ", k.sizes());
+  TORCH_CHECK(x.scalar_type() == k.scalar_type(), "wkv: ", name, " must have k's dtype");
+}
+
+void check_float(const at::Tensor& k, const at::Tensor& x, at::IntArrayRef shape,
+                 const char* name) {
+  TORCH_CHECK(x.is_cuda() && x.device() == k.device(), "wkv: ", name, " must be on ", k.device());
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "wkv: ", name,
+              " must be contiguous float32");
+  TORCH_CHECK(x.sizes() == shape, "wkv: ", name, " must have shape ", shape, ", got ", x.sizes());
+}
+
+void check_common(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
+                  const at::Tensor& v) {
+  TORCH_CHECK(k.is_cuda() && k.dim() == 3 && k.is_contiguous(),
+              "wkv: k must be a contiguous (B, T, C) CUDA tensor");
+  TORCH_CHECK(k.size(0) > 0 && k.size(1) > 0 && k.size(2) > 0, "wkv: B, T, C must be >= 1");
+  TORCH_CHECK(k.numel() < (int64_t(1) << 31) * 16, "wkv: input too large");
+  check_io(k, v, "v");
+  check_float(k, w, {k.size(2)}, "w");
+  check_float(k, u, {k.size(2)}, "u");
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& state, bool sequential) {
+  check_common(w, u, k, v);
+  check_float(k, state, {k.size(0), 3, k.size(2)}, "state");
+  const c10::cuda::CUDAGuard guard(k.device());
+  return wkv_forward_cuda(w, u, k, v, state, sequential);
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& chunk_states,
+                                 const at::Tensor& state_out, const at::Tensor& gy,
+                                 const at::Tensor& gstate_out, bool sequential) {
+  check_common(w, u, k, v);
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  check_float(k, chunk_states, {B, (T + kChunk - 1) / kChunk, 3, C}, "chunk_states");
+  check_float(k, state_out, {B, 3, C}, "state_out");
+  check_float(k, gstate_out, {B, 3, C}, "gstate_out");
+  check_io(k, gy, "gy");
+  const c10::cuda::CUDAGuard guard(k.device());
+  return wkv_backward_cuda(w, u, k, v, chunk_states, state_out, gy, gstate_out, sequential);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "RWKV-4 WKV forward/backward, chunked-parallel CUDA kernels";
+  m.def("forward", &forward, "y, state_out, chunk_states = forward(w, u, k, v, state, sequential)");
+  m.def("backward", &backward,
+        "gw, gu, gk, gv, gstate_in = backward(w, u, k, v, chunk_states, state_out, gy, "
+        "gstate_out, sequential)");
+  m.attr("chunk") = kChunk;
+}

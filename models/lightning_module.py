@@ -1,0 +1,375 @@
+"""LightningModule for the dual-branch signal classifier: loss, metrics, optimizer, schedule.
+
+Holds the model (`DualBranchClassifier`), a class-weighted, optionally label-smoothed
+cross-entropy, AdamW over the model's RWKV-style parameter groups with a per-step warmup +
+cosine schedule, and torchmetrics for accuracy, balanced accuracy, macro-F1 and Cohen's kappa
+(torchmetrics sync their state across DDP ranks before computing). At validation and test end it
+logs the confusion matrix as a figure and sklearn's per-class report as text to TensorBoard.
+
+Hyperparameters are plain dicts/lists/numbers so checkpoints load with `weights_only=True`.
+Checkpoints also carry every rank's RNG states (torch, CUDA, numpy, random): Lightning does not
+store them, and without them a resumed run draws different shuffles and dropout masks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCohenKappa,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+
+from models.dual_branch import DualBranchClassifier, DualBranchConfig
+from utils.metrics import classification_report_from_confusion, plot_confusion_matrix
+
+RNG_KEY = "rng_states"
+
+
+class WarmupCosine:
+    """Learning-rate factor for LambdaLR: linear warmup to 1, then cosine decay to `min_ratio`.
+
+    A callable object with only plain attributes, so LambdaLR's state_dict (which stores
+    `__dict__` of non-function lambdas) stays loadable with `weights_only=True`.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> None:
+        self.total_steps = max(int(total_steps), 1)
+        self.warmup_steps = min(max(int(warmup_steps), 0), self.total_steps)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _stage_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "balanced_acc": MulticlassRecall(num_classes, average="macro"),
+            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+            "kappa": MulticlassCohenKappa(num_classes),
+        },
+        prefix=prefix,
+    )
+
+
+class SignalClassifierModule(pl.LightningModule):
+    """Trains and evaluates a `DualBranchClassifier` on batches (x: (B, T) float, y: (B,) int64).
+
+    model: keyword arguments of `DualBranchConfig` (num_classes is filled in from `num_classes`).
+    class_names: K names for reports; default "0".."K-1".
+    class_weights: K loss weights (e.g. inverse class frequency), or None for unweighted.
+    lr, weight_decay, betas: AdamW; weight decay applies to the groups the model marks for it.
+    warmup: warmup length, as a fraction of all optimizer steps if < 1, else a step count.
+    min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio.
+    label_smoothing: cross-entropy label smoothing in [0, 1).
+    data: the data settings the model was trained with (length, sample rate, format ...),
+        kept in the checkpoint so prediction prepares new signals the same way.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        class_weights: Sequence[float] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: Sequence[float] = (0.9, 0.99),
+        warmup: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.0,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+        class_names = [str(c) for c in class_names] if class_names else None
+        class_names = class_names or [str(i) for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise ValueError(f"got {len(class_names)} class names for {num_classes} classes")
+        if class_weights is not None:
+            class_weights = [float(w) for w in class_weights]
+            if len(class_weights) != num_classes:
+                raise ValueError(f"got {len(class_weights)} class weights for {num_classes} classes")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
+        # Plain containers only: the checkpoint must load with weights_only=True.
+        self.save_hyperparameters(
+            {
+                "model": dict(model),
+                "num_classes": int(num_classes),
+                "class_names": class_names,
+                "class_weights": class_weights,
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "betas": [float(b) for b in betas],
+                "warmup": float(warmup),
+                "min_lr_ratio": float(min_lr_ratio),
+                "label_smoothing": float(label_smoothing),
+                "data": dict(data or {}),
+            }
+        )
+        self.class_names = class_names
+        self.model = DualBranchClassifier(build_model_config(model, num_classes))
+        weight = torch.tensor(class_weights) if class_weights is not None else None
+        self.register_buffer("class_weight", weight, persistent=False)
+        self.train_metrics = MetricCollection(
+            {"acc": MulticlassAccuracy(num_classes, average="micro")}, prefix="train/"
+        )
+        self.val_metrics = _stage_metrics(num_classes, "val/")
+        self.test_metrics = _stage_metrics(num_classes, "test/")
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        # Filled at test end (all ranks) for train.py to write out.
+        self.test_results: dict[str, Any] = {}
+        self._pending_rng: list[dict[str, Any]] | None = None
+        self._clock: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ forward and steps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T) float signal -> (B, num_classes) logits."""
+        return self.model(x)
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Class-weighted, label-smoothed cross-entropy (mean over the batch)."""
+        return nn.functional.cross_entropy(
+            logits.float(),
+            y,
+            weight=self.class_weight,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.train_metrics.update(logits.detach(), y)
+        self._count("train", x.shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics, self.val_confusion)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics, self.test_confusion)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Class probabilities (B, num_classes) for a batch x or (x, ...)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.softmax(self(x).float(), dim=-1)
+
+    def _evaluate(
+        self,
+        batch: tuple[Tensor, Tensor],
+        stage: str,
+        metrics: MetricCollection,
+        confusion: MulticlassConfusionMatrix,
+    ) -> None:
+        x, y = batch
+        logits = self(x)
+        self._count(stage, x.shape[0])
+        loss = self.loss(logits, y)
+        metrics.update(logits, y)
+        confusion.update(logits, y)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
+        self.log_dict(metrics, batch_size=len(y))
+
+    # ------------------------------------------------------------------ epoch ends
+
+    def on_train_epoch_start(self) -> None:
+        self._start_clock("train")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_throughput("train")
+
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.training and "train" in self._clock:
+            self._stop_clock("train")  # validation inside the epoch is not training time
+        self._start_clock("val")
+
+    def on_validation_epoch_end(self) -> None:
+        cm = self.val_confusion.compute()  # collective: every rank computes
+        self.val_confusion.reset()
+        if self.trainer.sanity_checking:
+            return
+        self._log_throughput("val")
+        self._log_report("val", cm)
+
+    def on_test_epoch_start(self) -> None:
+        self._start_clock("test")
+
+    def on_test_epoch_end(self) -> None:
+        cm = self.test_confusion.compute()
+        self.test_confusion.reset()
+        throughput = self._log_throughput("test")
+        text, report = self._log_report("test", cm)
+        self.test_results = {
+            "confusion_matrix": cm.cpu(),
+            "class_names": list(self.class_names),
+            "report_text": text,
+            "report": report,
+            "samples_per_s": throughput,
+        }
+
+    def _log_report(self, stage: str, cm: Tensor) -> tuple[str, dict[str, Any]]:
+        text, report = classification_report_from_confusion(cm, self.class_names)
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
+            step = self.global_step
+            fig = plot_confusion_matrix(cm, self.class_names, title=f"{stage} confusion matrix")
+            experiment.add_figure(f"{stage}/confusion_matrix", fig, step, close=True)
+            # indented = preformatted in TensorBoard's markdown text plugin
+            experiment.add_text(f"{stage}/classification_report", _indent(text), step)
+        return text, report
+
+    # ------------------------------------------------------------------ throughput
+
+    def _start_clock(self, stage: str) -> None:
+        self._clock[stage] = time.perf_counter()
+        self._clock[f"{stage}_elapsed"] = 0.0
+        self._clock[f"{stage}_samples"] = 0
+
+    def _stop_clock(self, stage: str) -> None:
+        started = self._clock.pop(stage, None)
+        if started is not None:
+            self._clock[f"{stage}_elapsed"] += time.perf_counter() - started
+
+    def _count(self, stage: str, n: int) -> None:
+        key = f"{stage}_samples"
+        self._clock[key] = self._clock.get(key, 0) + n
+
+    def _log_throughput(self, stage: str) -> float:
+        """Log samples/s over all ranks for the stage's epoch; returns the value."""
+        self._stop_clock(stage)
+        elapsed = self._clock.get(f"{stage}_elapsed", 0.0)
+        samples = self._clock.get(f"{stage}_samples", 0)
+        local = samples / elapsed if elapsed > 0 else 0.0
+        # Ranks run in lock-step, so the global rate is the per-rank rates summed. Every rank
+        # must take part in the reduction, even one that saw no samples.
+        rate = self.trainer.strategy.reduce(
+            torch.tensor(local, dtype=torch.float32, device=self.device), reduce_op="sum"
+        )
+        if samples > 0:
+            self.log(f"{stage}/samples_per_s", rate, on_step=False, on_epoch=True)
+        return float(rate)
+
+    # ------------------------------------------------------------------ optimizer
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = self.model.optimizer_groups(hp.weight_decay)
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = hp.warmup * total if hp.warmup < 1 else hp.warmup
+        schedule = WarmupCosine(total, round(warmup), hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+        }
+
+    # ------------------------------------------------------------------ exact resume
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = gather_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(RNG_KEY)
+        if not states:
+            return
+        if self._trainer is None or not self._trainer.training:
+            return  # loading weights for evaluation or prediction: leave the RNGs alone
+        rank, world = _rank_and_world()
+        if len(states) != world:
+            warnings.warn(
+                f"checkpoint holds RNG states of {len(states)} ranks, this run has {world}: "
+                "rank 0's states are used everywhere, so the continuation is not bit-exact",
+                stacklevel=2,
+            )
+            rank = 0
+        set_rng_states(states[rank])
+
+
+def build_model_config(model: dict[str, Any], num_classes: int) -> DualBranchConfig:
+    """A `DualBranchConfig` from plain keyword arguments; unknown keys are a ValueError."""
+    known = {f.name for f in fields(DualBranchConfig)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise ValueError(f"unknown model settings {unknown}; known: {sorted(known)}")
+    return DualBranchConfig(**{**model, "num_classes": num_classes})
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+# ---------------------------------------------------------------------- RNG state helpers
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's RNG states as plain values and tensors (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned."""
+    torch.set_rng_state(states["torch"].cpu())
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        cuda_states = [s.cpu() for s in states["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states, indexed by rank (a collective call under torch.distributed)."""
+    local = rng_states()
+    rank, world = _rank_and_world()
+    if world == 1:
+        return [local]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, local)
+    return gathered
