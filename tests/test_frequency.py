@@ -1,0 +1,139 @@
+"""Tests for models/frequency.py: shapes, fp32 spectrogram, per-record dB floor, SpecAugment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.frequency import FrequencyBranch, FrequencyConfig
+
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SMALL = dict(n_fft=128, hop_length=32, n_mels=24, channels=(4, 8), freq_mask_param=4,
+             time_mask_param=4)
+
+
+@pytest.mark.parametrize("T", [128, 129, 1000, 100_000])
+@pytest.mark.parametrize("kind", ["mel", "linear"])
+def test_output_shape(T, kind):
+    branch = FrequencyBranch(FrequencyConfig(**SMALL, spectrogram=kind)).eval()
+    with torch.no_grad():
+        out = branch(torch.randn(2, T))
+    assert out.shape == (2, 8) and branch.out_features == 8
+    assert torch.isfinite(out).all()
+
+
+def test_spectrogram_shape_and_bins():
+    linear = FrequencyBranch(FrequencyConfig(**SMALL, spectrogram="linear"))
+    assert linear.log_spectrogram(torch.randn(3, 640)).shape == (3, 65, 1 + 640 // 32)
+    mel = FrequencyBranch(FrequencyConfig(**SMALL))
+    assert mel.log_spectrogram(torch.randn(3, 640)).shape == (3, 24, 21)
+
+
+def test_accepts_trailing_channel_dim():
+    branch = FrequencyBranch(FrequencyConfig(**SMALL)).eval()
+    x = torch.randn(2, 500)
+    torch.testing.assert_close(branch(x), branch(x.unsqueeze(-1)))
+
+
+def test_spectrogram_is_fp32_under_autocast():
+    branch = FrequencyBranch(FrequencyConfig(**SMALL)).eval()
+    x = torch.randn(2, 800)
+    plain = branch.log_spectrogram(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = branch.log_spectrogram(x.bfloat16())
+        out = branch(x)
+    assert autocast.dtype == torch.float32
+    # same numbers up to the bf16 rounding of the *input*, not a bf16 FFT
+    torch.testing.assert_close(autocast, branch.log_spectrogram(x.bfloat16().float()))
+    assert (plain - autocast).abs().max() < 0.5
+    assert torch.isfinite(out).all()
+
+
+def test_db_floor_is_per_record():
+    """top_db must floor each record at its own max: a loud neighbour in the batch must not
+    change a quiet record's features (torchaudio's 3D layout would share one max)."""
+    branch = FrequencyBranch(FrequencyConfig(**SMALL, top_db=40.0)).eval()
+    tone = torch.sin(torch.arange(1000) * 0.3).unsqueeze(0)  # > 40 dB between peak and floor
+    quiet = 1e-3 * (tone + 1e-4 * torch.randn(1, 1000))
+    loud = 1e3 * torch.randn(1, 1000)
+    alone = branch.log_spectrogram(quiet)
+    together = branch.log_spectrogram(torch.cat((quiet, loud)))[:1]
+    torch.testing.assert_close(alone, together)
+    spec = branch.to_db(branch.spectrogram(quiet.unsqueeze(1)))
+    assert spec.max() - spec.min() == pytest.approx(40.0, abs=1e-3)
+
+
+def test_spec_augment_only_in_training():
+    branch = FrequencyBranch(FrequencyConfig(**SMALL))
+    x = torch.randn(4, 2000)
+    branch.eval()
+    torch.manual_seed(0)
+    a = branch(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, branch(x))
+    branch.train()
+    torch.manual_seed(0)
+    b = branch(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(b, branch(x))
+    # masks write 0 (the mean of the normalised spectrogram) over whole rows/columns
+    spec = branch.log_spectrogram(x).unsqueeze(1)
+    torch.manual_seed(0)
+    masked = branch.freq_masks[0](spec)
+    zero_rows = (masked == 0).all(-1)  # (B, 1, F)
+    assert zero_rows.any() and zero_rows.sum(-1).max() <= SMALL["freq_mask_param"]
+
+
+def test_training_is_deterministic_without_masks():
+    branch = FrequencyBranch(FrequencyConfig(**{**SMALL, "freq_mask_param": 0,
+                                                "time_mask_param": 0})).train()
+    assert len(branch.freq_masks) == 0 and len(branch.time_masks) == 0
+    x = torch.randn(3, 700)
+    torch.testing.assert_close(branch(x), branch(x))
+
+
+def test_instance_norm_normalises_each_bin_over_time():
+    branch = FrequencyBranch(FrequencyConfig(**SMALL, freq_norm="instance"))
+    spec = branch.log_spectrogram(torch.randn(2, 3000) * torch.linspace(0.1, 3, 3000))
+    torch.testing.assert_close(spec.mean(-1), torch.zeros(2, 24), atol=1e-4, rtol=0)
+
+
+def test_backward_reaches_every_parameter():
+    branch = FrequencyBranch(FrequencyConfig(**SMALL)).train()
+    branch(torch.randn(3, 900)).sum().backward()
+    for name, p in branch.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(spectrogram="cqt"), "spectrogram"),
+    (dict(n_fft=64, n_mels=40), "n_mels"),
+    (dict(hop_length=1024), "hop_length"),
+    (dict(freq_mask_param=64), "freq_mask_param"),
+    (dict(freq_norm="layer"), "freq_norm"),
+])
+def test_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        FrequencyConfig(**{**SMALL, **bad})
+
+
+def test_channels_from_yaml_list():
+    assert FrequencyConfig(channels=[8, 16]).channels == (8, 16)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_runs_on_gpu_under_autocast(dtype):
+    branch = FrequencyBranch(FrequencyConfig(**SMALL)).cuda().train()
+    x = torch.randn(4, 4000, device="cuda")
+    assert branch.log_spectrogram(x).device.type == "cuda"
+    with torch.autocast("cuda", dtype=dtype):
+        spec = branch.log_spectrogram(x)
+        out = branch(x)
+    assert spec.dtype == torch.float32
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in branch.parameters())
