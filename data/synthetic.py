@@ -98,31 +98,37 @@ def make_synthetic(config: SyntheticConfig | None = None) -> SignalDataset:
     counts = class_counts(n, len(config.classes), config.imbalance)
     labels = rng.permutation(np.repeat(np.arange(len(config.classes)), counts))
     kinds = np.array(config.classes)[labels]
-    t = np.arange(config.length) / fs
+    # float32 throughout: np.sin is ~10x faster, and the phase error stays far below the noise
+    t = (np.arange(config.length) / fs).astype(np.float32)
     duration = config.length / fs
 
-    amplitude = np.exp(rng.uniform(np.log(0.5), np.log(2.0), n))[:, None]
+    amplitude = np.exp(_uniform(rng, np.log(0.5), np.log(2.0), (n, 1)))
     signal = _background(rng, kinds, t) + _events(rng, kinds, t, fs)
     signal += _transients(rng, kinds, t, duration)
     signal *= amplitude
     signal += _drift(rng, n, t, duration, config.drift)
-    signal += config.noise_std * rng.standard_normal(signal.shape)
-    return SignalDataset(signal.astype(np.float32), labels.astype(np.int64),
+    signal += config.noise_std * rng.standard_normal(signal.shape, dtype=np.float32)
+    return SignalDataset(signal, labels.astype(np.int64),
                          list(config.classes), None, float(fs),
                          f"synthetic(seed={config.seed}, n={n})")
+
+
+def _uniform(rng: np.random.Generator, low, high, size) -> np.ndarray:
+    return rng.uniform(low, high, size).astype(np.float32)
 
 
 def _background(rng: np.random.Generator, kinds: np.ndarray, t: np.ndarray) -> np.ndarray:
     """(N, T) an oscillation in the class's band, slowly wobbling in frequency and amplitude."""
     n = len(kinds)
     bands = np.array([_BACKGROUND_BANDS.get(k, _NEUTRAL_BAND) for k in kinds])
-    freq = rng.uniform(bands[:, 0], bands[:, 1])[:, None]
-    wobble = rng.uniform(0.05, 0.2, (n, 1))
-    phase = (2 * np.pi * freq * t
-             + (0.05 * freq / wobble) * np.sin(2 * np.pi * wobble * t + rng.uniform(0, 7, (n, 1)))
-             + rng.uniform(0, 2 * np.pi, (n, 1)))
-    envelope = 1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.05, 0.2, (n, 1)) * t
-                                + rng.uniform(0, 2 * np.pi, (n, 1)))
+    freq = _uniform(rng, bands[:, 0], bands[:, 1], n)[:, None]
+    wobble = _uniform(rng, 0.05, 0.2, (n, 1))
+    tau = np.float32(2 * np.pi)
+    phase = (tau * freq * t
+             + (0.05 * freq / wobble) * np.sin(tau * wobble * t + _uniform(rng, 0, 7, (n, 1)))
+             + _uniform(rng, 0, tau, (n, 1)))
+    envelope = 1 + 0.3 * np.sin(tau * _uniform(rng, 0.05, 0.2, (n, 1)) * t
+                                + _uniform(rng, 0, tau, (n, 1)))
     return 0.5 * envelope * np.sin(phase)
 
 
@@ -141,34 +147,35 @@ def _events(rng: np.random.Generator, kinds: np.ndarray, t: np.ndarray,
     times = first + np.cumsum(mean * factor, axis=1) - mean * factor[:, :1]
     sample = np.round(times * fs).astype(np.int64)
     row, slot = np.nonzero(sample < length)
-    train = np.zeros((n, length))
+    train = np.zeros((n, length), dtype=np.float32)
     train[row, sample[row, slot]] = 1.5 * (1 + 0.1 * rng.standard_normal(len(row)))
     sigma = 0.02 * fs
     offsets = np.arange(-int(5 * sigma) - 1, int(5 * sigma) + 2)
-    pulse = np.exp(-0.5 * (offsets / sigma) ** 2)
+    pulse = np.exp(-0.5 * (offsets / sigma) ** 2).astype(np.float32)
     return scipy.ndimage.convolve1d(train, pulse, axis=1, mode="constant")
 
 
 def _transients(rng: np.random.Generator, kinds: np.ndarray, t: np.ndarray,
                 duration: float) -> np.ndarray:
     """(N, T) one 5 Hz burst early or late in the transient classes, zeros elsewhere."""
-    out = np.zeros((len(kinds), len(t)))
+    out = np.zeros((len(kinds), len(t)), dtype=np.float32)
     rows = np.flatnonzero(np.isin(kinds, ("early_transient", "late_transient")))
     if len(rows) == 0:
         return out
     position = rng.uniform(0.1, 0.3, len(rows))
     position = np.where(kinds[rows] == "late_transient", 1 - position, position)
-    centre = (position * duration)[:, None]
-    envelope = np.exp(-0.5 * ((t - centre) / 0.25) ** 2)
-    out[rows] = 1.2 * envelope * np.sin(2 * np.pi * 5.0 * t
-                                        + rng.uniform(0, 2 * np.pi, (len(rows), 1)))
+    centre = (position * duration).astype(np.float32)[:, None]
+    envelope = np.exp(-0.5 * ((t - centre) / np.float32(0.25)) ** 2)
+    out[rows] = 1.2 * envelope * np.sin(np.float32(2 * np.pi * 5.0) * t
+                                        + _uniform(rng, 0, 2 * np.pi, (len(rows), 1)))
     return out
 
 
 def _drift(rng: np.random.Generator, n: int, t: np.ndarray, duration: float,
            amplitude: float) -> np.ndarray:
     """(N, T) baseline wander: a slow sine plus a linear trend (like breathing, electrodes)."""
-    wander = rng.uniform(0.5, 1.0, (n, 1)) * np.sin(2 * np.pi * rng.uniform(0.05, 0.3, (n, 1)) * t
-                                                    + rng.uniform(0, 2 * np.pi, (n, 1)))
-    trend = rng.uniform(-0.5, 0.5, (n, 1)) * (t / duration - 0.5)
-    return amplitude * (wander + trend)
+    tau = np.float32(2 * np.pi)
+    wander = _uniform(rng, 0.5, 1.0, (n, 1)) * np.sin(tau * _uniform(rng, 0.05, 0.3, (n, 1)) * t
+                                                      + _uniform(rng, 0, tau, (n, 1)))
+    trend = _uniform(rng, -0.5, 0.5, (n, 1)) * (t / np.float32(duration) - np.float32(0.5))
+    return np.float32(amplitude) * (wander + trend)

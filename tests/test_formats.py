@@ -1,0 +1,423 @@
+"""Readers in data/formats.py: each format written with its own library, read back, compared;
+each kind of bad input gives a DataError naming the file and field."""
+
+import csv
+import logging
+
+import numpy as np
+import pyedflib
+import pytest
+import wfdb
+
+from data.formats import (
+    DataError,
+    encode_labels,
+    find_test_file,
+    read_dataset,
+    read_edf,
+    read_npy,
+    read_train_test,
+    read_wfdb,
+)
+
+# wfdb 4.3 calls pandas with a keyword pandas 3.1 deprecates: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def write_csv(path, rows, delimiter=","):
+    with open(path, "w", newline="") as f:
+        csv.writer(f, delimiter=delimiter).writerows(rows)
+
+
+def write_ts(path, cases, labels=("1", "2"), equal=True, header_extra=""):
+    lines = ["# toy problem", "@problemName Toy", "@timeStamps false", "@univariate true",
+             f"@equalLength {'true' if equal else 'false'}",
+             f"@classLabel true {' '.join(labels)}", header_extra, "@data"]
+    for values, label in cases:
+        lines.append(",".join("?" if np.isnan(v) else repr(float(v)) for v in values)
+                     + f":{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy
+
+
+def test_npz_round_trip(tmp_path, rng):
+    X = rng.standard_normal((6, 50)).astype(np.float32)
+    y = np.array(["b", "a", "b", "a", "c", "c"])
+    groups = np.array([1, 1, 2, 2, 3, 3])
+    np.savez(tmp_path / "d.npz", X=X, y=y, groups=groups, fs=250.0)
+    ds = read_dataset(tmp_path / "d.npz")
+    np.testing.assert_array_equal(ds.signals, X)
+    assert ds.class_names == ["a", "b", "c"]
+    np.testing.assert_array_equal(ds.labels, [1, 0, 1, 0, 2, 2])
+    np.testing.assert_array_equal(ds.groups, groups)
+    assert ds.sample_rate == 250.0 and ds.source.endswith("d.npz")
+
+
+def test_npz_unequal_lengths_and_class_names(tmp_path, rng):
+    parts = [rng.standard_normal(n).astype(np.float32) for n in (30, 45, 12)]
+    np.savez(tmp_path / "u.npz", X=np.concatenate(parts), lengths=[30, 45, 12], y=[0, 1, 1],
+             class_names=np.array(["normal", "afib"]))
+    ds = read_dataset(tmp_path / "u.npz")
+    assert [len(s) for s in ds.signals] == [30, 45, 12]
+    for got, want in zip(ds.signals, parts, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert [ds.class_names[i] for i in ds.labels] == ["normal", "afib", "afib"]
+    assert ds.sample_rate is None
+
+
+def test_npy_is_memory_mapped_with_sidecar_labels(tmp_path, rng):
+    X = rng.standard_normal((5, 40))
+    np.save(tmp_path / "big.npy", X)
+    write_csv(tmp_path / "big.labels.csv",
+              [["label", "group"], ["x", "r1"], ["y", "r1"], ["x", "r2"], ["y", "r3"],
+               ["x", "r3"]])
+    ds = read_dataset(tmp_path / "big.npy", sample_rate=100)
+    assert isinstance(ds.signals, np.memmap) and ds.signals.mode == "r"
+    np.testing.assert_array_equal(np.asarray(ds.signals), X)
+    np.testing.assert_array_equal(ds.labels, [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(ds.groups, ["r1", "r1", "r2", "r3", "r3"])
+    assert ds.sample_rate == 100.0
+
+
+def test_npy_nan_drop_keeps_memmap_rows(tmp_path, rng, caplog):
+    X = rng.standard_normal((4, 20))
+    X[2, 5] = np.nan
+    np.save(tmp_path / "n.npy", X)
+    write_csv(tmp_path / "n.labels.csv", [["label"], ["a"], ["b"], ["a"], ["b"]])
+    with caplog.at_level(logging.WARNING):
+        ds = read_npy(tmp_path / "n.npy", nan_policy="drop")
+    assert "dropped 1 of 4 signals" in caplog.text
+    assert len(ds) == 3 and all(isinstance(s, np.memmap) for s in ds.signals)
+    np.testing.assert_array_equal(np.stack(ds.signals), X[[0, 1, 3]])
+    np.testing.assert_array_equal(ds.labels, [0, 1, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Delimited text
+
+
+def test_csv_label_column_by_name_and_groups(tmp_path, rng):
+    X = np.round(rng.standard_normal((4, 8)), 4)
+    rows = [["s0", "s1", "s2", "s3", "diagnosis", "s4", "s5", "s6", "s7", "group"]]
+    for i, (x, label) in enumerate(zip(X, ["MI", "NORM", "MI", "NORM"], strict=True)):
+        rows.append([*x[:4], label, *x[4:], f"p{i // 2}"])
+    write_csv(tmp_path / "ecg.csv", rows)
+    ds = read_dataset(tmp_path / "ecg.csv", label_column="diagnosis")
+    np.testing.assert_allclose(ds.signals, X, rtol=1e-6)
+    assert ds.class_names == ["MI", "NORM"]
+    np.testing.assert_array_equal(ds.labels, [0, 1, 0, 1])
+    np.testing.assert_array_equal(ds.groups, ["p0", "p0", "p1", "p1"])
+
+
+def test_csv_default_label_column_and_interpolate(tmp_path):
+    write_csv(tmp_path / "d.csv", [["label", "a", "b", "c", "d"], ["1", 0, 1, "", 3],
+                                   ["2", 5, 5, 5, 5]])
+    ds = read_dataset(tmp_path / "d.csv", nan_policy="interpolate")
+    np.testing.assert_allclose(ds.signals, [[0, 1, 2, 3], [5, 5, 5, 5]])
+    assert ds.class_names == ["1", "2"]
+
+
+def test_ucr_tsv_label_first_unequal_lengths(tmp_path):
+    write_csv(tmp_path / "Toy_TRAIN.tsv", [[2, 0.5, 1.5, 2.5], [1, 1.0, 2.0, "NaN"],
+                                           [10, 3.0, "", ""]], delimiter="\t")
+    ds = read_dataset(tmp_path / "Toy_TRAIN.tsv")
+    assert [list(s) for s in ds.signals] == [[0.5, 1.5, 2.5], [1.0, 2.0], [3.0]]
+    assert ds.class_names == ["1", "2", "10"]  # numeric labels sort as numbers
+    np.testing.assert_array_equal(ds.labels, [1, 0, 2])
+
+
+# ----------------------------------------------------------------------------------------------
+# UCR/UEA .ts and fixed train/test splits
+
+
+def test_ts_equal_and_unequal_length(tmp_path, rng):
+    cases = [(rng.standard_normal(6), lab) for lab in ("b", "a", "b")]
+    write_ts(tmp_path / "e.ts", cases, labels=("b", "a"), header_extra="@seriesLength 6")
+    ds = read_dataset(tmp_path / "e.ts")
+    np.testing.assert_allclose(ds.signals, [c[0] for c in cases], rtol=1e-6)
+    assert ds.class_names == ["b", "a"]  # the header's declared order
+    np.testing.assert_array_equal(ds.labels, [0, 1, 0])
+
+    cases = [(rng.standard_normal(n), lab) for n, lab in ((5, "1"), (9, "2"))]
+    write_ts(tmp_path / "u.ts", cases, equal=False)
+    ds = read_dataset(tmp_path / "u.ts")
+    assert [len(s) for s in ds.signals] == [5, 9]
+    np.testing.assert_allclose(ds.signals[1], cases[1][0], rtol=1e-6)
+
+
+def test_ts_multivariate_needs_dimension(tmp_path):
+    (tmp_path / "m.ts").write_text("@problemName M\n@univariate false\n@classLabel true x y\n"
+                                   "@data\n1,2,3:4,5,6:x\n7,8,9:1,1,1:y\n")
+    with pytest.raises(DataError, match="dimension"):
+        read_dataset(tmp_path / "m.ts")
+    ds = read_dataset(tmp_path / "m.ts", dimension=1)
+    np.testing.assert_array_equal(ds.signals, [[4, 5, 6], [1, 1, 1]])
+
+
+def test_ucr_pair_folder_gives_train_and_test(tmp_path, rng):
+    write_ts(tmp_path / "Toy_TRAIN.ts", [(rng.standard_normal(4), lab) for lab in "1212"])
+    write_ts(tmp_path / "Toy_TEST.ts", [(rng.standard_normal(4), lab) for lab in "22"])
+    assert find_test_file(tmp_path) == (tmp_path / "Toy_TRAIN.ts", tmp_path / "Toy_TEST.ts")
+    train, test = read_train_test(tmp_path)
+    assert len(train) == 4 and len(test) == 2
+    assert test.class_names == train.class_names == ["1", "2"]
+    np.testing.assert_array_equal(test.labels, [1, 1])  # one class is fine in a test set
+    train, test = read_train_test(tmp_path / "Toy_TRAIN.ts")
+    assert len(test) == 2
+    alone, none = read_train_test(tmp_path / "Toy_TEST.ts", class_names=["1", "2"])
+    assert none is None and len(alone) == 2
+
+
+def test_explicit_test_file_with_unknown_label(tmp_path):
+    write_csv(tmp_path / "train.csv", [["label", "x"], ["a", 1], ["b", 2]])
+    write_csv(tmp_path / "test.csv", [["label", "x"], ["a", 1], ["c", 2]])
+    with pytest.raises(DataError) as err:
+        read_train_test(tmp_path / "train.csv", tmp_path / "test.csv")
+    assert err.value.path.endswith("test.csv") and "unknown labels ['c']" in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# WFDB
+
+
+def write_wfdb(directory, name, signal, fs, samples, symbols, notes, channels=("MLII", "V5")):
+    p_signal = np.column_stack([signal] + [signal * 0.5] * (len(channels) - 1))
+    wfdb.wrsamp(name, fs=fs, units=["mV"] * len(channels), sig_name=list(channels),
+                p_signal=p_signal, fmt=["16"] * len(channels), write_dir=str(directory))
+    wfdb.wrann(name, "atr", np.asarray(samples), symbol=symbols, aux_note=notes,
+               write_dir=str(directory))
+
+
+def test_wfdb_rhythm_windows(tmp_path, rng):
+    signal = rng.standard_normal(6000)
+    write_wfdb(tmp_path, "100", signal, 100, [0, 2400, 4000], ["+"] * 3,
+               ["(N", "(AFIB", "(N"])
+    ds = read_dataset(tmp_path / "100.hea", window_seconds=10, channel="V5")
+    assert ds.sample_rate == 100.0 and ds.signals.shape == (6, 1000)
+    assert [ds.class_names[i] for i in ds.labels] == ["N", "N", "AFIB", "AFIB", "N", "N"]
+    np.testing.assert_allclose(ds.signals[2], 0.5 * signal[2000:3000], atol=1e-3)
+    assert set(ds.groups) == {"100"}
+    ds = read_wfdb(tmp_path / "100", window_seconds=10, stride_seconds=5)
+    assert len(ds) == 11  # windows start every 5 s; the last full one at 50 s
+    np.testing.assert_allclose(ds.signals[1], signal[500:1500], atol=1e-3)
+
+
+def test_wfdb_beat_majority_and_folder_groups(tmp_path, rng):
+    beats = np.arange(50, 4000, 100)
+    symbols = ["V" if 1200 <= b < 2000 else "N" for b in beats]  # window 1: 8 V, 2 N
+    for name in ("201", "202"):
+        write_wfdb(tmp_path, name, rng.standard_normal(4000), 200, beats, symbols,
+                   [""] * len(beats))
+    ds = read_dataset(tmp_path, label_source="beat", window_seconds=5,
+                      label_map={"N": "normal", "V": "ventricular"})
+    assert [ds.class_names[i] for i in ds.labels[:4]] == ["normal", "ventricular", "normal",
+                                                          "normal"]
+    np.testing.assert_array_equal(ds.groups, ["201"] * 4 + ["202"] * 4)
+
+
+def test_wfdb_errors(tmp_path, rng):
+    write_wfdb(tmp_path, "300", rng.standard_normal(1000), 100, [0], ["+"], ["(N"])
+    with pytest.raises(DataError, match="longer than the record") as err:
+        read_wfdb(tmp_path / "300", window_seconds=20)
+    assert err.value.field == "window" and "300.atr" in err.value.path
+    with pytest.raises(DataError, match="not found") as err:
+        read_wfdb(tmp_path / "300", window_seconds=5, channel="II")
+    assert err.value.field == "channel"
+    with pytest.raises(DataError, match="not in label_map"):
+        read_wfdb(tmp_path / "300", window_seconds=5, label_map={"AFIB": "af"})
+    with pytest.raises(DataError, match="no beat annotations"):
+        read_wfdb(tmp_path / "300", window_seconds=5, label_source="beat")
+    dat = tmp_path / "300.dat"
+    dat.write_bytes(dat.read_bytes()[:100])  # truncated signal file
+    with pytest.raises(DataError, match="cannot be read as a WFDB record") as err:
+        read_wfdb(tmp_path / "300", window_seconds=5)
+    assert err.value.path.endswith("300.hea")
+
+
+# ----------------------------------------------------------------------------------------------
+# EDF / EDF+
+
+
+def write_edf(path, signals, fs, labels, annotations=()):
+    headers = pyedflib.highlevel.make_signal_headers(labels, sample_frequency=fs,
+                                                     physical_min=-500, physical_max=500)
+    writer = pyedflib.EdfWriter(str(path), len(labels), file_type=pyedflib.FILETYPE_EDFPLUS)
+    if labels:
+        writer.setSignalHeaders(headers)
+        writer.writeSamples(list(signals))
+    for onset, duration, text in annotations:
+        writer.writeAnnotation(onset, duration, text)
+    writer.close()
+
+
+STAGES = [(0, 30, "Sleep stage W"), (30, 60, "Sleep stage 2"), (45, -1, "Lights off"),
+          (90, 30, "Sleep stage R"), (120, 30, "Sleep stage ?")]
+
+
+def test_edf_epochs_from_own_annotations(tmp_path, rng):
+    eeg = 50 * rng.standard_normal(150 * 100)
+    write_edf(tmp_path / "night.edf", [0.1 * eeg, eeg], 100, ["EOG", "EEG Fpz-Cz"], STAGES)
+    ds = read_dataset(tmp_path / "night.edf", channel="EEG Fpz-Cz")
+    assert ds.signals.shape == (4, 3000) and ds.sample_rate == 100.0
+    assert [ds.class_names[i] for i in ds.labels] == ["W", "N2", "N2", "REM"]
+    np.testing.assert_allclose(ds.signals[1], eeg[3000:6000], atol=0.02)
+    assert set(ds.groups) == {"night"}
+
+
+def test_edf_separate_hypnogram_and_folder(tmp_path, rng):
+    for subject in ("SC4001", "SC4011"):
+        write_edf(tmp_path / f"{subject}E0-PSG.edf", [rng.standard_normal(150 * 50)], 50,
+                  ["EEG Fpz-Cz"])
+        write_edf(tmp_path / f"{subject}EC-Hypnogram.edf", [], 50, [], STAGES)
+    ds = read_edf(tmp_path / "SC4001E0-PSG.edf",
+                  hypnogram=tmp_path / "SC4001EC-Hypnogram.edf")
+    assert [ds.class_names[i] for i in ds.labels] == ["W", "N2", "N2", "REM"]
+    ds = read_dataset(tmp_path, group_pattern=r"SC4(\d\d)")  # pairs found by name
+    assert len(ds) == 8 and ds.signals.shape[1] == 1500
+    np.testing.assert_array_equal(ds.groups, ["00"] * 4 + ["01"] * 4)
+
+
+def test_edf_errors(tmp_path, rng):
+    write_edf(tmp_path / "plain.edf", [rng.standard_normal(3000)], 100, ["EEG"])
+    with pytest.raises(DataError, match="no sleep-stage annotations"):
+        read_edf(tmp_path / "plain.edf")
+    write_edf(tmp_path / "odd.edf", [rng.standard_normal(3000)], 100, ["EEG"],
+              [(0, 30, "Sleep stage 5")])
+    with pytest.raises(DataError, match="not in label_map"):
+        read_edf(tmp_path / "odd.edf")
+    with pytest.raises(DataError, match="expected one of \\['EEG'\\]"):
+        read_edf(tmp_path / "odd.edf", channel="EOG")
+    (tmp_path / "junk.edf").write_bytes(b"0       not an edf header" * 4)
+    with pytest.raises(DataError, match="cannot be read as EDF") as err:
+        read_edf(tmp_path / "junk.edf")
+    assert err.value.path.endswith("junk.edf") and err.value.field == "file"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input, format by format: a DataError naming file and field, never a library traceback
+
+
+def test_empty_files(tmp_path):
+    for name in ("e.csv", "e.npz", "e.npy", "e.ts", "e.edf", "e.tsv"):
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(DataError, match="is empty") as err:
+            read_dataset(tmp_path / name)
+        assert err.value.path.endswith(name) and err.value.field == "file"
+
+
+def test_wrong_shapes(tmp_path):
+    np.savez(tmp_path / "flat.npz", X=np.zeros(10), y=np.zeros(10))
+    with pytest.raises(DataError, match=r"shape \(10,\); expected \(N, T\)") as err:
+        read_dataset(tmp_path / "flat.npz")
+    assert err.value.field == "X"
+    np.save(tmp_path / "cube.npy", np.zeros((2, 3, 4)))
+    with pytest.raises(DataError, match="expected \\(N, T\\)"):
+        read_dataset(tmp_path / "cube.npy")
+    np.savez(tmp_path / "lens.npz", X=np.zeros(10), lengths=[4, 4], y=["a", "b"])
+    with pytest.raises(DataError, match="sum to 8") as err:
+        read_dataset(tmp_path / "lens.npz")
+    assert err.value.field == "lengths"
+
+
+def test_nan_refused_dropped_or_interpolated(tmp_path, caplog):
+    X = np.arange(12, dtype=np.float64).reshape(3, 4)
+    X[1, 2], X[2, :] = np.inf, np.nan
+    np.savez(tmp_path / "n.npz", X=X, y=["a", "b", "a"])
+    with pytest.raises(DataError, match="2 of 3 signals contain NaN/Inf") as err:
+        read_dataset(tmp_path / "n.npz")
+    assert err.value.field == "X"
+    with caplog.at_level(logging.WARNING):
+        ds = read_dataset(tmp_path / "n.npz", nan_policy="interpolate")
+    assert "interpolated NaN/Inf samples in 1 of 3 signals, dropped 1" in caplog.text
+    np.testing.assert_array_equal(ds.signals, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    with pytest.raises(DataError, match="nan_policy"):
+        read_dataset(tmp_path / "n.npz", nan_policy="zero")
+
+
+def test_label_count_mismatch(tmp_path):
+    np.savez(tmp_path / "c.npz", X=np.zeros((4, 5)), y=["a", "b", "a"])
+    with pytest.raises(DataError, match="3 labels for 4 signals") as err:
+        read_dataset(tmp_path / "c.npz")
+    assert err.value.field == "y"
+    np.save(tmp_path / "c.npy", np.zeros((4, 5)))
+    write_csv(tmp_path / "c.labels.csv", [["label"], ["a"], ["b"]])
+    with pytest.raises(DataError, match="2 labels for 4 signals") as err:
+        read_dataset(tmp_path / "c.npy")
+    assert err.value.path.endswith("c.labels.csv")
+
+
+def test_single_class(tmp_path):
+    write_csv(tmp_path / "one.csv", [["label", "x", "y"], ["a", 1, 2], ["a", 3, 4]])
+    with pytest.raises(DataError, match="single class 'a'") as err:
+        read_dataset(tmp_path / "one.csv")
+    assert err.value.field == "label"
+
+
+def test_unknown_and_inconsistent_labels(tmp_path):
+    write_ts(tmp_path / "u.ts", [([1.0, 2.0], "1"), ([3.0, 4.0], "3")])
+    with pytest.raises(DataError, match=r"unknown labels \['3'\]"):
+        read_dataset(tmp_path / "u.ts")
+    write_csv(tmp_path / "i.csv", [["label", "x"], ["AFIB", 1], ["afib", 2], ["N", 3]])
+    with pytest.raises(DataError, match="inconsistent label spellings"):
+        read_dataset(tmp_path / "i.csv")
+    with pytest.raises(DataError, match="inconsistent"):
+        encode_labels(["1", "1.0", "2"], "f.csv", "label")
+    with pytest.raises(DataError, match="label 1 is empty"):
+        encode_labels(["a", " ", "b"], "f.csv", "label")
+    labels, names = encode_labels([2.0, 1.0, 2.0], "f.npz", "y")
+    assert names == ["1", "2"] and labels.tolist() == [1, 0, 1]
+
+
+def test_unreadable_and_truncated_files(tmp_path):
+    np.savez(tmp_path / "t.npz", X=np.zeros((3, 4)), y=[0, 1, 0])
+    data = (tmp_path / "t.npz").read_bytes()
+    (tmp_path / "t.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="cannot be read") as err:
+        read_dataset(tmp_path / "t.npz")
+    assert err.value.path.endswith("t.npz") and err.value.field == "file"
+    np.save(tmp_path / "t.npy", np.zeros((10, 50)))
+    data = (tmp_path / "t.npy").read_bytes()
+    (tmp_path / "t.npy").write_bytes(data[:300])
+    with pytest.raises(DataError, match="cannot be read"):
+        read_dataset(tmp_path / "t.npy")
+    (tmp_path / "t.ts").write_text("@problemName T\n@classLabel true 1 2\n")
+    with pytest.raises(DataError, match="@data") as err:
+        read_dataset(tmp_path / "t.ts")
+    (tmp_path / "b.csv").write_bytes(b"label,x\n\xff\xfe,1\n")
+    with pytest.raises(DataError, match="UTF-8"):
+        read_dataset(tmp_path / "b.csv")
+    write_csv(tmp_path / "s.csv", [["label", "x", "y"], ["a", 1, "oops"], ["b", 2, 3]])
+    with pytest.raises(DataError, match="sample 1 is 'oops'") as err:
+        read_dataset(tmp_path / "s.csv")
+    assert err.value.field == "line 2"
+
+
+def test_dispatch_errors(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"data")
+    with pytest.raises(DataError, match="unknown file type '.parquet'"):
+        read_dataset(tmp_path / "x.parquet")
+    write_csv(tmp_path / "ok.csv", [["label", "x"], ["a", 1], ["b", 2]])
+    with pytest.raises(DataError, match="not options of the csv reader") as err:
+        read_dataset(tmp_path / "ok.csv", lable_column="label")
+    assert err.value.field == "options"
+    with pytest.raises(DataError, match="does not exist"):
+        read_dataset(tmp_path / "missing.npz")
+    np.savez(tmp_path / "r.npz", X=np.zeros((2, 3)), y=[0, 1], fs=-5)
+    with pytest.raises(DataError, match="positive number of Hz") as err:
+        read_dataset(tmp_path / "r.npz")
+    assert err.value.field == "fs"
+
+
+def test_data_error_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DataError("a.csv", "label", "is bad")))
+    assert (err.path, err.field, str(err)) == ("a.csv", "label", "a.csv [label]: is bad")
