@@ -270,14 +270,13 @@ __global__ void bwd_summary(const T* __restrict__ k, const T* __restrict__ v,
 }
 
 // dL/d(initial state) from the gradient state at t = 0: A_0 = a0 e^{p0}.
-__device__ __forceinline__ void store_state_grad(float* gstate_in, const float* state_in,
-                                                 int64_t i, int C, const State& R) {
-  const State s0 = load_state(state_in, i, C);
+// The initial state is the state entering chunk 0 of batch row b.
+__device__ __forceinline__ void store_state_grad(float* gstate_in, const float* chunk_states,
+                                                 int b, int c, int C, int N, const State& R) {
+  const State s0 = load_state(chunk_states, static_cast<int64_t>(b) * N * 3 * C + c, C);
   const float scale = expf(R.p + s0.p);
   const float ga = R.a * scale, gb = R.b * scale;
-  gstate_in[i] = ga;
-  gstate_in[i + C] = gb;
-  gstate_in[i + 2 * C] = ga * s0.a + gb * s0.b;
+  store_state(gstate_in, static_cast<int64_t>(b) * 3 * C + c, C, {ga, gb, ga * s0.a + gb * s0.b});
 }
 
 // gradient state entering from the final state's gradient: dL/dA_T = g_a e^{-p_T}
@@ -303,8 +302,7 @@ __global__ void bwd_scan(const float* __restrict__ summary, const float* __restr
     store_state(grad_states, i, C, R);
     combine(R, local, static_cast<float>(min(kChunk, T - n * kChunk)) * ww);
   }
-  // the state entering chunk 0 is the initial state
-  store_state_grad(gstate_in, chunk_states, static_cast<int64_t>(b) * N * 3 * C + c, C, R);
+  store_state_grad(gstate_in, chunk_states, b, c, C, N, R);
 }
 
 template <typename T>
@@ -348,7 +346,7 @@ __global__ void bwd_sequential(const T* __restrict__ k, const T* __restrict__ v,
   }
   gw_part[static_cast<int64_t>(b) * C + c] = gw;
   gu_part[static_cast<int64_t>(b) * C + c] = gu;
-  store_state_grad(gstate_in, chunk_states, static_cast<int64_t>(b) * N * 3 * C + c, C, R);
+  store_state_grad(gstate_in, chunk_states, b, c, C, N, R);
 }
 
 // Calls f with a value of the I/O element type: float, half or bfloat16.

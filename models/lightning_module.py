@@ -18,7 +18,6 @@ import random
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -111,7 +110,9 @@ class SignalClassifierModule(pl.LightningModule):
         if class_weights is not None:
             class_weights = [float(w) for w in class_weights]
             if len(class_weights) != num_classes:
-                raise ValueError(f"got {len(class_weights)} class weights for {num_classes} classes")
+                raise ValueError(
+                    f"got {len(class_weights)} class weights for {num_classes} classes"
+                )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
         # Plain containers only: the checkpoint must load with weights_only=True.
@@ -131,7 +132,9 @@ class SignalClassifierModule(pl.LightningModule):
             }
         )
         self.class_names = class_names
-        self.model = DualBranchClassifier(build_model_config(model, num_classes))
+        self.model = DualBranchClassifier(
+            DualBranchConfig.from_dict({**model, "num_classes": int(num_classes)})
+        )
         weight = torch.tensor(class_weights) if class_weights is not None else None
         self.register_buffer("class_weight", weight, persistent=False)
         self.train_metrics = MetricCollection(
@@ -143,6 +146,7 @@ class SignalClassifierModule(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         # Filled at test end (all ranks) for train.py to write out.
         self.test_results: dict[str, Any] = {}
+        self.samples_trained = 0  # by this process, since it started
         self._pending_rng: list[dict[str, Any]] | None = None
         self._clock: dict[str, float] = {}
 
@@ -167,7 +171,9 @@ class SignalClassifierModule(pl.LightningModule):
         loss = self.loss(logits, y)
         self.train_metrics.update(logits.detach(), y)
         self._count("train", x.shape[0])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.samples_trained += x.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(y))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
@@ -313,15 +319,6 @@ class SignalClassifierModule(pl.LightningModule):
             )
             rank = 0
         set_rng_states(states[rank])
-
-
-def build_model_config(model: dict[str, Any], num_classes: int) -> DualBranchConfig:
-    """A `DualBranchConfig` from plain keyword arguments; unknown keys are a ValueError."""
-    known = {f.name for f in fields(DualBranchConfig)}
-    unknown = sorted(set(model) - known)
-    if unknown:
-        raise ValueError(f"unknown model settings {unknown}; known: {sorted(known)}")
-    return DualBranchConfig(**{**model, "num_classes": num_classes})
 
 
 def _indent(text: str) -> str:

@@ -1,0 +1,306 @@
+"""`SignalDataModule`: files or the synthetic set -> train/val/test DataLoaders.
+
+Batches are (x, y): x (B, L) float32, y (B,) int64, with L = `signal_length` after setup.
+
+setup() runs once: read (with the official test set when there is one), resample, filter,
+split records (stratified, and grouped by record/subject when groups exist), then serve items
+under the length policy (data/transforms.py), normalised per record or per window, augmented in
+training only. The official test set is never used for validation or statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from data.formats import DataError, SignalDataset, read_train_test
+from data.synthetic import SyntheticConfig, make_synthetic
+from data.transforms import (
+    filter_dataset,
+    fit_length,
+    make_augmentation,
+    plan_windows,
+    resample_dataset,
+    znormalize,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Everything the data side needs; YAML/CLI 'data:' maps onto these fields."""
+
+    source: str = "synthetic"  # 'synthetic', or a file/folder for data.formats.read_dataset
+    test_source: str | None = None  # explicit official test file (UCR pairs are found alone)
+    format: str | None = None  # reader name; None = by extension
+    reader_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"channel": "MLII"}
+    synthetic_num_signals: int = 2000
+    synthetic_imbalance: float = 1.0  # largest / smallest class count
+    sample_rate: float | None = None  # Hz to resample to; None keeps the source rate
+    length: int | None = None  # model input samples (after resampling); None: from the policy
+    length_policy: Literal["pad", "crop", "window"] = "pad"
+    window_stride: int | None = None  # for 'window'; None = length (no overlap)
+    bandpass: tuple[float, float] | None = None  # Hz; low 0 = low-pass
+    notch: float | None = None  # Hz, e.g. 50 or 60 mains
+    normalize: Literal["window", "record", "none"] = "window"
+    nan_policy: Literal["raise", "drop", "interpolate"] = "raise"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15  # only used when the source has no official test set
+    balance: Literal["none", "loss", "sampler"] = "none"
+    augment: bool = True
+    aug_scale: tuple[float, float] | None = (0.8, 1.25)
+    aug_noise: float = 0.05
+    aug_shift: float = 0.0  # circular shift, fraction of L; 0 keeps event positions
+    batch_size: int = 32
+    num_workers: int = 0
+    pin_memory: bool | None = None  # None: when CUDA is available
+    persistent_workers: bool = True  # only with num_workers > 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1) and test_fraction in [0, 1); got "
+                             f"{self.val_fraction}, {self.test_fraction}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave a training part")
+        if self.length is not None and self.length < 1:
+            raise ValueError(f"length must be positive; got {self.length}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+
+
+class SignalItems(Dataset):
+    """Items (record, start) of a record collection -> (x (L,) float32, y () int64).
+
+    start -1: crop position chosen per load (random if random_crop, else centred). A memmap
+    is pickled as its file description, so spawned workers re-open it instead of copying it.
+    """
+
+    def __init__(self, signals, record_labels: np.ndarray, items: np.ndarray, length: int,
+                 normalize: str, record_stats: np.ndarray | None = None,
+                 random_crop: bool = False, transform: torch.nn.Module | None = None):
+        self.signals, self.record_labels, self.items = signals, record_labels, items
+        self.length, self.normalize, self.record_stats = length, normalize, record_stats
+        self.random_crop, self.transform = random_crop, transform
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(M,) int64 label of every item."""
+        return self.record_labels[self.items[:, 0]]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        record, start = (int(v) for v in self.items[index])
+        signal = self.signals[record]
+        extra = len(signal) - self.length
+        if start < 0:
+            start = 0 if extra <= 0 else (int(torch.randint(0, extra + 1, ()))
+                                          if self.random_crop else extra // 2)
+        x = np.asarray(signal[start:start + self.length], dtype=np.float32)
+        if self.normalize == "window":
+            x = znormalize(x)
+        elif self.normalize == "record":
+            mean, std = self.record_stats[record]
+            x = (x - mean) / std
+        x = torch.from_numpy(np.ascontiguousarray(fit_length(x, self.length)))
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, torch.tensor(self.record_labels[record], dtype=torch.int64)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        signals = self.signals
+        # np.memmap pickles as an in-memory copy; keep larger-than-RAM data on disk instead.
+        # Readers only hand over whole C-contiguous memmaps, whose offset/shape describe them.
+        if isinstance(signals, np.memmap) and signals.filename and signals.flags.c_contiguous:
+            state["signals"] = ("memmap", signals.filename, signals.dtype.str, signals.shape,
+                                signals.offset)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        signals = state["signals"]
+        if isinstance(signals, tuple) and signals[0] == "memmap":
+            _, name, dtype, shape, offset = signals
+            state["signals"] = np.memmap(name, dtype=dtype, mode="r", shape=shape, offset=offset)
+        self.__dict__.update(state)
+
+
+def record_stats(signals) -> np.ndarray:
+    """(N, 2) float32 mean and std (at least 1e-6) of each record, one record in RAM at a time."""
+    stats = np.empty((len(signals), 2), dtype=np.float32)
+    for i, s in enumerate(signals):
+        s = np.asarray(s, dtype=np.float64)
+        stats[i] = s.mean(), max(s.std(), 1e-6)
+    return stats
+
+
+def split_indices(labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int,
+                  source: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices; about `fraction` held out, stratified by label.
+
+    With groups, no group is on both sides (StratifiedGroupKFold with round(1/fraction)
+    folds: the first fold is held out, so the fraction is approximate).
+    """
+    index = np.arange(len(labels))
+    if groups is None:
+        try:
+            kept, held = train_test_split(index, test_size=fraction, stratify=labels,
+                                          random_state=seed)
+        except ValueError:  # a class too small to appear on both sides
+            log.warning("%s: too few items per class to stratify; splitting at random", source)
+            kept, held = train_test_split(index, test_size=fraction, random_state=seed)
+        return np.sort(kept), np.sort(held)
+    codes = np.unique(groups, return_inverse=True)[1]
+    folds = max(2, round(1 / fraction))
+    if codes.max() + 1 < folds:
+        raise DataError(source, "groups", f"has {codes.max() + 1} records/subjects, too few to "
+                                          f"hold out {fraction:.0%} by group; expected at least "
+                                          f"{folds}")
+    with warnings.catch_warnings():  # 'least populated class' warnings are expected here
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        kept, held = next(splitter.split(index, labels, codes))
+    return np.sort(kept), np.sort(held)
+
+
+class SignalDataModule(pl.LightningDataModule):
+    """Train/val/test loaders of (x (B, L) float32, y (B,) int64) from a `DataConfig`.
+
+    After setup(): num_classes, class_names, signal_length (L), sample_rate (Hz or None),
+    class_counts (training items per class), class_weights ((C,) tensor when balance='loss',
+    else None) and has_official_test.
+    """
+
+    def __init__(self, config: DataConfig | None = None):
+        super().__init__()
+        self.config = config or DataConfig()
+        self.save_hyperparameters(asdict(self.config))
+        self._ready = False
+        self._stats: dict[int, np.ndarray] = {}  # per-record (mean, std), per source dataset
+
+    # -- reading and preprocessing --------------------------------------------------------
+
+    def _load(self) -> tuple[SignalDataset, SignalDataset | None]:
+        cfg = self.config
+        if cfg.source == "synthetic":
+            synthetic = SyntheticConfig(num_signals=cfg.synthetic_num_signals,
+                                        length=cfg.length or SyntheticConfig.length,
+                                        sample_rate=cfg.sample_rate or SyntheticConfig.sample_rate,
+                                        imbalance=cfg.synthetic_imbalance, seed=cfg.seed)
+            return make_synthetic(synthetic), None
+        options = {"nan_policy": cfg.nan_policy, **cfg.reader_options}
+        return read_train_test(cfg.source, cfg.test_source, cfg.format, **options)
+
+    def _preprocess(self, dataset: SignalDataset) -> SignalDataset:
+        cfg = self.config
+        if cfg.sample_rate is not None:
+            dataset = resample_dataset(dataset, cfg.sample_rate)
+        return filter_dataset(dataset, cfg.bandpass, cfg.notch)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, preprocess and split once; later calls (fit, then test) reuse the result."""
+        if self._ready:
+            return
+        cfg = self.config
+        full, official_test = self._load()
+        full = self._preprocess(full)
+        if official_test is not None:
+            official_test = self._preprocess(official_test)
+            rest, test_idx = np.arange(len(full)), None
+        else:
+            rest, test_idx = split_indices(full.labels, full.groups, cfg.test_fraction,
+                                           cfg.seed, full.source)
+        sub_groups = None if full.groups is None else full.groups[rest]
+        val_share = cfg.val_fraction / (1 - (0 if official_test is not None
+                                             else cfg.test_fraction))
+        train_pos, val_pos = split_indices(full.labels[rest], sub_groups, val_share, cfg.seed,
+                                           full.source)
+        train_idx, val_idx = rest[train_pos], rest[val_pos]
+
+        length, _ = plan_windows(full.lengths[train_idx], cfg.length_policy, cfg.length,
+                                 cfg.window_stride, full.source)
+        self.train_dataset = self._items(full, train_idx, length, train=True)
+        self.val_dataset = self._items(full, val_idx, length, train=False)
+        if official_test is not None:
+            test_idx = np.arange(len(official_test))
+            self.test_dataset = self._items(official_test, test_idx, length, train=False)
+        else:
+            self.test_dataset = self._items(full, test_idx, length, train=False)
+        self._stats.clear()
+
+        self.class_names = list(full.class_names)
+        self.num_classes = len(self.class_names)
+        self.signal_length = length
+        self.sample_rate = full.sample_rate
+        self.has_official_test = official_test is not None
+        self.class_counts = np.bincount(self.train_dataset.labels, minlength=self.num_classes)
+        self.class_weights = self._class_weights() if cfg.balance == "loss" else None
+        self._ready = True
+        log.info("data: %s, %d classes, L=%d, rate=%s Hz, items train/val/test = %d/%d/%d%s",
+                 full.source, self.num_classes, length, self.sample_rate,
+                 len(self.train_dataset), len(self.val_dataset), len(self.test_dataset),
+                 " (official test set)" if self.has_official_test else "")
+
+    def _items(self, dataset: SignalDataset, indices: np.ndarray, length: int,
+               train: bool) -> SignalItems:
+        """Items of the records `indices` (the records stay where they are, memmaps too)."""
+        cfg = self.config
+        _, items = plan_windows(dataset.lengths[indices], cfg.length_policy, length,
+                                cfg.window_stride, dataset.source)
+        items[:, 0] = indices[items[:, 0]]
+        if cfg.normalize == "record" and id(dataset) not in self._stats:
+            self._stats[id(dataset)] = record_stats(dataset.signals)
+        stats = self._stats.get(id(dataset))
+        augment = (make_augmentation(cfg.aug_scale, cfg.aug_noise, cfg.aug_shift)
+                   if train and cfg.augment else None)
+        return SignalItems(dataset.signals, dataset.labels, items, length, cfg.normalize,
+                           stats, random_crop=train, transform=augment)
+
+    def _class_weights(self) -> torch.Tensor:
+        """'balanced' weights N / (C * n_c) of the training items; 0 for an absent class."""
+        counts = self.class_counts.astype(np.float64)
+        if (counts == 0).any():
+            missing = [n for n, c in zip(self.class_names, counts, strict=True) if c == 0]
+            log.warning("classes %s have no training items; their loss weight is 0", missing)
+        weights = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0)
+        return torch.tensor(weights, dtype=torch.float32)
+
+    # -- loaders --------------------------------------------------------------------------
+
+    def _loader(self, dataset: SignalItems, shuffle: bool, sampler=None,
+                drop_last: bool = False) -> DataLoader:
+        cfg = self.config
+        pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, sampler=sampler,
+                          drop_last=drop_last, num_workers=cfg.num_workers, pin_memory=pin,
+                          persistent_workers=cfg.persistent_workers and cfg.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        cfg = self.config
+        sampler = None
+        if cfg.balance == "sampler":
+            labels = self.train_dataset.labels
+            weights = 1.0 / np.bincount(labels, minlength=self.num_classes)[labels]
+            generator = torch.Generator().manual_seed(cfg.seed)
+            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.float64),
+                                            len(labels), replacement=True, generator=generator)
+        # drop_last: a last batch of one item breaks BatchNorm in training
+        return self._loader(self.train_dataset, shuffle=sampler is None, sampler=sampler,
+                            drop_last=len(self.train_dataset) > cfg.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)

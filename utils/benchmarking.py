@@ -1,0 +1,145 @@
+"""Timing helpers and the WKV operator benchmark (every backend, forward and forward+backward,
+against the bandwidth floor). Used by benchmark_rwkv.py."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from models.wkv import wkv, wkv_bandwidth_floor_ms
+
+BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 20,
+            budget_s: float = 10.0) -> float:
+    """Median wall time of fn in ms: CUDA events on a GPU (after warm-up), perf_counter on CPU.
+    Stops repeating once `budget_s` is spent, so slow backends still report."""
+    start_all = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+        if time.perf_counter() - start_all > budget_s / 2:
+            break
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start_all > budget_s:
+            break
+    return statistics.median(times)
+
+
+def measure_bandwidth_tb_s(device: torch.device) -> float:
+    """Device-to-device copy rate, counting bytes read plus written (the floor's ceiling)."""
+    if device.type != "cuda":
+        return float("nan")
+    n = 256 * 1024 * 1024  # 1 GiB of float32, far larger than L2
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, repeat=20)
+    del src, dst
+    return 2 * n / (ms * 1e-3) / 1e12
+
+
+@dataclass
+class OpResult:
+    backend: str
+    dtype: str
+    batch: int
+    steps: int
+    channels: int
+    fwd_ms: float | None
+    fwd_bwd_ms: float | None
+    peak_mib: float | None
+    floor_fwd_ms: float
+    floor_fwd_bwd_ms: float
+    note: str = ""
+
+    @property
+    def floor_fraction(self) -> float | None:
+        if self.fwd_bwd_ms is None:
+            return None
+        return self.floor_fwd_bwd_ms / self.fwd_bwd_ms
+
+
+def bench_op(backend: str, dtype: torch.dtype, batch: int, steps: int, channels: int,
+             device: torch.device, tb_s: float, repeat: int = 20, budget_s: float = 10.0,
+             backward: bool = True) -> OpResult:
+    """Time one backend at one size; a size that does not fit is reported, not raised."""
+    nbytes = BYTES[dtype]
+    floor_f = wkv_bandwidth_floor_ms(batch, steps, channels, nbytes, tb_s, backward=False)
+    floor_fb = wkv_bandwidth_floor_ms(batch, steps, channels, nbytes, tb_s, backward=True)
+    result = OpResult(backend, str(dtype).replace("torch.", ""), batch, steps, channels, None,
+                      None, None, floor_f, floor_fb)
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        decay = (torch.randn(channels, generator=g) - 1).to(device).requires_grad_()
+        first = torch.randn(channels, generator=g).to(device).requires_grad_()
+        k = torch.randn(batch, steps, channels, generator=g).to(device, dtype).requires_grad_()
+        v = torch.randn(batch, steps, channels, generator=g).to(device, dtype).requires_grad_()
+        gy = torch.randn(batch, steps, channels, generator=g).to(device, dtype)
+
+        def fwd():
+            with torch.no_grad():
+                return wkv(decay, first, k, v, backend=backend, check_finite=False)
+
+        def fwd_bwd():
+            y, _ = wkv(decay, first, k, v, backend=backend, check_finite=False)
+            torch.autograd.backward(y, gy, inputs=[decay, first, k, v])
+
+        result.fwd_ms = time_ms(fwd, device, repeat=repeat, budget_s=budget_s)
+        if backward:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            result.fwd_bwd_ms = time_ms(fwd_bwd, device, repeat=repeat, budget_s=budget_s)
+            if device.type == "cuda":
+                result.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    except torch.OutOfMemoryError:
+        result.note = "out of memory"
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def format_op_table(results: list[OpResult]) -> str:
+    lines = [
+        "| backend | dtype | B | T | C | fwd ms | fwd+bwd ms | peak MiB (inputs excl.) "
+        "| floor fwd+bwd ms | of floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x, digits=3):
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return "-"
+        return f"{x:.{digits}g}" if x < 1000 else f"{x:.0f}"
+
+    for r in results:
+        frac = r.floor_fraction
+        lines.append(
+            f"| {r.backend} | {r.dtype} | {r.batch} | {r.steps} | {r.channels} | {f(r.fwd_ms)} | "
+            f"{f(r.fwd_bwd_ms)} | {f(r.peak_mib, 4)} | {f(r.floor_fwd_bwd_ms)} | "
+            f"{'-' if frac is None or math.isnan(frac) else f'{100 * frac:.0f}%'} |"
+            + (f" {r.note}" if r.note else "")
+        )
+    return "\n".join(lines)
+
+
+def as_dicts(results: list[OpResult]) -> list[dict]:
+    return [dict(asdict(r), floor_fraction=r.floor_fraction) for r in results]
