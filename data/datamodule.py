@@ -107,7 +107,8 @@ class SignalItems(Dataset):
         if start < 0:
             start = 0 if extra <= 0 else (int(torch.randint(0, extra + 1, ()))
                                           if self.random_crop else extra // 2)
-        x = np.asarray(signal[start:start + self.length], dtype=np.float32)
+        # a copy: a memmap slice would be read-only and tied to the file
+        x = np.array(signal[start:start + self.length], dtype=np.float32)
         if self.normalize == "window":
             x = znormalize(x)
         elif self.normalize == "record":
@@ -153,6 +154,8 @@ def split_indices(labels: np.ndarray, groups: np.ndarray | None, fraction: float
     folds: the first fold is held out, so the fraction is approximate).
     """
     index = np.arange(len(labels))
+    if fraction <= 0:
+        return index, index[:0]
     if groups is None:
         try:
             kept, held = train_test_split(index, test_size=fraction, stratify=labels,
@@ -217,17 +220,7 @@ class SignalDataModule(pl.LightningDataModule):
         full = self._preprocess(full)
         if official_test is not None:
             official_test = self._preprocess(official_test)
-            rest, test_idx = np.arange(len(full)), None
-        else:
-            rest, test_idx = split_indices(full.labels, full.groups, cfg.test_fraction,
-                                           cfg.seed, full.source)
-        sub_groups = None if full.groups is None else full.groups[rest]
-        val_share = cfg.val_fraction / (1 - (0 if official_test is not None
-                                             else cfg.test_fraction))
-        train_pos, val_pos = split_indices(full.labels[rest], sub_groups, val_share, cfg.seed,
-                                           full.source)
-        train_idx, val_idx = rest[train_pos], rest[val_pos]
-
+        train_idx, val_idx, test_idx = self._split(full, official_test is not None)
         length, _ = plan_windows(full.lengths[train_idx], cfg.length_policy, cfg.length,
                                  cfg.window_stride, full.source)
         self.train_dataset = self._items(full, train_idx, length, train=True)
@@ -252,13 +245,31 @@ class SignalDataModule(pl.LightningDataModule):
                  len(self.train_dataset), len(self.val_dataset), len(self.test_dataset),
                  " (official test set)" if self.has_official_test else "")
 
+    def _split(self, full: SignalDataset,
+               has_test: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Record indices (train, val, test); test is None when an official test set exists."""
+        cfg = self.config
+        if has_test:  # validation comes from the training file only
+            rest, test_idx, test_share = np.arange(len(full)), None, 0.0
+        else:
+            rest, test_idx = split_indices(full.labels, full.groups, cfg.test_fraction,
+                                           cfg.seed, full.source)
+            test_share = cfg.test_fraction
+        groups = None if full.groups is None else full.groups[rest]
+        train_pos, val_pos = split_indices(full.labels[rest], groups,
+                                           cfg.val_fraction / (1 - test_share), cfg.seed,
+                                           full.source)
+        return rest[train_pos], rest[val_pos], test_idx
+
     def _items(self, dataset: SignalDataset, indices: np.ndarray, length: int,
                train: bool) -> SignalItems:
         """Items of the records `indices` (the records stay where they are, memmaps too)."""
         cfg = self.config
-        _, items = plan_windows(dataset.lengths[indices], cfg.length_policy, length,
-                                cfg.window_stride, dataset.source)
-        items[:, 0] = indices[items[:, 0]]
+        items = np.zeros((0, 2), dtype=np.int64)
+        if len(indices):
+            _, items = plan_windows(dataset.lengths[indices], cfg.length_policy, length,
+                                    cfg.window_stride, dataset.source)
+            items[:, 0] = indices[items[:, 0]]
         if cfg.normalize == "record" and id(dataset) not in self._stats:
             self._stats[id(dataset)] = record_stats(dataset.signals)
         stats = self._stats.get(id(dataset))

@@ -104,55 +104,56 @@ class SignalDataset:
 
 
 def _label_key(label: object) -> str:
-    """Canonical form: '1', '1.0' and 1 are one label; so are 'AFib' and 'afib '."""
+    """Identity of a label: numbers by value ('1', '1.0' and 1 are one label, shown as '1'),
+    text exactly after stripping whitespace."""
     text = str(label).strip()
     try:
         value = float(text)
     except ValueError:
-        return text.casefold()
+        return text
     if math.isfinite(value) and value == int(value):
         return str(int(value))
-    return repr(value)
+    return repr(value) if math.isfinite(value) else text
 
 
-def _label_name(label: object) -> str:
-    """How a label is shown as a class name: integer-valued numbers without '.0'."""
-    key = _label_key(label)
-    return key if re.fullmatch(r"-?\d+", key) else str(label).strip()
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def encode_labels(raw: Sequence[object] | np.ndarray, path: str | Path, field: str,
                   class_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Map raw labels to class indices.
 
-    With class_names (e.g. those of the training file) every label must be one of them;
-    otherwise the classes are the distinct labels, sorted numerically when all are numbers.
-    Returns (labels (N,) int64, class_names).
+    Numbers match by value; text matches exactly, and two spellings that differ only in case
+    ('AFIB', 'afib') are refused as inconsistent. With class_names (e.g. those of the training
+    file) every label must be one of them; otherwise the classes are the distinct labels,
+    sorted numerically when all are numbers. Returns (labels (N,) int64, class_names).
     """
-    raw = [str(r).strip() for r in np.asarray(raw, dtype=object).ravel()]
-    if any(r == "" for r in raw):
-        row = next(i for i, r in enumerate(raw) if r == "")
-        raise DataError(path, field, f"label {row} is empty; expected a class label for every "
-                                     "signal")
-    spellings: dict[str, set[str]] = {}
-    for r in set(raw):
-        spellings.setdefault(_label_key(r), set()).add(r)
-    clashes = [sorted(s) for s in spellings.values() if len(s) > 1]
+    keys = [_label_key(r) for r in np.asarray(raw, dtype=object).ravel()]
+    if "" in keys:
+        raise DataError(path, field, f"label {keys.index('')} is empty; expected a class label "
+                                     "for every signal")
+    distinct = sorted(set(keys))
+    if class_names is None:
+        numeric = all(_is_number(k) for k in distinct)
+        class_names = sorted(distinct, key=float) if numeric else distinct
+    known = {_label_key(name): i for i, name in enumerate(class_names)}
+    by_case: dict[str, set[str]] = {}
+    for key in [*distinct, *known]:
+        by_case.setdefault(key.casefold(), set()).add(key)
+    clashes = sorted(sorted(s) for s in by_case.values() if len(s) > 1)
     if clashes:
         raise DataError(path, field, f"inconsistent label spellings {clashes}; expected one "
                                      "spelling per class")
-    if class_names is None:
-        keys = list(spellings)
-        numeric = all(re.fullmatch(r"-?\d+(\.\d*)?(e-?\d+)?", k) for k in keys)
-        keys.sort(key=float if numeric else str)
-        class_names = [_label_name(next(iter(spellings[k]))) for k in keys]
-    index = {_label_key(name): i for i, name in enumerate(class_names)}
-    unknown = sorted({r for r in raw if _label_key(r) not in index})
+    unknown = [k for k in distinct if k not in known]
     if unknown:
         raise DataError(path, field, f"unknown labels {unknown[:10]}; expected one of "
                                      f"{list(class_names)}")
-    labels = np.array([index[_label_key(r)] for r in raw], dtype=np.int64)
-    return labels, list(class_names)
+    return np.array([known[k] for k in keys], dtype=np.int64), list(class_names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,14 +415,6 @@ def _read_table(path: Path, delimiter: str, header: bool | None = True, label_hi
     return rows[0][1], rows[1:]
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _parse_samples(cells: list[str], path, line: int) -> np.ndarray:
     """Sample cells -> float32; trailing empty/NaN cells are padding (unequal lengths)."""
     end = len(cells)
@@ -575,7 +568,7 @@ def read_ts(path: str | Path, *, dimension: int | None = None, nan_policy: str =
     if len(lengths) == 1:
         signals = np.stack(signals)
     # Class order: as declared in the header, unless mapped onto another file's classes.
-    names = class_names if class_names is not None else [_label_name(d) for d in declared]
+    names = class_names if class_names is not None else [_label_key(d) for d in declared]
     dataset = build_dataset(path, signals, raw, sample_rate=sample_rate, nan_policy=nan_policy,
                             class_names=names, signals_field="series",
                             labels_field="class label")

@@ -2,15 +2,21 @@
 normalisation, resampling, class balancing, augmentation in training only, memmaps, loaders."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-import wfdb
 
 from data.datamodule import DataConfig, SignalDataModule, split_indices
 from data.formats import DataError
+
+with warnings.catch_warnings():  # wfdb 4.3 calls pandas 3.1 with a deprecated keyword
+    warnings.filterwarnings("ignore", message="The inplace keyword")
+    import wfdb
+
+pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword")
 
 
 def make_dm(**overrides) -> SignalDataModule:
@@ -208,9 +214,8 @@ def test_wfdb_folder_grouped_by_record(tmp_path, rng):
         rhythm = "(AFIB" if i % 2 else "(N"
         wfdb.wrann(f"r{i}", "atr", np.array([0]), symbol=["+"], aux_note=[rhythm],
                    write_dir=str(tmp_path))
-    with pytest.warns(match="inplace"):  # wfdb 4.3 with pandas 3.1; not ours
-        dm = make_dm(source=str(tmp_path), length=None, val_fraction=0.2, test_fraction=0.2,
-                     reader_options={"window_seconds": 5})
+    dm = make_dm(source=str(tmp_path), length=None, val_fraction=0.2, test_fraction=0.2,
+                 reader_options={"window_seconds": 5})
     assert dm.signal_length == 500 and dm.class_names == ["AFIB", "N"]
     splits = [{int(r) // 6 for r in records(d)} for d in
               (dm.train_dataset, dm.val_dataset, dm.test_dataset)]  # 6 windows per record
@@ -239,6 +244,11 @@ def test_trainer_runs_one_batch():
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Tiny(dm.signal_length, dm.num_classes), datamodule=dm)
     assert trainer.state.finished
+
+
+def test_no_test_part_when_test_fraction_is_zero():
+    dm = make_dm(test_fraction=0.0)
+    assert len(dm.test_dataset) == 0 and len(dm.train_dataset) + len(dm.val_dataset) == 140
 
 
 def test_config_checks():
