@@ -850,7 +850,8 @@ def detect_format(path: str | Path) -> str:
             if any(path.glob(pattern)):
                 return name
         raise DataError(path, "format", "folder holds no .hea or .edf files; expected a WFDB or "
-                                        "EDF folder, or a file")
+                                        "EDF folder, a file, or a UCR/UEA folder of "
+                                        "NAME_TRAIN/NAME_TEST files (read_train_test)")
     if path.suffix.lower() in _EXTENSIONS:
         return _EXTENSIONS[path.suffix.lower()]
     if path.with_name(path.name + ".hea").exists():  # WFDB record named without extension
