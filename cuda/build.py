@@ -151,6 +151,11 @@ def load_extension_or_none() -> ModuleType | None:
     return _loaded["module"]
 
 
+def loaded_extension() -> ModuleType | None:
+    """The extension if an earlier call loaded it; never builds (safe inside torch.compile)."""
+    return _loaded.get("module")
+
+
 def why_unavailable() -> str:
     """Why load_extension_or_none() returned None ('' when it did not)."""
     load_extension_or_none()

@@ -127,6 +127,10 @@ __global__ void fwd_summary(const T* __restrict__ k, const T* __restrict__ v,
   store_state(summary, ix.chunk_state, C, s);
 }
 
+// Summaries are loaded kPrefetch chunks ahead of their use: the scan is a chain of dependent
+// combines, and waiting on one load per chunk made it latency-bound.
+constexpr int kPrefetch = 16;
+
 // One thread per (batch, channel): the state entering each chunk, and the final state.
 __global__ void fwd_scan(const float* __restrict__ summary, const float* __restrict__ state_in,
                          const float* __restrict__ w, float* __restrict__ chunk_states,
@@ -136,11 +140,19 @@ __global__ void fwd_scan(const float* __restrict__ summary, const float* __restr
   const int c = static_cast<int>(id % C), b = static_cast<int>(id / C);
   const float ww = w[c];
   State s = load_state(state_in, static_cast<int64_t>(b) * 3 * C + c, C);
-  for (int n = 0; n < N; ++n) {
-    const int64_t i = (static_cast<int64_t>(b) * N + n) * 3 * C + c;
-    const State local = load_state(summary, i, C);
-    store_state(chunk_states, i, C, s);
-    combine(s, local, static_cast<float>(min(kChunk, T - n * kChunk)) * ww);
+  for (int n0 = 0; n0 < N; n0 += kPrefetch) {
+    State local[kPrefetch];
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i)
+      if (n0 + i < N) local[i] = load_state(summary, (int64_t(b) * N + n0 + i) * 3 * C + c, C);
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {
+      const int n = n0 + i;
+      if (n < N) {
+        store_state(chunk_states, (int64_t(b) * N + n) * 3 * C + c, C, s);
+        combine(s, local[i], static_cast<float>(min(kChunk, T - n * kChunk)) * ww);
+      }
+    }
   }
   store_state(state_out, static_cast<int64_t>(b) * 3 * C + c, C, s);
 }
@@ -296,11 +308,19 @@ __global__ void bwd_scan(const float* __restrict__ summary, const float* __restr
   const float ww = w[c];
   const int64_t si = static_cast<int64_t>(b) * 3 * C + c;
   State R = final_grad_state(gstate_out, state_out, si, C);
-  for (int n = N - 1; n >= 0; --n) {
-    const int64_t i = (static_cast<int64_t>(b) * N + n) * 3 * C + c;
-    const State local = load_state(summary, i, C);
-    store_state(grad_states, i, C, R);
-    combine(R, local, static_cast<float>(min(kChunk, T - n * kChunk)) * ww);
+  for (int n0 = N - 1; n0 >= 0; n0 -= kPrefetch) {
+    State local[kPrefetch];
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i)
+      if (n0 - i >= 0) local[i] = load_state(summary, (int64_t(b) * N + n0 - i) * 3 * C + c, C);
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {
+      const int n = n0 - i;
+      if (n >= 0) {
+        store_state(grad_states, (int64_t(b) * N + n) * 3 * C + c, C, R);
+        combine(R, local[i], static_cast<float>(min(kChunk, T - n * kChunk)) * ww);
+      }
+    }
   }
   store_state_grad(gstate_in, chunk_states, b, c, C, N, R);
 }

@@ -229,16 +229,30 @@ def _log_backend_once(backend: str, reason: str) -> None:
 
 
 def _choose_backend(k: Tensor) -> str:
+    from cuda.build import load_extension_or_none, loaded_extension, why_unavailable
+
+    if torch.compiler.is_compiling():
+        # no building or logging inside a traced graph: use what eager code already loaded
+        return "cuda" if k.is_cuda and loaded_extension() is not None else "torch"
     if not k.is_cuda:
         _log_backend_once("torch", "inputs on CPU")
         return "torch"
-    from cuda.build import load_extension_or_none, why_unavailable
-
     if load_extension_or_none() is None:
         _log_backend_once("torch", why_unavailable())
         return "torch"
     _log_backend_once("cuda", "kernel built and loaded")
     return "cuda"
+
+
+def prepare_backend(device: torch.device | str) -> str:
+    """Build/load the CUDA kernel now (outside any torch.compile trace) if `device` is a GPU,
+    and return the backend "auto" will pick there. Models call this when they are created."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "torch"
+    from cuda.build import load_extension_or_none
+
+    return "cuda" if load_extension_or_none() is not None else "torch"
 
 
 def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_finite: bool):
@@ -340,6 +354,7 @@ __all__ = [
     "BACKENDS",
     "EMPTY_P",
     "empty_state",
+    "prepare_backend",
     "wkv",
     "wkv_bandwidth_floor_ms",
     "wkv_chunked",

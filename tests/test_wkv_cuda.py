@@ -16,9 +16,10 @@ CUDA_BACKENDS = ["cuda", "cuda_sequential"]
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
-    from cuda.build import build
+    from cuda.build import build, load_extension_or_none
 
     module, *_ = build()  # a GPU is here: a failed build is a failure, not a skip
+    assert load_extension_or_none() is not None
     return module
 
 
@@ -37,7 +38,8 @@ def test_kernel_matches_reference(backend, dtype, shape):
     decay, first, k, v, s = make_inputs(*shape, device="cuda", state=True)
     s[:, 2] = s[:, 2].clamp(max=0)
     k, v = k.to(dtype), v.to(dtype)  # the reference sees the same rounded inputs
-    gy = torch.randn(shape, device="cuda", dtype=torch.float64)
+    # the op receives gy in k's dtype, as it would inside a half-precision model
+    gy = torch.randn(shape, device="cuda", dtype=torch.float64).to(dtype).double()
     (y_ref, s_ref), g_ref = grads_of("reference", decay, first, k.double(), v.double(), s, gy)
     (y, so), g = grads_of(backend, decay.float(), first.float(), k, v, s.float(), gy)
     assert y.dtype == dtype and so.dtype == torch.float32
@@ -52,9 +54,9 @@ def test_kernel_matches_reference(backend, dtype, shape):
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_non_contiguous_inputs(backend):
     decay, first, k, v, _ = make_inputs(2, 50, 16, device="cuda")
-    kk = torch.randn(2, 50, 32, device="cuda", dtype=torch.float64)
-    kk[..., ::2] = k
-    k_strided = kk[..., ::2].float()
+    kk = torch.randn(2, 50, 32, device="cuda")
+    kk[..., ::2] = k.float()
+    k_strided = kk[..., ::2]
     vt = v.float().transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
     assert not k_strided.is_contiguous() and not vt.is_contiguous()
     y_ref, _ = reference(decay, first, k, v)
@@ -80,10 +82,12 @@ def test_extreme_inputs_on_gpu(k_range, decay_shift):
     decay, first, k, v, _ = make_inputs(2, 300, 3, device="cuda", k_range=k_range,
                                         decay_shift=decay_shift)
     y_ref, _ = reference(decay, first, k, v)
-    for backend in CUDA_BACKENDS:
+    # the sequential baseline sums up to T terms in float32 per state; the chunked kernel at
+    # most kChunk before combining, so it keeps the tighter bound
+    for backend, tol in (("cuda", 1e-5), ("cuda_sequential", 1e-4)):
         y, s = wkv(decay.float(), first.float(), k.float(), v.float(), backend=backend)
         assert torch.isfinite(y).all() and torch.isfinite(s).all()
-        assert rel(y, y_ref) < 1e-5, backend
+        assert rel(y, y_ref) < tol, backend
 
 
 def test_very_long_sequence_is_finite_and_exact():
