@@ -22,7 +22,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="auto: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, "
                         "32-true on CPU")
-    g.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction, default=True,
-                   help="BatchNorm statistics over all ranks' batches (multi-process runs)")
+    g.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction,
+                   help="BatchNorm statistics over all ranks' batches (default: on for "
+                        "multi-GPU runs; PyTorch's SyncBatchNorm needs GPUs)")
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, init and shuffles")
@@ -389,6 +390,10 @@ def resolve_hardware(args: argparse.Namespace) -> tuple[bool, str]:
             precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     elif precision == "16-mixed" and not on_gpu:
         raise ConfigError("--precision 16-mixed needs a GPU; use bf16-mixed or 32-true on CPU")
+    if args.sync_batchnorm and not on_gpu:
+        raise ConfigError("--sync-batchnorm needs GPUs (PyTorch's SyncBatchNorm is CUDA-only)")
+    if args.sync_batchnorm is None:
+        args.sync_batchnorm = on_gpu  # a no-op for a single process
     return on_gpu, precision
 
 
@@ -474,11 +479,21 @@ def _checksum(module: torch.nn.Module) -> float:
 # ---------------------------------------------------------------------------------- training
 
 
-def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None
-          ) -> dict[str, Any]:
-    """Fit, then test the best checkpoint; rank 0 writes the results. Returns the test
-    metrics (and where the results went) on every rank."""
-    started = time.perf_counter()
+@dataclass
+class Run:
+    """Everything `train` sets up before fitting."""
+
+    datamodule: SignalDataModule
+    module: SignalClassifierModule
+    trainer: pl.Trainer
+    resume: Path | None
+    precision: str
+    effective_batch: int
+    lr: float
+
+
+def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None) -> Run:
+    """Data, Trainer and module for the options. Bad values raise ConfigError/DataError."""
     on_gpu, precision = resolve_hardware(args)
     memory_settings = optimize_memory_usage()
     pl.seed_everything(args.seed, workers=True, verbose=False)
@@ -490,88 +505,92 @@ def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = Non
         if load_extension_or_none() is None:
             rank_zero_only(log.warning)("WKV CUDA kernel unavailable (%s)", why_unavailable())
 
-    datamodule = SignalDataModule(data_config(args))
-    datamodule.setup("fit")
-
     resume = None
     version = None
     if args.resume:
         resume = (find_last_checkpoint(args.output_dir, args.name) if args.resume == "last"
                   else Path(args.resume))
         version = _version_of(resume, args.output_dir, args.name)
-    logger = TensorBoardLogger(args.output_dir, name=args.name, version=version,
-                               default_hp_metric=False)
-    steps_per_epoch = max(1, len(datamodule.train_dataset) // args.batch_size)
-    trainer = pl.Trainer(
-        accelerator="gpu" if on_gpu else "cpu",
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        precision=precision,
-        max_epochs=args.epochs if args.max_steps is None else -1,
-        max_steps=args.max_steps or -1,
-        gradient_clip_val=args.grad_clip or None,
-        accumulate_grad_batches=args.accumulate,
-        sync_batchnorm=args.sync_batchnorm,
-        logger=logger,
-        callbacks=build_callbacks(args) + list(extra_callbacks or []),
-        log_every_n_steps=min(50, steps_per_epoch),
-        enable_progress_bar=args.progress_bar,
-        enable_model_summary=True,
-        num_sanity_val_steps=0,
-    )
-
-    world = trainer.world_size * trainer.accumulate_grad_batches
-    effective_batch = args.batch_size * world
-    scale = {"none": 1.0, "linear": float(world), "sqrt": world**0.5}[args.lr_scaling]
-    lr = args.lr * scale
-    class_weights = datamodule.class_weights
-    data_info = {**asdict(datamodule.config), "signal_length": datamodule.signal_length,
-                 "trained_sample_rate": datamodule.sample_rate}
-    module = SignalClassifierModule(
-        model=model_settings(args, datamodule.sample_rate),
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        class_weights=None if class_weights is None else class_weights.tolist(),
-        lr=lr, weight_decay=args.weight_decay, warmup=args.warmup,
-        min_lr_ratio=args.min_lr_ratio, label_smoothing=args.label_smoothing,
-        data=to_plain(data_info),
-    )
+    try:
+        datamodule = SignalDataModule(data_config(args))
+        datamodule.setup("fit")
+        logger = TensorBoardLogger(args.output_dir, name=args.name, version=version,
+                                   default_hp_metric=False)
+        steps_per_epoch = max(1, len(datamodule.train_dataset) // args.batch_size)
+        trainer = pl.Trainer(
+            accelerator="gpu" if on_gpu else "cpu",
+            devices=args.devices,
+            num_nodes=args.num_nodes,
+            strategy=args.strategy,
+            precision=precision,
+            max_epochs=args.epochs if args.max_steps is None else -1,
+            max_steps=args.max_steps or -1,
+            gradient_clip_val=args.grad_clip or None,
+            accumulate_grad_batches=args.accumulate,
+            sync_batchnorm=args.sync_batchnorm,
+            logger=logger,
+            callbacks=build_callbacks(args) + list(extra_callbacks or []),
+            log_every_n_steps=min(50, steps_per_epoch),
+            enable_progress_bar=args.progress_bar,
+            num_sanity_val_steps=0,
+        )
+        world = trainer.world_size * trainer.accumulate_grad_batches
+        scale = {"none": 1.0, "linear": float(world), "sqrt": world**0.5}[args.lr_scaling]
+        class_weights = datamodule.class_weights
+        data_info = {**asdict(datamodule.config), "signal_length": datamodule.signal_length,
+                     "trained_sample_rate": datamodule.sample_rate}
+        module = SignalClassifierModule(
+            model=model_settings(args, datamodule.sample_rate),
+            num_classes=datamodule.num_classes,
+            class_names=datamodule.class_names,
+            class_weights=None if class_weights is None else class_weights.tolist(),
+            lr=args.lr * scale, weight_decay=args.weight_decay, warmup=args.warmup,
+            min_lr_ratio=args.min_lr_ratio, label_smoothing=args.label_smoothing,
+            data=to_plain(data_info),
+        )
+    except (ValueError, MisconfigurationException) as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+    run = Run(datamodule, module, trainer, resume, precision, args.batch_size * world,
+              args.lr * scale)
     n_params = sum(p.numel() for p in module.parameters())
     rank_zero_only(print)(
-        f"data: {datamodule.config.source}, {datamodule.num_classes} classes, "
-        f"L={datamodule.signal_length}, rate={datamodule.sample_rate} Hz, train/val/test = "
-        f"{len(datamodule.train_dataset)}/{len(datamodule.val_dataset)}/"
-        f"{len(datamodule.test_dataset)}\n"
         f"model: branches={args.branches}, {n_params / 1e6:.3f} M parameters; "
-        f"precision {precision}; {trainer.world_size} process(es) x {args.batch_size} x "
-        f"accumulate {trainer.accumulate_grad_batches} = effective batch {effective_batch}, "
-        f"lr {lr:.3g} (scaling {args.lr_scaling})\n"
+        f"precision {precision}; {trainer.world_size} process(es) x batch {args.batch_size} x "
+        f"accumulate {trainer.accumulate_grad_batches} = effective batch {run.effective_batch}, "
+        f"lr {run.lr:.3g} (scaling {args.lr_scaling})\n"
         f"memory settings: {memory_settings}\n"
         f"logs: {logger.log_dir}" + (f"\nresuming from {resume}" if resume else ""),
         flush=True,
     )
+    return run
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+
+def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None
+          ) -> dict[str, Any]:
+    """Fit, then test the best checkpoint; rank 0 writes the results. Returns a summary
+    (test metrics, checkpoints, run folder) on every rank."""
+    started = time.perf_counter()
+    run = set_up(args, extra_callbacks)
+    trainer, module = run.trainer, run.module
+    trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.resume, weights_only=True)
     print(f"rank {trainer.global_rank}/{trainer.world_size}: trained on "
           f"{module.samples_trained} samples this session, global step {trainer.global_step}, "
           f"parameter checksum {_checksum(module):.9e}", flush=True)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
-    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None,
+    test_results = trainer.test(module, datamodule=run.datamodule, ckpt_path=best or None,
                                 weights_only=True, verbose=False)
-    metrics = to_plain(test_results[0] if test_results else {})
     run_dir = Path(trainer.log_dir or args.output_dir)
     summary = {
-        "metrics": metrics,
+        "metrics": to_plain(test_results[0] if test_results else {}),
         "best_checkpoint": best,
         "last_checkpoint": str(Path(checkpoint.dirpath, "last.ckpt")) if checkpoint else "",
         "epochs_completed": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "effective_batch_size": effective_batch,
-        "lr": lr,
-        "precision": precision,
+        "effective_batch_size": run.effective_batch,
+        "lr": run.lr,
+        "precision": run.precision,
         "world_size": trainer.world_size,
         "seconds": time.perf_counter() - started,
         "run_dir": str(run_dir),
@@ -587,7 +606,6 @@ def _write_results(run_dir: Path, test: dict[str, Any], summary: dict[str, Any],
     payload = {**summary, "report": test.get("report", {}),
                "confusion_matrix": test.get("confusion_matrix"),
                "class_names": test.get("class_names"),
-               "test_samples_per_s": test.get("samples_per_s"),
                "options": vars(args)}
     write_json(run_dir / "test_metrics.json", payload)
     (run_dir / "classification_report.txt").write_text(test.get("report_text", "") + "\n")
@@ -691,7 +709,9 @@ def predict(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None, extra_callbacks: list[Callback] | None = None) -> int:
     """Command-line entry: `train.py [options]` or `train.py predict [options]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("train", "models", "data", "utils", "cuda"):
+        logging.getLogger(name).setLevel(logging.INFO)
     _quiet_known_warnings()
     predicting = bool(argv) and argv[0] == "predict"
     parser = build_predict_parser() if predicting else build_parser()

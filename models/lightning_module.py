@@ -25,7 +25,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torch.utils.data import DistributedSampler
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassCohenKappa,
@@ -142,6 +143,9 @@ class SignalClassifierModule(pl.LightningModule):
         )
         self.val_metrics = _stage_metrics(num_classes, "val/")
         self.test_metrics = _stage_metrics(num_classes, "test/")
+        # sample-weighted mean losses: a plain mean of per-rank means is off when ranks hold
+        # different numbers of evaluation items
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         # Filled at test end (all ranks) for train.py to write out.
@@ -172,16 +176,18 @@ class SignalClassifierModule(pl.LightningModule):
         self.train_metrics.update(logits.detach(), y)
         self._count("train", x.shape[0])
         self.samples_trained += x.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=len(y))
+        self.train_loss(loss.detach(), len(y))
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metrics, self.val_confusion)
+        self._evaluate(batch, batch_idx, "val", self.val_metrics, self.val_confusion,
+                       self.val_loss)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics, self.test_confusion)
+        self._evaluate(batch, batch_idx, "test", self.test_metrics, self.test_confusion,
+                       self.test_loss)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Class probabilities (B, num_classes) for a batch x or (x, ...)."""
@@ -191,18 +197,45 @@ class SignalClassifierModule(pl.LightningModule):
     def _evaluate(
         self,
         batch: tuple[Tensor, Tensor],
+        batch_idx: int,
         stage: str,
         metrics: MetricCollection,
         confusion: MulticlassConfusionMatrix,
+        mean_loss: MeanMetric,
     ) -> None:
         x, y = batch
         logits = self(x)
-        self._count(stage, x.shape[0])
-        loss = self.loss(logits, y)
+        keep = self._real_items(stage, batch_idx, len(y))
+        if keep is not None:  # drop the repeats DistributedSampler pads the last batches with
+            logits, y = logits[keep], y[keep]
+            if len(y) == 0:
+                return
+        self._count(stage, len(y))
+        mean_loss.update(self.loss(logits, y), len(y))
         metrics.update(logits, y)
         confusion.update(logits, y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
-        self.log_dict(metrics, batch_size=len(y))
+        self.log(f"{stage}/loss", mean_loss, prog_bar=stage == "val")
+        self.log_dict(metrics)
+
+    def _real_items(self, stage: str, batch_idx: int, n: int) -> Tensor | None:
+        """Mask of the batch items that are not DistributedSampler padding, or None.
+
+        An unshuffled DistributedSampler pads the dataset to a multiple of the world size by
+        repeating its first items; rank r reads positions r, r + W, r + 2W ..., so position i
+        of this rank is item i * W + r and is padding if that is past the dataset's end.
+        Counting those repeats would bias every metric of a multi-process evaluation.
+        """
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        sampler = getattr(loader, "sampler", None)
+        if (not isinstance(sampler, DistributedSampler) or sampler.shuffle or sampler.drop_last
+                or loader.batch_size is None):
+            return None
+        size = len(sampler.dataset)
+        if sampler.total_size == size:
+            return None
+        position = batch_idx * loader.batch_size + torch.arange(n, device=self.device)
+        return position * sampler.num_replicas + sampler.rank < size
 
     # ------------------------------------------------------------------ epoch ends
 
@@ -231,14 +264,13 @@ class SignalClassifierModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         cm = self.test_confusion.compute()
         self.test_confusion.reset()
-        throughput = self._log_throughput("test")
+        self._log_throughput("test")
         text, report = self._log_report("test", cm)
         self.test_results = {
             "confusion_matrix": cm.cpu(),
             "class_names": list(self.class_names),
             "report_text": text,
             "report": report,
-            "samples_per_s": throughput,
         }
 
     def _log_report(self, stage: str, cm: Tensor) -> tuple[str, dict[str, Any]]:
@@ -268,20 +300,15 @@ class SignalClassifierModule(pl.LightningModule):
         key = f"{stage}_samples"
         self._clock[key] = self._clock.get(key, 0) + n
 
-    def _log_throughput(self, stage: str) -> float:
-        """Log samples/s over all ranks for the stage's epoch; returns the value."""
+    def _log_throughput(self, stage: str) -> None:
+        """Log the stage's samples/s over the epoch, summed over ranks (they run in
+        lock-step, so the global rate is the sum of the per-rank rates)."""
         self._stop_clock(stage)
         elapsed = self._clock.get(f"{stage}_elapsed", 0.0)
         samples = self._clock.get(f"{stage}_samples", 0)
-        local = samples / elapsed if elapsed > 0 else 0.0
-        # Ranks run in lock-step, so the global rate is the per-rank rates summed. Every rank
-        # must take part in the reduction, even one that saw no samples.
-        rate = self.trainer.strategy.reduce(
-            torch.tensor(local, dtype=torch.float32, device=self.device), reduce_op="sum"
-        )
-        if samples > 0:
-            self.log(f"{stage}/samples_per_s", rate, on_step=False, on_epoch=True)
-        return float(rate)
+        rate = torch.tensor(samples / elapsed if elapsed > 0 else 0.0, device=self.device)
+        self.log(f"{stage}/samples_per_s", rate, on_step=False, on_epoch=True, sync_dist=True,
+                 reduce_fx="sum")
 
     # ------------------------------------------------------------------ optimizer
 
