@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "wkv_chunk.h"
@@ -107,7 +108,7 @@ __device__ __forceinline__ bool chunk_index(int B, int T, int C, int N, Index& i
 
 template <typename T>
 __global__ void fwd_summary(const T* __restrict__ k, const T* __restrict__ v,
-                            const float* __restrict__ w, float* __restrict__ summary, int B,
+                            const float* __restrict__ decay, float* __restrict__ summary, int B,
                             int T_, int C, int N) {
   Index ix;
   if (!chunk_index(B, T_, C, N, ix)) return;
@@ -119,7 +120,7 @@ __global__ void fwd_summary(const T* __restrict__ k, const T* __restrict__ v,
       vv[j] = load(v, ix.base + static_cast<int64_t>(j) * C);
     }
   }
-  const float ww = w[ix.c];
+  const float ww = -expf(decay[ix.c]);
   State s{0.f, 0.f, kEmpty};
 #pragma unroll
   for (int j = 0; j < kChunk; ++j)
@@ -127,39 +128,75 @@ __global__ void fwd_summary(const T* __restrict__ k, const T* __restrict__ v,
   store_state(summary, ix.chunk_state, C, s);
 }
 
-// Summaries are loaded kPrefetch chunks ahead of their use: the scan is a chain of dependent
-// combines, and waiting on one load per chunk made it latency-bound.
-constexpr int kPrefetch = 16;
+__device__ __forceinline__ State initial_state(const float* state_in, int b, int c, int C) {
+  if (state_in == nullptr) return {0.f, 0.f, kEmpty};
+  return load_state(state_in, static_cast<int64_t>(b) * 3 * C + c, C);
+}
 
-// One thread per (batch, channel): the state entering each chunk, and the final state.
-__global__ void fwd_scan(const float* __restrict__ summary, const float* __restrict__ state_in,
-                         const float* __restrict__ w, float* __restrict__ chunk_states,
-                         float* __restrict__ state_out, int B, int T, int C, int N) {
-  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (id >= static_cast<int64_t>(B) * C) return;
-  const int c = static_cast<int>(id % C), b = static_cast<int>(id / C);
-  const float ww = w[c];
-  State s = load_state(state_in, static_cast<int64_t>(b) * 3 * C + c, C);
-  for (int n0 = 0; n0 < N; n0 += kPrefetch) {
-    State local[kPrefetch];
-#pragma unroll
-    for (int i = 0; i < kPrefetch; ++i)
-      if (n0 + i < N) local[i] = load_state(summary, (int64_t(b) * N + n0 + i) * 3 * C + c, C);
-#pragma unroll
-    for (int i = 0; i < kPrefetch; ++i) {
-      const int n = n0 + i;
-      if (n < N) {
-        store_state(chunk_states, (int64_t(b) * N + n) * 3 * C + c, C, s);
-        combine(s, local[i], static_cast<float>(min(kChunk, T - n * kChunk)) * ww);
-      }
+__device__ __forceinline__ int chunk_steps(int n, int T) { return min(kChunk, T - n * kChunk); }
+
+// The scan over one (batch, channel)'s N chunk summaries, cut into blockDim.y segments so
+// that its dependent chain is 2 N / S + S combines instead of N: (A) each segment folds its own
+// chunks from empty, (B) each segment folds the segments before it into its entering state,
+// (C) each segment walks its chunks again from there, writing the state entering each chunk.
+// The block is (32 channels) x (S segments). Returns the state after the segment; in the
+// last segment, the state after all chunks. kReverse walks chunks from last to first.
+constexpr int kScanLanes = 32, kMaxSegments = 32;
+
+template <bool kReverse>
+__device__ State segmented_scan(const float* __restrict__ summary, float* __restrict__ entering,
+                                State init, float w, int b, int c, int C, int N, int T,
+                                bool active) {
+  __shared__ State seg_state[kMaxSegments][kScanLanes];
+  __shared__ float seg_steps[kMaxSegments][kScanLanes];
+  const int segments = blockDim.y, seg = threadIdx.y, lane = threadIdx.x;
+  const int per = (N + segments - 1) / segments;
+  const int m0 = min(N, seg * per), m1 = min(N, m0 + per);
+  auto chunk_at = [N](int m) { return kReverse ? N - 1 - m : m; };
+  auto at = [&](int n) { return (static_cast<int64_t>(b) * N + n) * 3 * C + c; };
+
+  State s{0.f, 0.f, kEmpty};
+  float steps = 0.f;
+  if (active) {
+#pragma unroll 4
+    for (int m = m0; m < m1; ++m) {
+      const int n = chunk_at(m);
+      const float len = static_cast<float>(chunk_steps(n, T));
+      combine(s, load_state(summary, at(n), C), len * w);
+      steps += len;
     }
   }
-  store_state(state_out, static_cast<int64_t>(b) * 3 * C + c, C, s);
+  seg_state[seg][lane] = s;
+  seg_steps[seg][lane] = steps;
+  __syncthreads();
+  s = init;
+  for (int j = 0; j < seg; ++j) combine(s, seg_state[j][lane], seg_steps[j][lane] * w);
+  if (active) {
+#pragma unroll 4
+    for (int m = m0; m < m1; ++m) {
+      const int n = chunk_at(m);
+      store_state(entering, at(n), C, s);
+      combine(s, load_state(summary, at(n), C), static_cast<float>(chunk_steps(n, T)) * w);
+    }
+  }
+  return s;
+}
+
+__global__ void fwd_scan(const float* __restrict__ summary, const float* __restrict__ state_in,
+                         const float* __restrict__ decay, float* __restrict__ chunk_states,
+                         float* __restrict__ state_out, int B, int T, int C, int N) {
+  const int c = blockIdx.x * kScanLanes + threadIdx.x, b = blockIdx.y;
+  const bool active = c < C;
+  const float w = active ? -expf(decay[c]) : 0.f;
+  const State init = active ? initial_state(state_in, b, c, C) : State{0.f, 0.f, kEmpty};
+  const State s = segmented_scan<false>(summary, chunk_states, init, w, b, c, C, N, T, active);
+  if (active && threadIdx.y == blockDim.y - 1)
+    store_state(state_out, static_cast<int64_t>(b) * 3 * C + c, C, s);
 }
 
 template <typename T>
 __global__ void fwd_output(const T* __restrict__ k, const T* __restrict__ v,
-                           const float* __restrict__ w, const float* __restrict__ u,
+                           const float* __restrict__ decay, const float* __restrict__ u,
                            const float* __restrict__ chunk_states, T* __restrict__ y, int B,
                            int T_, int C, int N) {
   Index ix;
@@ -172,7 +209,7 @@ __global__ void fwd_output(const T* __restrict__ k, const T* __restrict__ v,
       vv[j] = load(v, ix.base + static_cast<int64_t>(j) * C);
     }
   }
-  const float ww = w[ix.c], uu = u[ix.c];
+  const float ww = -expf(decay[ix.c]), uu = u[ix.c];
   State s = load_state(chunk_states, ix.chunk_state, C);
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
@@ -187,15 +224,15 @@ __global__ void fwd_output(const T* __restrict__ k, const T* __restrict__ v,
 // every chunk, so the backward is shared with the chunked path.
 template <typename T>
 __global__ void fwd_sequential(const T* __restrict__ k, const T* __restrict__ v,
-                               const float* __restrict__ w, const float* __restrict__ u,
+                               const float* __restrict__ decay, const float* __restrict__ u,
                                const float* __restrict__ state_in, T* __restrict__ y,
                                float* __restrict__ chunk_states, float* __restrict__ state_out,
                                int B, int T_, int C, int N) {
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (id >= static_cast<int64_t>(B) * C) return;
   const int c = static_cast<int>(id % C), b = static_cast<int>(id / C);
-  const float ww = w[c], uu = u[c];
-  State s = load_state(state_in, static_cast<int64_t>(b) * 3 * C + c, C);
+  const float ww = -expf(decay[c]), uu = u[c];
+  State s = initial_state(state_in, b, c, C);
   for (int t = 0; t < T_; ++t) {
     if (t % kChunk == 0)
       store_state(chunk_states, (static_cast<int64_t>(b) * N + t / kChunk) * 3 * C + c, C, s);
@@ -269,14 +306,15 @@ __device__ __forceinline__ void chunk_backward(const T* __restrict__ k, const T*
 
 template <typename T>
 __global__ void bwd_summary(const T* __restrict__ k, const T* __restrict__ v,
-                            const T* __restrict__ gy, const float* __restrict__ w,
+                            const T* __restrict__ gy, const float* __restrict__ decay,
                             const float* __restrict__ u, const float* __restrict__ chunk_states,
                             float* __restrict__ summary, int B, int T_, int C, int N) {
   Index ix;
   if (!chunk_index(B, T_, C, N, ix)) return;
   State R{0.f, 0.f, kEmpty};
   float unused_w = 0.f, unused_u = 0.f;
-  chunk_backward<T, false>(k, v, gy, nullptr, nullptr, ix.base, C, ix.len, w[ix.c], u[ix.c],
+  chunk_backward<T, false>(k, v, gy, nullptr, nullptr, ix.base, C, ix.len,
+                           -expf(decay[ix.c]), u[ix.c],
                            load_state(chunk_states, ix.chunk_state, C), R, unused_w, unused_u);
   store_state(summary, ix.chunk_state, C, R);
 }
@@ -285,6 +323,7 @@ __global__ void bwd_summary(const T* __restrict__ k, const T* __restrict__ v,
 // The initial state is the state entering chunk 0 of batch row b.
 __device__ __forceinline__ void store_state_grad(float* gstate_in, const float* chunk_states,
                                                  int b, int c, int C, int N, const State& R) {
+  if (gstate_in == nullptr) return;  // the caller passed no initial state
   const State s0 = load_state(chunk_states, static_cast<int64_t>(b) * N * 3 * C + c, C);
   const float scale = expf(R.p + s0.p);
   const float ga = R.a * scale, gb = R.b * scale;
@@ -299,63 +338,52 @@ __device__ __forceinline__ State final_grad_state(const float* gstate_out, const
 
 __global__ void bwd_scan(const float* __restrict__ summary, const float* __restrict__ gstate_out,
                          const float* __restrict__ state_out,
-                         const float* __restrict__ chunk_states, const float* __restrict__ w,
+                         const float* __restrict__ chunk_states, const float* __restrict__ decay,
                          float* __restrict__ grad_states, float* __restrict__ gstate_in, int B,
                          int T, int C, int N) {
-  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (id >= static_cast<int64_t>(B) * C) return;
-  const int c = static_cast<int>(id % C), b = static_cast<int>(id / C);
-  const float ww = w[c];
+  const int c = blockIdx.x * kScanLanes + threadIdx.x, b = blockIdx.y;
+  const bool active = c < C;
+  const float w = active ? -expf(decay[c]) : 0.f;
   const int64_t si = static_cast<int64_t>(b) * 3 * C + c;
-  State R = final_grad_state(gstate_out, state_out, si, C);
-  for (int n0 = N - 1; n0 >= 0; n0 -= kPrefetch) {
-    State local[kPrefetch];
-#pragma unroll
-    for (int i = 0; i < kPrefetch; ++i)
-      if (n0 - i >= 0) local[i] = load_state(summary, (int64_t(b) * N + n0 - i) * 3 * C + c, C);
-#pragma unroll
-    for (int i = 0; i < kPrefetch; ++i) {
-      const int n = n0 - i;
-      if (n >= 0) {
-        store_state(grad_states, (int64_t(b) * N + n) * 3 * C + c, C, R);
-        combine(R, local[i], static_cast<float>(min(kChunk, T - n * kChunk)) * ww);
-      }
-    }
-  }
-  store_state_grad(gstate_in, chunk_states, b, c, C, N, R);
+  const State init =
+      active ? final_grad_state(gstate_out, state_out, si, C) : State{0.f, 0.f, kEmpty};
+  const State R = segmented_scan<true>(summary, grad_states, init, w, b, c, C, N, T, active);
+  if (active && threadIdx.y == blockDim.y - 1)
+    store_state_grad(gstate_in, chunk_states, b, c, C, N, R);
 }
 
 template <typename T>
 __global__ void bwd_grads(const T* __restrict__ k, const T* __restrict__ v,
-                          const T* __restrict__ gy, const float* __restrict__ w,
+                          const T* __restrict__ gy, const float* __restrict__ decay,
                           const float* __restrict__ u, const float* __restrict__ chunk_states,
                           const float* __restrict__ grad_states, T* __restrict__ gk,
-                          T* __restrict__ gv, float* __restrict__ gw_part,
-                          float* __restrict__ gu_part, int B, int T_, int C, int N) {
+                          T* __restrict__ gv, float* __restrict__ parts, int B, int T_, int C,
+                          int N) {
   Index ix;
   if (!chunk_index(B, T_, C, N, ix)) return;
+  const float ww = -expf(decay[ix.c]);
   State R = load_state(grad_states, ix.chunk_state, C);
   float gw = 0.f, gu = 0.f;
-  chunk_backward<T, true>(k, v, gy, gk, gv, ix.base, C, ix.len, w[ix.c], u[ix.c],
+  chunk_backward<T, true>(k, v, gy, gk, gv, ix.base, C, ix.len, ww, u[ix.c],
                           load_state(chunk_states, ix.chunk_state, C), R, gw, gu);
-  gw_part[ix.part] = gw;
-  gu_part[ix.part] = gu;
+  parts[ix.part] = gw * ww;  // dL/d decay = dL/dw * dw/d decay, and dw/d decay = w
+  parts[static_cast<int64_t>(B) * N * C + ix.part] = gu;
 }
 
 // Baseline backward: one thread per (batch, channel) walks the chunks from last to first.
 template <typename T>
 __global__ void bwd_sequential(const T* __restrict__ k, const T* __restrict__ v,
-                               const T* __restrict__ gy, const float* __restrict__ w,
+                               const T* __restrict__ gy, const float* __restrict__ decay,
                                const float* __restrict__ u, const float* __restrict__ chunk_states,
                                const float* __restrict__ gstate_out,
                                const float* __restrict__ state_out, T* __restrict__ gk,
-                               T* __restrict__ gv, float* __restrict__ gw_part,
-                               float* __restrict__ gu_part, float* __restrict__ gstate_in, int B,
+                               T* __restrict__ gv, float* __restrict__ parts,
+                               float* __restrict__ gstate_in, int B,
                                int T_, int C, int N) {
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (id >= static_cast<int64_t>(B) * C) return;
   const int c = static_cast<int>(id % C), b = static_cast<int>(id / C);
-  const float ww = w[c], uu = u[c];
+  const float ww = -expf(decay[c]), uu = u[c];
   State R = final_grad_state(gstate_out, state_out, static_cast<int64_t>(b) * 3 * C + c, C);
   float gw = 0.f, gu = 0.f;
   for (int n = N - 1; n >= 0; --n) {
@@ -364,8 +392,8 @@ __global__ void bwd_sequential(const T* __restrict__ k, const T* __restrict__ v,
     chunk_backward<T, true>(k, v, gy, gk, gv, base, C, min(kChunk, T_ - n * kChunk), ww, uu, s,
                             R, gw, gu);
   }
-  gw_part[static_cast<int64_t>(b) * C + c] = gw;
-  gu_part[static_cast<int64_t>(b) * C + c] = gu;
+  parts[static_cast<int64_t>(b) * C + c] = gw * ww;
+  parts[static_cast<int64_t>(B) * C + static_cast<int64_t>(b) * C + c] = gu;
   store_state_grad(gstate_in, chunk_states, b, c, C, N, R);
 }
 
@@ -387,9 +415,23 @@ unsigned blocks_for(int64_t threads) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Host entry points. Inputs are validated by wkv_op.cpp: CUDA, contiguous, float state.
+// Host entry points. Inputs are validated by wkv_op.cpp: CUDA, contiguous, float32 decay,
+// first and state (state may be undefined: an empty initial state).
 
-std::vector<at::Tensor> wkv_forward_cuda(const at::Tensor& w, const at::Tensor& u,
+namespace {
+
+const float* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<float>() : nullptr;
+}
+
+// The chunk scans run (32 channels) x (segments) blocks; ~8 chunks a segment balances the
+// segment walks against the fold over segments.
+dim3 scan_block(int N) { return dim3(kScanLanes, std::min(kMaxSegments, std::max(1, N / 8))); }
+dim3 scan_grid(int B, int C) { return dim3((C + kScanLanes - 1) / kScanLanes, B); }
+
+}  // namespace
+
+std::vector<at::Tensor> wkv_forward_cuda(const at::Tensor& decay, const at::Tensor& u,
                                          const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& state, bool sequential) {
   const int B = k.size(0), T = k.size(1), C = k.size(2);
@@ -399,61 +441,66 @@ std::vector<at::Tensor> wkv_forward_cuda(const at::Tensor& w, const at::Tensor& 
   auto chunk_states = at::empty({B, N, 3, C}, fopts);
   auto state_out = at::empty({B, 3, C}, fopts);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const float* dp = decay.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  const float* sp = data_or_null(state);
   dispatch_io(k.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto* kp = k.data_ptr<scalar_t>();
     const auto* vp = v.data_ptr<scalar_t>();
+    auto* yp = y.data_ptr<scalar_t>();
     if (sequential) {
       fwd_sequential<scalar_t><<<blocks_for(int64_t(B) * C), kThreads, 0, stream>>>(
-          kp, vp, w.data_ptr<float>(), u.data_ptr<float>(), state.data_ptr<float>(),
-          y.data_ptr<scalar_t>(), chunk_states.data_ptr<float>(), state_out.data_ptr<float>(), B,
+          kp, vp, dp, up, sp, yp, chunk_states.data_ptr<float>(), state_out.data_ptr<float>(), B,
           T, C, N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     auto summary = at::empty({B, N, 3, C}, fopts);
     const unsigned grid = blocks_for(int64_t(B) * N * C);
-    fwd_summary<scalar_t><<<grid, kThreads, 0, stream>>>(kp, vp, w.data_ptr<float>(),
-                                                         summary.data_ptr<float>(), B, T, C, N);
+    fwd_summary<scalar_t><<<grid, kThreads, 0, stream>>>(kp, vp, dp, summary.data_ptr<float>(),
+                                                         B, T, C, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fwd_scan<<<blocks_for(int64_t(B) * C), kThreads, 0, stream>>>(
-        summary.data_ptr<float>(), state.data_ptr<float>(), w.data_ptr<float>(),
-        chunk_states.data_ptr<float>(), state_out.data_ptr<float>(), B, T, C, N);
+    fwd_scan<<<scan_grid(B, C), scan_block(N), 0, stream>>>(
+        summary.data_ptr<float>(), sp, dp, chunk_states.data_ptr<float>(),
+        state_out.data_ptr<float>(), B, T, C, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     fwd_output<scalar_t><<<grid, kThreads, 0, stream>>>(
-        kp, vp, w.data_ptr<float>(), u.data_ptr<float>(), chunk_states.data_ptr<float>(),
-        y.data_ptr<scalar_t>(), B, T, C, N);
+        kp, vp, dp, up, chunk_states.data_ptr<float>(), yp, B, T, C, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, state_out, chunk_states};
 }
 
-std::vector<at::Tensor> wkv_backward_cuda(const at::Tensor& w, const at::Tensor& u,
+std::vector<at::Tensor> wkv_backward_cuda(const at::Tensor& decay, const at::Tensor& u,
                                           const at::Tensor& k, const at::Tensor& v,
                                           const at::Tensor& chunk_states,
                                           const at::Tensor& state_out, const at::Tensor& gy,
-                                          const at::Tensor& gstate_out, bool sequential) {
+                                          const at::Tensor& gstate_out, bool has_state,
+                                          bool sequential) {
   const int B = k.size(0), T = k.size(1), C = k.size(2);
   const int N = (T + kChunk - 1) / kChunk;
   auto gk = at::empty_like(k);
   auto gv = at::empty_like(v);
   auto fopts = k.options().dtype(at::kFloat);
-  auto gstate_in = at::empty({B, 3, C}, fopts);
-  const int parts = sequential ? 1 : N;
-  auto gw_part = at::empty({B, parts, C}, fopts);
-  auto gu_part = at::empty({B, parts, C}, fopts);
+  auto gstate_in = has_state ? at::empty({B, 3, C}, fopts) : at::empty({0}, fopts);
+  float* gsp = has_state ? gstate_in.data_ptr<float>() : nullptr;
+  // per-(batch, chunk, channel) partial gradients of decay [0] and first [1]
+  auto parts = at::empty({2, B * (sequential ? 1 : N), C}, fopts);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const float* dp = decay.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
   dispatch_io(k.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto* kp = k.data_ptr<scalar_t>();
     const auto* vp = v.data_ptr<scalar_t>();
     const auto* gp = gy.data_ptr<scalar_t>();
+    auto* gkp = gk.data_ptr<scalar_t>();
+    auto* gvp = gv.data_ptr<scalar_t>();
     if (sequential) {
       bwd_sequential<scalar_t><<<blocks_for(int64_t(B) * C), kThreads, 0, stream>>>(
-          kp, vp, gp, w.data_ptr<float>(), u.data_ptr<float>(), chunk_states.data_ptr<float>(),
-          gstate_out.data_ptr<float>(), state_out.data_ptr<float>(), gk.data_ptr<scalar_t>(),
-          gv.data_ptr<scalar_t>(), gw_part.data_ptr<float>(), gu_part.data_ptr<float>(),
-          gstate_in.data_ptr<float>(), B, T, C, N);
+          kp, vp, gp, dp, up, chunk_states.data_ptr<float>(), gstate_out.data_ptr<float>(),
+          state_out.data_ptr<float>(), gkp, gvp, parts.data_ptr<float>(), gsp, B, T, C, N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -461,20 +508,17 @@ std::vector<at::Tensor> wkv_backward_cuda(const at::Tensor& w, const at::Tensor&
     auto grad_states = at::empty({B, N, 3, C}, fopts);
     const unsigned grid = blocks_for(int64_t(B) * N * C);
     bwd_summary<scalar_t><<<grid, kThreads, 0, stream>>>(
-        kp, vp, gp, w.data_ptr<float>(), u.data_ptr<float>(), chunk_states.data_ptr<float>(),
-        summary.data_ptr<float>(), B, T, C, N);
+        kp, vp, gp, dp, up, chunk_states.data_ptr<float>(), summary.data_ptr<float>(), B, T, C, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd_scan<<<blocks_for(int64_t(B) * C), kThreads, 0, stream>>>(
+    bwd_scan<<<scan_grid(B, C), scan_block(N), 0, stream>>>(
         summary.data_ptr<float>(), gstate_out.data_ptr<float>(), state_out.data_ptr<float>(),
-        chunk_states.data_ptr<float>(), w.data_ptr<float>(), grad_states.data_ptr<float>(),
-        gstate_in.data_ptr<float>(), B, T, C, N);
+        chunk_states.data_ptr<float>(), dp, grad_states.data_ptr<float>(), gsp, B, T, C, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bwd_grads<scalar_t><<<grid, kThreads, 0, stream>>>(
-        kp, vp, gp, w.data_ptr<float>(), u.data_ptr<float>(), chunk_states.data_ptr<float>(),
-        grad_states.data_ptr<float>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
-        gw_part.data_ptr<float>(), gu_part.data_ptr<float>(), B, T, C, N);
+        kp, vp, gp, dp, up, chunk_states.data_ptr<float>(), grad_states.data_ptr<float>(), gkp,
+        gvp, parts.data_ptr<float>(), B, T, C, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const std::vector<int64_t> dims{0, 1};
-  return {gw_part.sum(dims), gu_part.sum(dims), gk, gv, gstate_in};
+  auto sums = parts.sum(1);  // (2, C)
+  return {sums[0], sums[1], gk, gv, gstate_in};
 }

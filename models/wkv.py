@@ -198,7 +198,8 @@ def wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, chunk
     f_intra = torch.exp(s_intra - q)
     f_state = torch.exp(s_state - q)
     f_bonus = torch.exp(s_bonus - q)
-    y = (cs_v * f_intra + a_in * f_state + vc * f_bonus) / (cs_1 * f_intra + b_in * f_state + f_bonus)
+    num = cs_v * f_intra + a_in * f_state + vc * f_bonus
+    y = num / (cs_1 * f_intra + b_in * f_state + f_bonus)
 
     # chunks whose span defeats the factorisation: step through them from their incoming state
     if bool(wide.any()):
@@ -233,9 +234,13 @@ def _choose_backend(k: Tensor) -> str:
 
     if torch.compiler.is_compiling():
         # no building or logging inside a traced graph: use what eager code already loaded
-        return "cuda" if k.is_cuda and loaded_extension() is not None else "torch"
+        usable = k.is_cuda and k.dtype != torch.float64 and loaded_extension() is not None
+        return "cuda" if usable else "torch"
     if not k.is_cuda:
         _log_backend_once("torch", "inputs on CPU")
+        return "torch"
+    if k.dtype == torch.float64:
+        _log_backend_once("torch", "float64 inputs")
         return "torch"
     if load_extension_or_none() is None:
         _log_backend_once("torch", why_unavailable())
@@ -277,7 +282,9 @@ def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_f
     if state is not None:
         if not isinstance(state, Tensor) or state.shape != (bsz, 3, channels):
             shape = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
-            raise ValueError(f"state must have shape (B, 3, C) = ({bsz}, 3, {channels}); got {shape}")
+            raise ValueError(
+                f"state must have shape (B, 3, C) = ({bsz}, 3, {channels}); got {shape}"
+            )
         if not state.is_floating_point():
             raise ValueError(f"state must be a floating-point tensor; got dtype {state.dtype}")
         tensors.append(("state", state))
@@ -291,6 +298,11 @@ def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_f
                 t = t[:, :2]  # p may legitimately be very negative, but not NaN
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _clamp_p(state: Tensor) -> Tensor:
+    # p = -inf would give inf - inf; -1e38 is just as empty
+    return torch.cat((state[:, :2], state[:, 2:].clamp(min=EMPTY_P)), 1)
 
 
 def wkv(
@@ -319,21 +331,24 @@ def wkv(
     _validate(decay, first, k, v, state, check_finite)
     if backend == "auto":
         backend = _choose_backend(k)
+    if backend in ("cuda", "cuda_sequential"):
+        if not k.is_cuda:
+            raise ValueError(f"backend {backend!r} needs CUDA tensors; got k on {k.device}")
+        if k.dtype == torch.float64:
+            raise ValueError(f"backend {backend!r} takes float32/bfloat16/float16; got float64")
+        from models.wkv_ops import wkv_cuda
+
+        if state is not None:
+            state = _clamp_p(state.float())
+        return wkv_cuda(decay, first, k, v, state, sequential=backend == "cuda_sequential")
+
     compute = torch.float64 if k.dtype == torch.float64 else torch.float32
     w = -torch.exp(decay.to(compute))
     u = first.to(compute)
     if state is None:
         state = empty_state(k.shape[0], k.shape[2], k.device, compute)
     else:
-        # -inf would give inf - inf; -1e38 is just as empty
-        state = torch.cat((state[:, :2], state[:, 2:].clamp(min=EMPTY_P)), 1).to(compute)
-
-    if backend in ("cuda", "cuda_sequential"):
-        if not k.is_cuda:
-            raise ValueError(f"backend {backend!r} needs CUDA tensors; got k on {k.device}")
-        from models.wkv_ops import wkv_cuda
-
-        return wkv_cuda(w, u, k, v, state, sequential=backend == "cuda_sequential")
+        state = _clamp_p(state.to(compute))
     if backend == "reference":
         y, state_out = wkv_reference(w, u, k.to(compute), v.to(compute), state)
     else:

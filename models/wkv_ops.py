@@ -7,8 +7,9 @@ itself an op that compile can trace around. On CUDA tensors the ops run the kern
 on CPU tensors they run the chunked PyTorch math with the same outputs, so the registration
 itself is tested (torch.library.opcheck) on machines without a GPU.
 
-Inputs here are already validated by models/wkv.py: w, u float32 (C,); k, v (B, T, C) in
-float32/bfloat16/float16; state (B, 3, C) float32.
+Inputs here are already validated by models/wkv.py: decay, first float32 (C,) (the kernel
+computes w = -exp(decay) itself and returns the gradient of decay); k, v (B, T, C) in
+float32/bfloat16/float16; state (B, 3, C) float32 or None for an empty one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.wkv import wkv_chunked, wkv_reference_backward
+from models.wkv import empty_state, wkv_chunked, wkv_reference_backward
 
 CHUNK = 16  # must match cuda/wkv_chunk.h: the saved chunk states have one row per CHUNK steps
 
@@ -34,95 +35,106 @@ def _extension():
 
 @torch.library.custom_op("rwkv_signal::wkv_forward", mutates_args=())
 def wkv_forward(
-    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, sequential: bool
+    decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state: Tensor | None, sequential: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y (B, T, C) in k's dtype, final state (B, 3, C) and the state entering every chunk of
-    CHUNK steps (B, N, 3, C), float32."""
+    CHUNK steps (B, N, 3, C), float32. state None means empty."""
     if k.is_cuda:
         y, state_out, chunk_states = _extension().forward(
-            w.contiguous(), u.contiguous(), k.contiguous(), v.contiguous(), state.contiguous(),
-            sequential,
+            decay.contiguous(), first.contiguous(), k.contiguous(), v.contiguous(),
+            None if state is None else state.contiguous(), sequential,
         )
         return y, state_out, chunk_states
-    y, state_out, chunk_states = wkv_chunked(w, u, k, v, state, chunk=CHUNK)
+    if state is None:
+        state = empty_state(k.shape[0], k.shape[2], k.device)
+    y, state_out, chunk_states = wkv_chunked(-torch.exp(decay), first, k, v, state, chunk=CHUNK)
     return y.to(k.dtype), state_out.float(), chunk_states.float()
 
 
 @wkv_forward.register_fake
-def _(w, u, k, v, state, sequential):
+def _(decay, first, k, v, state, sequential):
     bsz, steps, channels = k.shape
     n_chunks = (steps + CHUNK - 1) // CHUNK
     return (
         torch.empty_like(k),
-        torch.empty_like(state),
-        state.new_empty((bsz, n_chunks, 3, channels)),
+        decay.new_empty((bsz, 3, channels)),
+        decay.new_empty((bsz, n_chunks, 3, channels)),
     )
 
 
 @torch.library.custom_op("rwkv_signal::wkv_backward", mutates_args=())
 def wkv_backward(
-    w: Tensor,
-    u: Tensor,
+    decay: Tensor,
+    first: Tensor,
     k: Tensor,
     v: Tensor,
-    state: Tensor,
+    state: Tensor | None,
     chunk_states: Tensor,
     state_out: Tensor,
     gy: Tensor,
     gstate: Tensor,
     sequential: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (gw, gu, gk, gv, gstate_in) from gy and the final state's gradient gstate
-    (whose p row is ignored: p is a scale, see models/wkv.py)."""
+    """Gradients (gdecay, gfirst, gk, gv, gstate_in) from gy and the final state's gradient
+    gstate (whose p row is ignored: p is a scale, see models/wkv.py). gstate_in is empty when
+    state is None."""
     if k.is_cuda:
-        gw, gu, gk, gv, gstate_in = _extension().backward(
-            w.contiguous(), u.contiguous(), k.contiguous(), v.contiguous(), chunk_states,
-            state_out, gy.to(k.dtype).contiguous(), gstate.contiguous(), sequential,
+        gdecay, gfirst, gk, gv, gstate_in = _extension().backward(
+            decay.contiguous(), first.contiguous(), k.contiguous(), v.contiguous(), chunk_states,
+            state_out, gy.to(k.dtype).contiguous(), gstate.contiguous(), state is not None,
+            sequential,
         )
-        return gw, gu, gk, gv, gstate_in
+        return gdecay, gfirst, gk, gv, gstate_in
     # CPU: the kernel's backward written out step by step (autograd is off inside an op)
     f64 = torch.float64
+    w = -torch.exp(decay.to(f64))
+    s = empty_state(k.shape[0], k.shape[2], k.device) if state is None else state
     gw, gu, gk, gv, gs = wkv_reference_backward(
-        *(t.to(f64) for t in (w, u, k, v, state, gy, gstate))
+        w, *(t.to(f64) for t in (first, k, v, s, gy, gstate))
     )
-    return gw.float(), gu.float(), gk.to(k.dtype), gv.to(v.dtype), gs.float()
+    gs = gs.float() if state is not None else gs.new_empty(0, dtype=torch.float32)
+    return (gw * w).float(), gu.float(), gk.to(k.dtype), gv.to(v.dtype), gs
 
 
 @wkv_backward.register_fake
-def _(w, u, k, v, state, chunk_states, state_out, gy, gstate, sequential):
+def _(decay, first, k, v, state, chunk_states, state_out, gy, gstate, sequential):
+    gstate_in = decay.new_empty((0,)) if state is None else torch.empty_like(state)
     return (
-        torch.empty_like(w),
-        torch.empty_like(u),
+        torch.empty_like(decay),
+        torch.empty_like(first),
         torch.empty_like(k),
         torch.empty_like(v),
-        torch.empty_like(state),
+        gstate_in,
     )
 
 
 def _setup_context(ctx, inputs, output):
-    w, u, k, v, state, sequential = inputs
+    decay, first, k, v, state, sequential = inputs
     _, state_out, chunk_states = output
-    ctx.save_for_backward(w, u, k, v, state, chunk_states, state_out)
+    ctx.has_state = state is not None
+    ctx.save_for_backward(decay, first, k, v, state, chunk_states, state_out)
     ctx.sequential = sequential
     ctx.mark_non_differentiable(chunk_states)
 
 
 def _backward(ctx, gy, gstate, _gchunk):
-    w, u, k, v, state, chunk_states, state_out = ctx.saved_tensors
+    decay, first, k, v, state, chunk_states, state_out = ctx.saved_tensors
     if gy is None:
         gy = torch.zeros_like(k)
     if gstate is None:
         gstate = torch.zeros_like(state_out)
-    gw, gu, gk, gv, gstate_in = wkv_backward(
-        w, u, k, v, state, chunk_states, state_out, gy, gstate, ctx.sequential
+    gdecay, gfirst, gk, gv, gstate_in = wkv_backward(
+        decay, first, k, v, state, chunk_states, state_out, gy, gstate, ctx.sequential
     )
-    return gw, gu, gk, gv, gstate_in, None
+    return gdecay, gfirst, gk, gv, gstate_in if ctx.has_state else None, None
 
 
 torch.library.register_autograd("rwkv_signal::wkv_forward", _backward, setup_context=_setup_context)
 
 
-def wkv_cuda(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, sequential: bool = False):
+def wkv_cuda(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state: Tensor | None,
+             sequential: bool = False):
     """y (B, T, C) and the final state (B, 3, C) through the custom op."""
-    y, state_out, _ = wkv_forward(w, u, k, v, state.float(), sequential)
+    y, state_out, _ = wkv_forward(decay.float(), first.float(), k, v,
+                                  None if state is None else state.float(), sequential)
     return y, state_out

@@ -46,7 +46,7 @@ def test_kernel_matches_reference(backend, dtype, shape):
     tol = TOL[dtype]
     assert rel(y, y_ref) < tol
     assert rel(so[:, :2] * torch.exp(so[:, 2:].double() - s_ref[:, 2:]), s_ref[:, :2]) < 1e-5
-    for name, got, want in zip(["decay", "first", "k", "v", "state"], g, g_ref):
+    for name, got, want in zip(["decay", "first", "k", "v", "state"], g, g_ref, strict=True):
         assert got.dtype == (dtype if name in "kv" else torch.float32), name
         assert rel(got, want) < tol, name
 
