@@ -131,12 +131,29 @@ class FrequencyBranch(nn.Module):
     def out_features(self) -> int:
         return self.config.out_features
 
+    def power_spectrogram(self, x: Tensor) -> Tensor:
+        """(B, T) float32 signal -> (B, 1, F, N) power spectrogram (mel or linear).
+
+        Exactly what the torchaudio transform computes (tests compare the two), with its own
+        window, sizes and mel filters, but through torch.stft directly: torchaudio's forward
+        calls torch.jit.isinstance, which torch.compile cannot trace (a graph break).
+        """
+        mel = isinstance(self.spectrogram, torchaudio.transforms.MelSpectrogram)
+        stft = self.spectrogram.spectrogram if mel else self.spectrogram
+        spec = torch.stft(x, n_fft=stft.n_fft, hop_length=stft.hop_length,
+                          win_length=stft.win_length, window=stft.window, center=stft.center,
+                          pad_mode=stft.pad_mode, onesided=stft.onesided, return_complex=True)
+        spec = spec.abs().pow(2.0)
+        if mel:
+            spec = self.spectrogram.mel_scale(spec)
+        return spec.unsqueeze(1)
+
     def log_spectrogram(self, x: Tensor) -> Tensor:
         """(B, T) signal -> (B, F, N) normalised dB spectrogram, float32."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            # (B, 1, T) -> (B, 1, F, N): the 4D layout makes top_db a per-record floor; on a
-            # 3D (B, F, N) batch torchaudio would take one max over the whole batch
-            spec = self.to_db(self.spectrogram(x.float().unsqueeze(1)))
+            # the 4D (B, 1, F, N) layout makes top_db a per-record floor; on a 3D (B, F, N)
+            # batch torchaudio would take one max over the whole batch
+            spec = self.to_db(self.power_spectrogram(x.float()))
             return self.freq_norm(spec.squeeze(1))
 
     def forward(self, x: Tensor) -> Tensor:

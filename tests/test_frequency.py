@@ -31,6 +31,13 @@ def test_spectrogram_shape_and_bins():
     assert mel.log_spectrogram(torch.randn(3, 640)).shape == (3, 24, 21)
 
 
+@pytest.mark.parametrize("kind", ["mel", "linear"])
+def test_power_spectrogram_is_torchaudios(kind):
+    branch = FrequencyBranch(FrequencyConfig(**SMALL, spectrogram=kind, win_length=100))
+    x = torch.randn(3, 1000)
+    torch.testing.assert_close(branch.power_spectrogram(x), branch.spectrogram(x).unsqueeze(1))
+
+
 def test_accepts_trailing_channel_dim():
     branch = FrequencyBranch(FrequencyConfig(**SMALL)).eval()
     x = torch.randn(2, 500)
@@ -61,7 +68,7 @@ def test_db_floor_is_per_record():
     alone = branch.log_spectrogram(quiet)
     together = branch.log_spectrogram(torch.cat((quiet, loud)))[:1]
     torch.testing.assert_close(alone, together)
-    spec = branch.to_db(branch.spectrogram(quiet.unsqueeze(1)))
+    spec = branch.to_db(branch.power_spectrogram(quiet))
     assert spec.max() - spec.min() == pytest.approx(40.0, abs=1e-3)
 
 
