@@ -18,6 +18,7 @@ import argparse
 import csv
 import difflib
 import logging
+import pickle
 import re
 import sys
 import time
@@ -121,6 +122,13 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line (no usage dump) that points to --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         # "(default: None)" says nothing; those options explain their default themselves
@@ -131,7 +139,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def build_parser() -> argparse.ArgumentParser:
     """The training command line. YAML keys (--config) are the option names with '_'."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py",
         description="Train and test the dual-branch signal classifier; "
                     "`train.py predict -h` for prediction.",
@@ -279,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_predict_parser() -> argparse.ArgumentParser:
     """The `train.py predict` command line."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py predict",
         description="Write class probabilities per signal (or per window of a long signal) "
                     "to CSV, from a checkpoint written by train.py.",
@@ -448,15 +456,38 @@ def _version_of(checkpoint: Path, output_dir: str, name: str) -> str | None:
     return None
 
 
+class EpochSummary(Callback):
+    """One line per epoch on rank 0 (loss, validation metrics, seconds): readable in batch-job
+    logs, where a progress bar is not."""
+
+    KEYS = ("train/loss_epoch", "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1",
+            "train/samples_per_s")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        values = " ".join(f"{k.replace('_epoch', '')} {float(metrics[k]):.4g}"
+                          for k in self.KEYS if k in metrics)
+        total = "?" if trainer.max_epochs in (None, -1) else trainer.max_epochs
+        print(f"epoch {trainer.current_epoch + 1}/{total}: {values} "
+              f"({time.perf_counter() - self._started:.1f} s)", flush=True)
+
+
 def build_callbacks(args: argparse.Namespace) -> list[Callback]:
     mode = "min" if args.monitor == "val/loss" else "max"
     short = args.monitor.split("/")[-1]
     callbacks: list[Callback] = [
-        ModelCheckpoint(monitor=args.monitor, mode=mode, save_top_k=1, save_last=True,
+        ModelCheckpoint(monitor=args.monitor, mode=mode, save_top_k=1,
                         filename=f"best-epoch={{epoch:03d}}-{short}={{{args.monitor}:.4f}}",
                         auto_insert_metric_name=False),
+        # every epoch's end, for --resume (save_last=True only writes when the best changes)
+        ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
         MemoryMonitorCallback(every_n_steps=args.memory_log_every),
+        EpochSummary(),
     ]
     if args.patience > 0:
         callbacks.append(EarlyStopping(monitor=args.monitor, mode=mode, patience=args.patience))
@@ -633,8 +664,13 @@ def load_checkpoint(path: str | Path) -> SignalClassifierModule:
     """A SignalClassifierModule from a train.py checkpoint, loaded with weights_only=True."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ConfigError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(f"cannot load checkpoint {path}: not a checkpoint of plain tensors "
+                          "and containers (weights_only=True refuses other objects)") from exc
+    except Exception as exc:  # a damaged or foreign file fails in many ways inside pickle
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"cannot load checkpoint {path}: {type(exc).__name__}: {reason}"
+                          ) from exc
     if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(f"{path} is not a train.py checkpoint (no hyper_parameters)")
     module = SignalClassifierModule(**ckpt["hyper_parameters"])

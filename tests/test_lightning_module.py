@@ -1,0 +1,203 @@
+"""Tests for models/lightning_module.py: schedule, loss, metrics against sklearn, optimizer
+groups, RNG state capture, DDP padding mask and weights_only checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+)
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from models.lightning_module import (
+    SignalClassifierModule,
+    WarmupCosine,
+    gather_rng_states,
+    rng_states,
+    set_rng_states,
+)
+
+TINY_MODEL = {
+    "time": {"hidden_size": 16, "num_layers": 1, "patch_size": 8},
+    "freq": {"n_fft": 64, "hop_length": 32, "n_mels": 16, "channels": [4, 8],
+             "sample_rate": 125, "time_mask_param": 2},
+}
+
+
+def tiny_module(num_classes: int = 3, **kwargs) -> SignalClassifierModule:
+    return SignalClassifierModule(model=TINY_MODEL, num_classes=num_classes, **kwargs)
+
+
+def loader(n: int, num_classes: int, length: int = 128, seed: int = 0, batch: int = 8,
+           shuffle: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    # a class-dependent tone, so a few steps learn something
+    t = torch.arange(length) / 125.0
+    x = torch.sin(2 * math.pi * (5 + 10 * y[:, None]) * t) + 0.3 * torch.randn(n, length,
+                                                                               generator=g)
+    return DataLoader(TensorDataset(x.float(), y), batch_size=batch, shuffle=shuffle)
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_warmup_cosine_shape() -> None:
+    f = WarmupCosine(total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)  # clamped after the end
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert WarmupCosine(5, 0)(0) == pytest.approx(1.0)
+
+
+def test_loss_is_weighted_and_smoothed_cross_entropy() -> None:
+    weights = [1.0, 2.0, 0.5]
+    module = tiny_module(class_weights=weights, label_smoothing=0.1)
+    logits = torch.randn(6, 3)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    expected = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor(weights),
+                                                 label_smoothing=0.1)
+    assert module.loss(logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    # and without options it is the plain mean cross-entropy
+    plain = tiny_module()
+    assert plain.loss(logits, y).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_bad_settings_raise_value_errors() -> None:
+    with pytest.raises(ValueError, match="class names"):
+        tiny_module(class_names=["a", "b"])
+    with pytest.raises(ValueError, match="class weights"):
+        tiny_module(class_weights=[1.0])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tiny_module(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="unknown"):
+        SignalClassifierModule(model={"hiden_size": 3}, num_classes=3)
+
+
+def test_optimizer_groups_and_step_schedule() -> None:
+    module = tiny_module(lr=1e-2, weight_decay=0.1, warmup=2, min_lr_ratio=0.05)
+    trainer = quiet_trainer(max_epochs=2, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader(32, 3))  # 4 steps per epoch
+    optimizer = trainer.optimizers[0]
+    grouped = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped})
+    assert {id(p) for p in grouped} == {id(p) for p in module.parameters()}
+    decays = {g["weight_decay"] for g in optimizer.param_groups}
+    assert decays == {0.1, 0.0}
+    decayed = [p for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert decayed and all(p.dim() >= 2 for p in decayed)  # never norms, biases, decay, first
+    config = trainer.lr_scheduler_configs[0]
+    assert config.interval == "step"
+    # 8 steps: the schedule ran to its end, lr = lr * min_lr_ratio
+    assert trainer.global_step == 8
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.05, rel=1e-6)
+
+
+def test_test_metrics_match_sklearn() -> None:
+    torch.manual_seed(0)
+    module = tiny_module(num_classes=4, class_names=["a", "b", "c", "d"])
+    data = loader(45, 4, batch=8)  # last batch is partial
+    trainer = quiet_trainer(max_epochs=3, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader(64, 4, seed=1, shuffle=True))
+    logged = trainer.test(module, dataloaders=data, verbose=False)[0]
+
+    module.eval()
+    with torch.no_grad():
+        x, y = data.dataset.tensors
+        pred = module(x).argmax(-1).numpy()
+    y = y.numpy()
+    assert logged["test/acc"] == pytest.approx(accuracy_score(y, pred), abs=1e-6)
+    assert logged["test/balanced_acc"] == pytest.approx(balanced_accuracy_score(y, pred),
+                                                        abs=1e-6)
+    assert logged["test/macro_f1"] == pytest.approx(
+        f1_score(y, pred, average="macro", labels=range(4), zero_division=0), abs=1e-6)
+    assert logged["test/kappa"] == pytest.approx(cohen_kappa_score(y, pred), abs=1e-5)
+    assert logged["test/samples_per_s"] > 0
+    results = module.test_results
+    np.testing.assert_array_equal(results["confusion_matrix"].numpy(),
+                                  confusion_matrix(y, pred, labels=range(4)))
+    assert results["report"]["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert "macro avg" in results["report_text"]
+
+
+def test_rng_states_round_trip() -> None:
+    saved = rng_states()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_states(saved)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert first[2] == again[2]
+    assert len(gather_rng_states()) == 1  # one process: its own states
+
+
+def test_checkpoint_loads_weights_only_and_carries_rng(tmp_path) -> None:
+    module = tiny_module(class_weights=[1.0, 1.0, 2.0], data={"signal_length": 128})
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=loader(16, 3))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["class_weights"] == [1.0, 1.0, 2.0]
+    assert hp["data"] == {"signal_length": 128}
+    assert set(ckpt["rng_states"][0]) >= {"torch", "numpy", "python"}
+    rebuilt = SignalClassifierModule(**hp)
+    rebuilt.load_state_dict(ckpt["state_dict"])
+    x = torch.randn(2, 128)
+    module.eval()
+    rebuilt.eval()
+    torch.testing.assert_close(rebuilt(x), module(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_rng_states_are_restored_only_when_training_resumes(training: bool) -> None:
+    module = tiny_module()
+    torch.manual_seed(1)
+    checkpoint = {"rng_states": gather_rng_states()}
+    from_checkpoint = torch.rand(1)
+    torch.manual_seed(2)
+    untouched = torch.rand(1)
+    torch.manual_seed(2)
+    module._trainer = SimpleNamespace(training=training)
+    module.on_load_checkpoint(checkpoint)
+    # resuming a fit continues the saved streams; loading weights to test or predict does not
+    assert torch.equal(torch.rand(1), from_checkpoint if training else untouched)
+
+
+@pytest.mark.parametrize(("size", "rank", "expected"), [
+    (5, 0, [True, True, True]),  # items 0, 2, 4
+    (5, 1, [True, True, False]),  # items 1, 3, then a repeat of item 0
+    (6, 1, None),  # divides evenly: no padding, no mask
+])
+def test_padding_mask_of_distributed_evaluation(size: int, rank: int, expected) -> None:
+    module = tiny_module()
+    dataset = TensorDataset(torch.zeros(size, 4), torch.zeros(size, dtype=torch.long))
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
+    data = DataLoader(dataset, batch_size=2, sampler=sampler)
+    module._trainer = SimpleNamespace(test_dataloaders=data, val_dataloaders=data)
+    masks = [module._real_items("test", i, len(b[1])) for i, b in enumerate(data)]
+    if expected is None:
+        assert masks == [None, None]
+    else:
+        assert torch.cat(masks).tolist() == expected

@@ -1,0 +1,248 @@
+"""Tests for train.py: the CLI end to end (TensorBoard tags, checkpoints, results), exact
+resume, prediction to CSV, YAML configs, and one-line errors for bad options."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from pytorch_lightning.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from data.synthetic import SyntheticConfig, make_synthetic
+from data.transforms import znormalize
+from models.lightning_module import WarmupCosine
+
+ROOT = Path(__file__).resolve().parents[1]
+# A model and dataset small enough for seconds per epoch on two CPU cores.
+TINY = ["--synthetic-signals", "140", "--length", "512", "--batch-size", "16",
+        "--hidden-size", "16", "--num-layers", "1", "--cnn-channels", "4", "8",
+        "--n-fft", "64", "--hop-length", "32", "--n-mels", "16", "--no-progress-bar"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One tiny end-to-end run of `python train.py` in a temporary folder."""
+    cwd = tmp_path_factory.mktemp("cli")
+    result = run_cli([*TINY, "--epochs", "2", "--memory-log-every", "1"], cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "runs" / "dual_branch" / "version_0", result
+
+
+def test_cli_end_to_end_writes_logs_checkpoints_and_results(cli_run) -> None:
+    run_dir, result = cli_run
+    assert "Test results:" in result.stdout and "macro avg" in result.stdout
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0,
+                                                           "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    expected_scalars = {
+        "train/loss_step", "train/loss_epoch", "train/acc", "train/samples_per_s",
+        "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1", "val/kappa",
+        "val/samples_per_s", "test/loss", "test/acc", "test/balanced_acc", "test/macro_f1",
+        "test/kappa", "test/samples_per_s", "lr/pg1", "memory/host_rss_mib",
+    }
+    assert expected_scalars <= set(tags["scalars"])
+    assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(tags["images"])
+    assert "test/classification_report/text_summary" in tags["tensors"]
+    # one validation point per epoch, and a real PNG behind the image tag
+    assert len(events.Scalars("val/acc")) == 2
+    image = events.Images("test/confusion_matrix")[-1]
+    assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and image.width > 100
+    # the lr follows warmup + cosine per step: 98 training signals / 16 = 6 steps per epoch
+    schedule = WarmupCosine(total_steps=12, warmup_steps=1, min_ratio=0.01)
+    lrs = events.Scalars("lr/pg1")  # logged every log_every_n_steps = 6 steps
+    assert [p.step for p in lrs] == [5, 11]
+    for point in lrs:
+        assert point.value == pytest.approx(2e-3 * schedule(point.step), rel=1e-5)
+
+    checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert "last.ckpt" in checkpoints
+    assert any(name.startswith("best-epoch=") for name in checkpoints)
+
+    results = json.loads((run_dir / "test_metrics.json").read_text())
+    cm = np.array(results["confusion_matrix"])
+    assert cm.sum() == 21  # 15 % of 140 signals held out for test
+    assert results["metrics"]["test/acc"] == pytest.approx(np.trace(cm) / cm.sum(), abs=1e-6)
+    assert results["report"]["accuracy"] == pytest.approx(results["metrics"]["test/acc"],
+                                                          abs=1e-6)
+    assert results["class_names"] == list(SyntheticConfig.classes)
+    assert results["effective_batch_size"] == 16 and results["world_size"] == 1
+    assert (run_dir / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "macro avg" in (run_dir / "classification_report.txt").read_text()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["batch_size"] == 16
+
+
+def test_predict_writes_probabilities_per_window(cli_run, tmp_path) -> None:
+    run_dir, _ = cli_run
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    # 3 new signals of 1100 samples: windows of 512 at 0 and 512, plus one ending at 1100
+    signals = make_synthetic(SyntheticConfig(num_signals=7, length=1100, seed=5)).subset(
+        np.arange(3))
+    names = np.array(signals.class_names)
+    np.savez(tmp_path / "new.npz", X=signals.signals, y=names[signals.labels], fs=125.0)
+    output = tmp_path / "out" / "probs.csv"
+    code = train.main(["predict", "--checkpoint", str(checkpoint), "--data",
+                       str(tmp_path / "new.npz"), "--output", str(output)])
+    assert code == 0
+    with open(output) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9
+    assert [(r["record"], r["start"], r["end"]) for r in rows[:3]] == [
+        ("0", "0", "512"), ("0", "512", "1024"), ("0", "588", "1100")]
+    probs = np.array([[float(r[f"p_{n}"]) for n in names] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    assert [r["predicted"] for r in rows] == list(names[probs.argmax(1)])
+    assert rows[0]["label"] == names[signals.labels[0]]
+
+    module = train.load_checkpoint(checkpoint)  # weights_only=True inside
+    x = torch.from_numpy(znormalize(signals.signals[0, 588:1100]))[None]
+    with torch.no_grad():
+        expected = torch.softmax(module(x), -1)[0].numpy()
+    np.testing.assert_allclose(probs[2], expected, atol=1e-5)
+
+
+class StopAfterEpochs(Callback):
+    """Stops a run after `epochs` epochs, as if it had been killed right after the
+    checkpoint at that epoch's end."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def test_resume_continues_exactly(tmp_path) -> None:
+    # dropout, SpecAugment and augmentation on: the RNG streams must continue exactly too
+    common = [*TINY, "--synthetic-signals", "112", "--epochs", "3", "--patience", "0",
+              "--rwkv-dropout", "0.1", "--dropout", "0.2"]
+    full = tmp_path / "full"
+    part = tmp_path / "part"
+    train.main([*common, "--output-dir", str(full)])
+    train.main([*common, "--output-dir", str(part)], extra_callbacks=[StopAfterEpochs(1)])
+    stopped = torch.load(part / "dual_branch/version_0/checkpoints/last.ckpt",
+                         weights_only=True)
+    steps_per_epoch = stopped["global_step"]
+    assert stopped["epoch"] == 0 and steps_per_epoch == 78 // 16  # 112 - 17 val - 17 test
+    train.main([*common, "--output-dir", str(part), "--resume", "last"])
+
+    a = torch.load(full / "dual_branch/version_0/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(part / "dual_branch/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 3 * steps_per_epoch
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(),
+                      b["optimizer_states"][0]["state"].values(), strict=True):
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    ra = json.loads((full / "dual_branch/version_0/test_metrics.json").read_text())
+    rb = json.loads((part / "dual_branch/version_0/test_metrics.json").read_text())
+    for key, value in ra["metrics"].items():
+        if key != "test/samples_per_s":
+            assert rb["metrics"][key] == pytest.approx(value, abs=1e-5), key
+    # the resumed run kept writing into the same run folder
+    assert not (part / "dual_branch" / "version_1").exists()
+
+
+def test_yaml_config_is_checked_and_flags_override_it(tmp_path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"synthetic_signals": 300, "augment": False},
+        "model": {"branches": "time", "cnn_channels": [8, 16]},
+        "lr": 0.01, "batch_size": 7, "reader_option": {"channel": "MLII"},
+    }))
+    args = train.parse_args(["--config", str(config), "--lr", "0.5"])
+    assert (args.synthetic_signals, args.augment, args.branches) == (300, False, "time")
+    assert args.cnn_channels == [8, 16] and args.batch_size == 7
+    assert args.lr == 0.5  # the flag wins
+    assert args.reader_option == [("channel", "MLII")]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_parse(name: str) -> None:
+    args = train.parse_args(["--config", str(ROOT / "configs" / name)])
+    assert args.batch_size >= 1
+
+
+def test_help_is_complete(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--config", "--data", "--test-data", "--format", "--length", "--sample-rate",
+                   "--branches", "--hidden-size", "--num-layers", "--precision",
+                   "--gradient-checkpointing", "--batch-size", "--epochs", "--max-steps",
+                   "--lr", "--devices", "--strategy", "--num-nodes", "--seed", "--output-dir",
+                   "--resume", "predict"):
+        assert option in text, option
+    with pytest.raises(SystemExit):
+        train.main(["predict", "--help"])
+    text = capsys.readouterr().out
+    assert "--checkpoint" in text and "--output" in text
+
+
+def _config_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BAD_OPTIONS = [
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1; got 0"),
+    (["--lr", "-1"], "--lr: expected a positive number; got -1.0"),
+    (["--epochs", "two"], "--epochs: expected an integer >= 1; got 'two'"),
+    (["--branches", "spectral"], "invalid choice: 'spectral'"),
+    (["--val-fraction", "0.6", "--test-fraction", "0.5"], "--val-fraction + --test-fraction"),
+    (["--data", "no/such/file.npz"], "--data: no/such/file.npz does not exist"),
+    (["--resume", "missing.ckpt"], "--resume: no checkpoint file missing.ckpt"),
+    (["--precision", "16-mixed", "--accelerator", "cpu"], "16-mixed needs a GPU"),
+    (["--sync-batchnorm", "--accelerator", "cpu"], "--sync-batchnorm needs GPUs"),
+    (["--resume", "last"], "--resume last: no last.ckpt under"),
+    (["--n-fft", "32", "--hop-length", "64"], "hop_length <= n_fft"),
+    (["--config", "CONFIG:batch_sise: 3"], "unknown option 'batch_sise' (did you mean "
+                                           "'batch_size'?)"),
+    (["--config", "CONFIG:augment: 3"], "augment must be true or false"),
+    (["--config", "CONFIG:lr: [1, 2"], "is not valid YAML"),
+    (["predict", "--checkpoint", "x.ckpt"], "the following arguments are required: --data"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_OPTIONS)
+def test_bad_options_give_one_line_errors(argv, message, tmp_path, capsys,
+                                          monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = [_config_file(tmp_path, a[len("CONFIG:"):]) if a.startswith("CONFIG:") else a
+            for a in argv]
+    if argv[0] != "predict":
+        argv += ["--synthetic-signals", "70", "--output-dir", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert "error:" in err[-1] and message in err[-1], err
+
+
+def test_predict_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys) -> None:
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["predict", "--checkpoint", str(bogus), "--data", str(bogus)])
+    assert exit_info.value.code == 2
+    assert "cannot load checkpoint" in capsys.readouterr().err
