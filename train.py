@@ -1,5 +1,6 @@
 """Train, evaluate and predict with the dual-branch (spectrogram CNN + RWKV) signal classifier.
 
+examples:
   python train.py                                   # built-in dataset, then test; logs in runs/
   python train.py --config configs/gpu.yaml         # options from YAML; flags override them
   python train.py --data ecg.npz --branches time --epochs 30
@@ -143,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train and test the dual-branch signal classifier; "
                     "`train.py predict -h` for prediction.",
-        epilog=__doc__.split("\n\n")[0] + "\n\nAll options and TensorBoard tags: "
-               "docs/training.md",
+        epilog=__doc__.split("\n\n")[1] + "\n\nOutputs, TensorBoard tags, DDP/torchrun/SLURM "
+               "and resume semantics: docs/training.md",
         formatter_class=_Formatter,
     )
     p.add_argument("--config", metavar="YAML",
@@ -160,44 +161,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: hold out --test-fraction")
     g.add_argument("--format", choices=["npz", "npy", "csv", "tsv", "ts", "wfdb", "edf"],
                    help="reader for --data (default: by extension)")
-    g.add_argument("--reader-option", action="append", type=_key_value, default=[],
-                   metavar="KEY=VALUE", help="reader option, repeatable (e.g. channel=MLII)")
-    g.add_argument("--length", type=_int_at_least(1),
+    g.add_argument("--reader-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="reader option, repeatable (e.g. channel=MLII); YAML: a mapping")
+    g.add_argument("--length", type=_int_at_least(1), metavar="N",
                    help="model input length in samples after resampling (default: the "
                         "dataset's; synthetic: 3750)")
     g.add_argument("--sample-rate", type=_positive_float, metavar="HZ",
                    help="resample to this rate (default: keep the source rate; synthetic: 125)")
     g.add_argument("--length-policy", choices=["pad", "crop", "window"], default="pad",
                    help="records vs --length: pad/truncate, random crop, or cut into windows")
-    g.add_argument("--window-stride", type=_int_at_least(1),
+    g.add_argument("--window-stride", type=_int_at_least(1), metavar="N",
                    help="stride of --length-policy window (default: --length)")
     g.add_argument("--normalize", choices=["window", "record", "none"], default="window",
                    help="z-normalise per model input, per record, or not at all")
-    g.add_argument("--synthetic-signals", type=_int_at_least(14), default=2000,
+    g.add_argument("--synthetic-signals", type=_int_at_least(14), default=2000, metavar="N",
                    help="signals in the built-in dataset")
     g.add_argument("--synthetic-imbalance", type=_float_in(1.0, float("inf")), default=1.0,
+                   metavar="RATIO",
                    help="built-in dataset: largest / smallest class count")
-    g.add_argument("--val-fraction", type=_float_in(0.0, 1.0), default=0.15)
-    g.add_argument("--test-fraction", type=_float_in(0.0, 1.0), default=0.15,
+    g.add_argument("--val-fraction", type=_float_in(0.0, 1.0), default=0.15, metavar="F",
+                   help="held out for validation (early stopping, best checkpoint)")
+    g.add_argument("--test-fraction", type=_float_in(0.0, 1.0), default=0.15, metavar="F",
                    help="held out when there is no official test set")
     g.add_argument("--balance", choices=["none", "loss", "sampler"], default="none",
                    help="class imbalance: class-weighted loss, or a class-balanced sampler")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random gain and noise on training inputs")
-    g.add_argument("--num-workers", type=_int_at_least(0),
+    g.add_argument("--num-workers", type=_int_at_least(0), metavar="N",
                    help=f"DataLoader workers per process (default: {CPU_DEFAULTS['num_workers']}"
                         f" on CPU, {GPU_DEFAULTS['num_workers']} on GPU)")
 
     g = p.add_argument_group("model")
     g.add_argument("--branches", choices=["both", "time", "freq"], default="both",
                    help="RWKV time branch, spectrogram-CNN frequency branch, or both")
-    g.add_argument("--hidden-size", type=_int_at_least(1),
+    g.add_argument("--hidden-size", type=_int_at_least(1), metavar="C",
                    help=f"RWKV width (default: {CPU_DEFAULTS['hidden_size']} on CPU, "
                         f"{GPU_DEFAULTS['hidden_size']} on GPU)")
-    g.add_argument("--num-layers", type=_int_at_least(1),
+    g.add_argument("--num-layers", type=_int_at_least(1), metavar="L",
                    help=f"RWKV blocks (default: {CPU_DEFAULTS['num_layers']} on CPU, "
                         f"{GPU_DEFAULTS['num_layers']} on GPU)")
-    g.add_argument("--patch-size", type=_int_at_least(1),
+    g.add_argument("--patch-size", type=_int_at_least(1), metavar="N",
                    help="RWKV strided-conv stem: samples per step (default: "
                         f"{CPU_DEFAULTS['patch_size']} on CPU, "
                         f"{GPU_DEFAULTS['patch_size']} on GPU)")
@@ -207,17 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frequency CNN stage widths (default: "
                         f"{' '.join(map(str, CPU_DEFAULTS['cnn_channels']))} on CPU, "
                         f"{' '.join(map(str, GPU_DEFAULTS['cnn_channels']))} on GPU)")
-    g.add_argument("--spectrogram", choices=["mel", "linear"], default="mel")
-    g.add_argument("--n-fft", type=_int_at_least(2), default=256, help="STFT size")
-    g.add_argument("--hop-length", type=_int_at_least(1), default=64, help="STFT hop")
-    g.add_argument("--n-mels", type=_int_at_least(1), default=64)
+    g.add_argument("--spectrogram", choices=["mel", "linear"], default="mel",
+                   help="frequency-branch input: mel or linear power spectrogram (in dB)")
+    g.add_argument("--n-fft", type=_int_at_least(2), default=256, metavar="N",
+                   help="STFT size in samples; also the shortest input the branch accepts")
+    g.add_argument("--hop-length", type=_int_at_least(1), default=64, metavar="N",
+                   help="STFT hop in samples")
+    g.add_argument("--n-mels", type=_int_at_least(1), default=64, metavar="N",
+                   help="mel bands (capped at n_fft / 2 + 1)")
     g.add_argument("--spec-augment", action=argparse.BooleanOptionalAction, default=True,
                    help="SpecAugment frequency/time masks in training")
     g.add_argument("--fusion", choices=["concat", "gated"], default="concat",
                    help="how the two branches' features are combined")
-    g.add_argument("--dropout", type=_float_in(0.0, 1.0), default=0.1,
+    g.add_argument("--dropout", type=_float_in(0.0, 1.0), default=0.1, metavar="P",
                    help="dropout before the classifier head")
-    g.add_argument("--rwkv-dropout", type=_float_in(0.0, 1.0), default=0.0,
+    g.add_argument("--rwkv-dropout", type=_float_in(0.0, 1.0), default=0.0, metavar="P",
                    help="residual dropout inside the RWKV blocks")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    default=False, help="recompute RWKV block activations in backward")
@@ -227,43 +234,49 @@ def build_parser() -> argparse.ArgumentParser:
                    default="auto", help="WKV operator backend")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=32,
+    g.add_argument("--batch-size", type=_int_at_least(1), default=32, metavar="N",
                    help="per device; the effective batch is this x devices x nodes x "
                         "--accumulate")
-    g.add_argument("--epochs", type=_int_at_least(1),
+    g.add_argument("--epochs", type=_int_at_least(1), metavar="N",
                    help=f"maximum epochs (default: {CPU_DEFAULTS['epochs']} on CPU, "
                         f"{GPU_DEFAULTS['epochs']} on GPU)")
-    g.add_argument("--max-steps", type=_int_at_least(1),
+    g.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
                    help="stop after this many optimizer steps (overrides --epochs for the "
                         "schedule)")
     g.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate")
     g.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="none",
                    help="scale --lr by (effective batch / --batch-size) for multi-device runs")
-    g.add_argument("--weight-decay", type=_float_in(0.0, float("inf")), default=0.05)
-    g.add_argument("--warmup", type=_float_in(0.0, float("inf")), default=0.05,
+    g.add_argument("--weight-decay", type=_float_in(0.0, float("inf")), default=0.05,
+                   metavar="W", help="AdamW weight decay, on weight matrices and conv kernels "
+                                     "only (not on norms, biases or RWKV decay/first/mix)")
+    g.add_argument("--warmup", type=_float_in(0.0, float("inf")), default=0.05, metavar="W",
                    help="warmup: fraction of all steps if < 1, else a step count")
     g.add_argument("--min-lr-ratio", type=_float_in(0.0, 1.0, high_open=False), default=0.01,
+                   metavar="R",
                    help="the cosine schedule ends at lr x this")
-    g.add_argument("--label-smoothing", type=_float_in(0.0, 1.0), default=0.0)
-    g.add_argument("--grad-clip", type=_float_in(0.0, float("inf")), default=1.0,
+    g.add_argument("--label-smoothing", type=_float_in(0.0, 1.0), default=0.0, metavar="E",
+                   help="cross-entropy label smoothing")
+    g.add_argument("--grad-clip", type=_float_in(0.0, float("inf")), default=1.0, metavar="NORM",
                    help="clip the gradient norm to this (0: off)")
-    g.add_argument("--accumulate", type=_int_at_least(1), default=1,
+    g.add_argument("--accumulate", type=_int_at_least(1), default=1, metavar="N",
                    help="batches per optimizer step")
     g.add_argument("--monitor", default="val/macro_f1",
                    choices=["val/macro_f1", "val/balanced_acc", "val/acc", "val/kappa",
                             "val/loss"],
                    help="metric for the best checkpoint and early stopping")
-    g.add_argument("--patience", type=_int_at_least(0), default=6,
+    g.add_argument("--patience", type=_int_at_least(0), default=6, metavar="EPOCHS",
                    help="early stopping after this many epochs without improvement (0: off)")
 
     g = p.add_argument_group("hardware")
-    g.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto")
+    g.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="auto: a CUDA GPU if one is visible, else the CPU")
     g.add_argument("--devices", type=_devices, default="auto",
                    help="devices per node: a count, 'auto', or GPU ids like 0,1")
     g.add_argument("--strategy", default="auto",
                    help="Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters"
                         "_true, fsdp ...")
-    g.add_argument("--num-nodes", type=_int_at_least(1), default=1)
+    g.add_argument("--num-nodes", type=_int_at_least(1), default=1, metavar="N",
+                   help="hosts (torchrun/SLURM start the processes; see docs/training.md)")
     g.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="auto: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, "
                         "32-true on CPU")
@@ -281,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--output-dir/--name")
     g.add_argument("--memory-log-every", type=_int_at_least(1), default=50, metavar="STEPS",
                    help="log memory to TensorBoard every this many steps")
-    g.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
+                   help="a live progress bar (off: one summary line per epoch only)")
     return p
 
 
@@ -289,23 +303,27 @@ def build_predict_parser() -> argparse.ArgumentParser:
     """The `train.py predict` command line."""
     p = _Parser(
         prog="train.py predict",
-        description="Write class probabilities per signal (or per window of a long signal) "
-                    "to CSV, from a checkpoint written by train.py.",
+        description="Write class probabilities per signal (or per window of a long signal)\n"
+                    "to CSV, from a checkpoint written by train.py. Signals are resampled,\n"
+                    "filtered, windowed and normalised as in training.",
         formatter_class=_Formatter,
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a train.py checkpoint")
     p.add_argument("--data", required=True, metavar="PATH", help="signal file or folder")
     p.add_argument("--format", choices=["npz", "npy", "csv", "tsv", "ts", "wfdb", "edf"],
                    help="reader (default: the training run's, else by extension)")
-    p.add_argument("--reader-option", action="append", type=_key_value, default=[],
-                   metavar="KEY=VALUE", help="reader option, repeatable")
-    p.add_argument("--output", default="predictions.csv", metavar="CSV")
-    p.add_argument("--window-stride", type=_int_at_least(1),
+    p.add_argument("--reader-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="reader option, repeatable (default: the training run's)")
+    p.add_argument("--output", default="predictions.csv", metavar="CSV",
+                   help="columns: record, group, start, end, label, predicted, p_<class>...")
+    p.add_argument("--window-stride", type=_int_at_least(1), metavar="N",
                    help="stride between windows of signals longer than the model input "
                         "(default: the training stride, else the input length)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
-    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="auto")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="N")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="one device: a CUDA GPU if one is visible, else the CPU")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="as for training")
     return p
 
 
@@ -408,7 +426,7 @@ def resolve_hardware(args: argparse.Namespace) -> tuple[bool, str]:
 def data_config(args: argparse.Namespace) -> DataConfig:
     return DataConfig(
         source=args.data, test_source=args.test_data, format=args.format,
-        reader_options=dict(args.reader_option), synthetic_num_signals=args.synthetic_signals,
+        reader_options=dict(args.reader_option or []), synthetic_num_signals=args.synthetic_signals,
         synthetic_imbalance=args.synthetic_imbalance, sample_rate=args.sample_rate,
         length=args.length, length_policy=args.length_policy, window_stride=args.window_stride,
         normalize=args.normalize, val_fraction=args.val_fraction,
@@ -698,7 +716,7 @@ def predict(args: argparse.Namespace) -> Path:
     if not Path(args.data).exists():
         raise ConfigError(f"--data: {args.data} does not exist")
     fmt = args.format or (data.get("format") if data.get("source") != "synthetic" else None)
-    options = {**data.get("reader_options", {}), **dict(args.reader_option)}
+    options = {**data.get("reader_options", {}), **dict(args.reader_option or [])}
     dataset = read_dataset(args.data, fmt, class_names=names, **options)
     rate = data.get("trained_sample_rate")
     if rate and dataset.sample_rate and dataset.sample_rate != rate:
