@@ -51,36 +51,37 @@ __device__ __forceinline__ void store_state(float* s, int64_t i, int C, State st
   s[i + 2 * C] = st.p;
 }
 
+// e^{x-m} and e^{y-m} with m = max(x, y): one of the two is 1, so one exp does. (Every
+// exponential in the recurrence has this form; it halves the special-function work.)
+struct ExpPair {
+  float m, ex, ey;
+};
+__device__ __forceinline__ ExpPair exp_pair(float x, float y) {
+  const float d = expf(-fabsf(x - y));
+  return x >= y ? ExpPair{x, 1.f, d} : ExpPair{y, d, 1.f};
+}
+
 // y_t from the state before step t
 __device__ __forceinline__ float step_output(const State& s, float u, float k, float v) {
-  const float ww = u + k;
-  const float q = fmaxf(s.p, ww);
-  const float e1 = expf(s.p - q);
-  const float e2 = expf(ww - q);
-  return (e1 * s.a + e2 * v) / (e1 * s.b + e2);
+  const ExpPair e = exp_pair(s.p, u + k);
+  return (e.ex * s.a + e.ey * v) / (e.ex * s.b + e.ey);
 }
 
 // state after step t
 __device__ __forceinline__ void step_state(State& s, float w, float k, float v) {
-  const float ww = s.p + w;
-  const float q = fmaxf(ww, k);
-  const float e1 = expf(ww - q);
-  const float e2 = expf(k - q);
-  s.a = e1 * s.a + e2 * v;
-  s.b = e1 * s.b + e2;
-  s.p = q;
+  const ExpPair e = exp_pair(s.p + w, k);
+  s.a = e.ex * s.a + e.ey * v;
+  s.b = e.ex * s.b + e.ey;
+  s.p = e.m;
 }
 
 // s decayed over `decay` = length * w, plus a chunk's own contribution `local`.
 // Works alike for forward states and for gradient states.
 __device__ __forceinline__ void combine(State& s, const State& local, float decay) {
-  const float pd = s.p + decay;
-  const float q = fmaxf(pd, local.p);
-  const float e1 = expf(pd - q);
-  const float e2 = expf(local.p - q);
-  s.a = e1 * s.a + e2 * local.a;
-  s.b = e1 * s.b + e2 * local.b;
-  s.p = q;
+  const ExpPair e = exp_pair(s.p + decay, local.p);
+  s.a = e.ex * s.a + e.ey * local.a;
+  s.b = e.ex * s.b + e.ey * local.b;
+  s.p = e.m;
 }
 
 struct Index {
@@ -277,10 +278,8 @@ __device__ __forceinline__ void chunk_backward(const T* __restrict__ k, const T*
 #pragma unroll
   for (int j = kChunk - 1; j >= 0; --j) {
     if (j < len) {
-      const float ww = u + kk[j];
-      const float q = fmaxf(sp[j], ww);
-      const float e1 = expf(sp[j] - q);
-      const float e2 = expf(ww - q);
+      const ExpPair e = exp_pair(sp[j], u + kk[j]);
+      const float q = e.m, e1 = e.ex, e2 = e.ey;
       const float inv_d = 1.f / (e1 * sb[j] + e2);  // D_t = d e^q, d >= 1
       const float y = (e1 * sa[j] + e2 * vv[j]) * inv_d;
       const float g = gg[j] * inv_d;  // gy_t / D_t = g e^{-q}
@@ -294,12 +293,10 @@ __device__ __forceinline__ void chunk_backward(const T* __restrict__ k, const T*
         gu += bonus * (vv[j] - y);
         gw += (R.a * sa[j] + R.b * sb[j]) * expf(w + sp[j] + R.p);
       }
-      const float rho = fmaxf(R.p + w, -q);
-      const float f1 = expf(R.p + w - rho);
-      const float f2 = expf(-q - rho);
-      R.a = f1 * R.a + f2 * g;
-      R.b = f1 * R.b - f2 * g * y;
-      R.p = rho;
+      const ExpPair f = exp_pair(R.p + w, -q);
+      R.a = f.ex * R.a + f.ey * g;
+      R.b = f.ex * R.b - f.ey * g * y;
+      R.p = f.m;
     }
   }
 }
