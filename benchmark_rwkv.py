@@ -1,64 +1,417 @@
-"""Side-by-side performance report: the WKV operator's backends against the bandwidth floor.
+"""Side-by-side performance report: original vs optimized RWKV, the WKV operator's backends,
+sequence-length scaling, peers (cuDNN LSTM, SDPA Transformer) and the full classifier.
 
-    python benchmark_rwkv.py                      # full report on the GPU (smaller sizes on CPU)
-    python benchmark_rwkv.py --sections op --json out.json
+    python benchmark_rwkv.py                       # everything, GPU sizes (B=8, T=3750, 6x256)
+    python benchmark_rwkv.py --quick               # CPU-friendly sizes
+    python benchmark_rwkv.py --sections model op --json out.json --plot scaling.png
+
+Timing: CUDA events after warm-up, median of repeats (perf_counter on CPU). A size that does
+not fit in memory is reported as such.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 
 import torch
+from torch import nn
 
-from utils.benchmarking import as_dicts, bench_op, format_op_table, measure_bandwidth_tb_s
+from models.dual_branch import DualBranchClassifier
+from models.rwkv import create_optimized_rwkv, create_original_rwkv
+from models.wkv import prepare_backend
+from utils.benchmarking import (
+    as_dicts,
+    bench_op,
+    format_op_table,
+    measure_bandwidth_tb_s,
+    time_ms,
+)
+
+SECTIONS = ("model", "op", "scaling", "peers", "classifier")
+MiB = 2**20
 
 
-def op_section(args, device, tb_s):
-    dtypes = [getattr(torch, d) for d in args.dtypes]
-    results = []
-    for batch, steps in args.op_sizes:
-        for dtype in dtypes:
-            for backend in args.backends:
-                if backend.startswith("cuda") and device.type != "cuda":
-                    continue
-                slow = backend == "reference" or (backend == "torch" and device.type == "cpu")
-                r = bench_op(backend, dtype, batch, steps, args.hidden, device, tb_s,
-                             repeat=2 if slow else 30, budget_s=30 if slow else 10)
-                results.append(r)
-                print(format_op_table([r]).splitlines()[-1], flush=True)
+# ------------------------------------------------------------------------------------------
+# Measuring a module
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return 0
+
+
+def _peak_mib(device, base):
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated() - base) / MiB
+
+
+def measure_module(model: nn.Module, x: torch.Tensor, device, amp: torch.dtype | None,
+                   train: bool, repeat: int, budget_s: float, loss_fn=None) -> dict:
+    """Forward time, (optionally) one AdamW train step's time, and peak memory of each."""
+    out: dict = {}
+    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    try:
+        model.eval()
+
+        def forward():
+            with torch.no_grad(), autocast:
+                return model(x)
+
+        base = _peak_reset(device)
+        y = forward()
+        out["output_shape"] = list(y.shape)
+        out["fwd_ms"] = time_ms(forward, device, warmup=1, repeat=repeat, budget_s=budget_s)
+        out["fwd_peak_mib"] = _peak_mib(device, base)
+        if train:
+            model.train()
+            fused = device.type == "cuda"
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+            loss_fn = loss_fn or (lambda y: y.float().square().mean())
+
+            def step():
+                with autocast:
+                    loss = loss_fn(model(x))
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            base = _peak_reset(device)
+            out["train_ms"] = time_ms(step, device, warmup=1, repeat=repeat, budget_s=budget_s)
+            out["train_peak_mib"] = _peak_mib(device, base)
+            del opt
+    except torch.OutOfMemoryError:
+        out["note"] = "out of memory"
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+
+
+# ------------------------------------------------------------------------------------------
+# Sections
+
+
+def model_section(args, device) -> dict:
+    """Original (sequential reference WKV, per-op code) vs optimized, same weights."""
+    B, T, C, L = args.batch_size, args.seq_len, args.hidden, args.layers
+    amp = args.amp
+    print(f"\n## Original vs optimized RWKV: input ({B}, {T}, 1), {L} layers x {C} hidden, "
+          f"autocast {amp}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, 1, generator=g).to(device)
+    results = {}
+    variants = {
+        "optimized": dict(gradient_checkpointing=False),
+        "optimized+checkpointing": dict(gradient_checkpointing=True),
+    }
+    if args.patch_size > 1:
+        variants[f"optimized patch {args.patch_size}"] = dict(patch_size=args.patch_size,
+                                                             gradient_checkpointing=True)
+    torch.manual_seed(0)
+    optimized = create_optimized_rwkv(1, C, L).to(device)
+    with torch.no_grad():  # RWKV's init makes every block the identity: perturb to compare
+        for p in optimized.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g).to(device))
+    for name, opts in variants.items():
+        torch.manual_seed(0)
+        model = create_optimized_rwkv(1, C, L, **opts).to(device)
+        r = measure_module(model, x, device, amp, train=True, repeat=args.repeat, budget_s=20)
+        r["params"] = n_params(model)
+        results[name] = r
+        print(f"{name}: params {r['params']:,}, fwd {fmt(r.get('fwd_ms'))} ms, train step "
+              f"{fmt(r.get('train_ms'))} ms, peak train {fmt(r.get('train_peak_mib'))} MiB "
+              f"{r.get('note', '')}", flush=True)
+    if not args.skip_original:
+        original = create_original_rwkv(1, C, L).to(device)
+        original.load_state_dict(optimized.state_dict())
+        # compare outputs before timing: the timed train step changes the original's weights
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            optimized.eval()
+            original.eval()
+            diff = (optimized(x).float() - original(x).float()).abs().max().item()
+        results["max_output_difference"] = diff
+        r = measure_module(original, x, device, amp, train=not args.skip_original_train,
+                           repeat=1, budget_s=1)
+        r["params"] = n_params(original)
+        results["original"] = r
+        opt, orig = results["optimized"], r
+        speedup = orig["fwd_ms"] / opt["fwd_ms"]
+        results["forward_speedup"] = speedup
+        print(f"original: params {r['params']:,}, fwd {fmt(r['fwd_ms'])} ms, train step "
+              f"{fmt(r.get('train_ms'))} ms")
+        print(f"forward speedup {speedup:,.0f}x; throughput {B / opt['fwd_ms'] * 1e3:,.1f} vs "
+              f"{B / orig['fwd_ms'] * 1e3:,.2f} samples/s; max output difference {diff:.2e} "
+              f"({'outputs match' if diff < (5e-2 if amp else 1e-4) else 'OUTPUTS DIFFER'})")
+        if "train_ms" in orig:
+            results["train_speedup"] = orig["train_ms"] / opt["train_ms"]
+            print(f"train step speedup {results['train_speedup']:,.0f}x")
+        if opt.get("fwd_peak_mib") and orig.get("fwd_peak_mib"):
+            print(f"forward memory: {fmt(opt['fwd_peak_mib'])} vs {fmt(orig['fwd_peak_mib'])} MiB")
     return results
 
 
+def op_section(args, device, tb_s) -> list:
+    print(f"\n## WKV operator, C={args.hidden} (floor at {tb_s:.2f} TB/s measured copy rate)")
+    results = []
+    for batch, steps in args.op_sizes:
+        for dtype in args.op_dtypes:
+            for backend in args.backends:
+                if backend.startswith("cuda") and device.type != "cuda":
+                    continue
+                if backend == "reference" and batch * steps > 8 * 4096:
+                    continue
+                slow = backend == "reference" or (backend == "torch" and device.type == "cpu")
+                r = bench_op(backend, dtype, batch, steps, args.hidden, device, tb_s,
+                             repeat=3 if slow else 30, budget_s=30 if slow else 10)
+                results.append(r)
+                print(format_op_table([r]).splitlines()[-1], flush=True)
+    print(format_op_table(results))
+    return as_dicts(results)
+
+
+def scaling_section(args, device, tb_s) -> list:
+    """fwd+bwd time vs T for each backend, until a backend passes the time budget."""
+    print(f"\n## Scaling: WKV fwd+bwd vs T, B={args.scaling_batch}, fp32")
+    rows = []
+    for channels in args.scaling_hidden:
+        for backend in args.backends:
+            if backend.startswith("cuda") and device.type != "cuda":
+                continue
+            for steps in args.scaling_lengths:
+                r = bench_op(backend, torch.float32, args.scaling_batch, steps, channels, device,
+                             tb_s, repeat=10, budget_s=5)
+                rows.append(r)
+                print(format_op_table([r]).splitlines()[-1], flush=True)
+                if r.note or (r.fwd_bwd_ms or 0) > args.slow_ms:
+                    break  # too slow (or too big) for longer sequences
+    return as_dicts(rows)
+
+
+class LSTMStack(nn.Module):
+    def __init__(self, hidden, layers):
+        super().__init__()
+        self.stem = nn.Linear(1, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(self.stem(x))[0].mean(1)
+
+
+class TransformerStack(nn.Module):
+    """Pre-norm Transformer encoder of the same width/depth; attention through PyTorch SDPA."""
+
+    def __init__(self, hidden, layers, heads=4):
+        super().__init__()
+        self.stem = nn.Linear(1, hidden)
+        layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x):
+        return self.encoder(self.stem(x)).mean(1)
+
+
+def peers_section(args, device) -> dict:
+    B, C, L = args.batch_size, args.hidden, args.layers
+    print(f"\n## Peers at B={B}, {L} layers x {C}: train step (AdamW) and peak memory, autocast "
+          f"{args.amp}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    results: dict = {}
+    for steps in args.peer_lengths:
+        x = torch.randn(B, steps, 1, device=device)
+        row = {}
+        models = {
+            "rwkv": lambda: create_optimized_rwkv(1, C, L),
+            "rwkv+checkpointing": lambda: create_optimized_rwkv(1, C, L,
+                                                                gradient_checkpointing=True),
+            "transformer (SDPA)": lambda: TransformerStack(C, L),
+            "lstm (cuDNN)": lambda: LSTMStack(C, L),
+        }
+        for name, make in models.items():
+            if name.startswith("lstm") and steps > args.lstm_max_len:
+                continue
+            torch.manual_seed(0)
+            model = make().to(device)
+            with sdpa_kernel(backends):
+                r = measure_module(model, x, device, args.amp, train=True,
+                                   repeat=args.repeat, budget_s=20)
+            row[name] = r
+            print(f"T={steps:>7} {name:<20} fwd {fmt(r.get('fwd_ms')):>7} ms  train "
+                  f"{fmt(r.get('train_ms')):>7} ms  peak {fmt(r.get('train_peak_mib')):>7} MiB "
+                  f"{r.get('note', '')}", flush=True)
+            del model
+        results[steps] = row
+    overtakes = next((t for t, row in results.items()
+                      if row.get("rwkv", {}).get("train_ms", math.inf)
+                      < row.get("transformer (SDPA)", {}).get("train_ms", math.inf)), None)
+    print(f"RWKV train step beats the Transformer from T = {overtakes} on (of the lengths tried)")
+    return {"rows": {str(t): row for t, row in results.items()}, "rwkv_overtakes_at": overtakes}
+
+
+def classifier_section(args, device) -> dict:
+    B, T = args.batch_size, args.seq_len
+    print(f"\n## Dual-branch classifier: B={B}, T={T}, 5 classes, autocast {args.amp}")
+    results = {}
+    for patch in sorted({1, args.patch_size}):
+        torch.manual_seed(0)
+        time_cfg = dict(hidden_size=args.hidden, num_layers=args.layers, patch_size=patch,
+                        gradient_checkpointing=True)
+        model = DualBranchClassifier(5, time=time_cfg).to(device)
+        x = torch.randn(B, T, device=device)
+        target = torch.randint(0, 5, (B,), device=device)
+        r = measure_module(model, x, device, args.amp, train=True, repeat=args.repeat,
+                           budget_s=20,
+                           loss_fn=lambda y, t=target: nn.functional.cross_entropy(y.float(), t))
+        if "fwd_ms" in r:
+            r["inference_samples_per_s"] = B / r["fwd_ms"] * 1e3
+            r["train_samples_per_s"] = B / r["train_ms"] * 1e3
+        results[f"patch {patch}"] = r
+        print(f"patch {patch}: params {n_params(model):,}, inference {fmt(r.get('fwd_ms'))} ms "
+              f"({fmt(r.get('inference_samples_per_s'))} samples/s), train step "
+              f"{fmt(r.get('train_ms'))} ms ({fmt(r.get('train_samples_per_s'))} samples/s), "
+              f"peak {fmt(r.get('train_peak_mib'))} MiB {r.get('note', '')}", flush=True)
+    return results
+
+
+def plot_scaling(rows: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict = {}
+    for r in rows:
+        if r["fwd_bwd_ms"] is not None:
+            series.setdefault((r["backend"], r["channels"]), []).append((r["steps"],
+                                                                         r["fwd_bwd_ms"]))
+    for (backend, channels), points in sorted(series.items()):
+        xs, ys = zip(*points, strict=True)
+        ax.loglog(xs, ys, marker="o", label=f"{backend}, C={channels}")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("WKV forward + backward (ms)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+# ------------------------------------------------------------------------------------------
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    b, t = text.lower().split("x")
-    return int(b), int(t)
+    try:
+        b, t = text.lower().split("x")
+        return int(b), int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BxT like 8x3750; got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--quick", action="store_true",
+                   help="CPU-friendly sizes (B=2, T=512, 2 layers x 64) unless set explicitly")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--patch-size", type=int, default=8,
+                   help="also measure the conv stem that shortens T by this factor")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="autocast dtype for model sections (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--op-sizes", type=parse_size, nargs="+", help="BxT sizes for the op table")
+    p.add_argument("--op-dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--backends", nargs="+",
+                   default=["cuda", "cuda_sequential", "torch", "reference"])
+    p.add_argument("--scaling-lengths", type=int, nargs="+")
+    p.add_argument("--scaling-hidden", type=int, nargs="+", default=[32, 256])
+    p.add_argument("--scaling-batch", type=int, default=8)
+    p.add_argument("--slow-ms", type=float, default=3000.0,
+                   help="stop growing T for a backend once one run takes longer than this")
+    p.add_argument("--peer-lengths", type=int, nargs="+")
+    p.add_argument("--lstm-max-len", type=int, default=16384)
+    p.add_argument("--skip-original", action="store_true", help="skip the sequential original")
+    p.add_argument("--skip-original-train", action="store_true",
+                   help="time only the original's forward (its train step takes long)")
+    p.add_argument("--json", help="write all results to this JSON file")
+    p.add_argument("--plot", default=None, help="write the scaling plot (PNG) here")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--hidden", type=int, default=256, help="channels C")
-    p.add_argument("--op-sizes", type=parse_size, nargs="+", default=None,
-                   help="BxT sizes for the operator table, e.g. 8x3750 1x3750")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--backends", nargs="+",
-                   default=["cuda", "cuda_sequential", "torch", "reference"])
-    p.add_argument("--json", help="write all results to this JSON file")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
-    if args.op_sizes is None:
-        args.op_sizes = [(8, 3750), (1, 3750)] if device.type == "cuda" else [(8, 3750)]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    gpu = device.type == "cuda"
+    small = args.quick or not gpu
+    args.batch_size = args.batch_size or (2 if small else 8)
+    args.seq_len = args.seq_len or (512 if small else 3750)
+    args.hidden = args.hidden or (64 if small else 256)
+    args.layers = args.layers or (2 if small else 6)
+    args.op_sizes = args.op_sizes or ([(2, 512)] if small else [(8, 3750), (1, 3750), (8, 65536)])
+    args.op_dtypes = [getattr(torch, d) for d in args.op_dtypes]
+    args.scaling_lengths = args.scaling_lengths or (
+        [256, 1024, 4096] if small else [256, 1024, 4096, 16384, 65536, 262144])
+    args.peer_lengths = args.peer_lengths or ([512] if small else [1024, 3750, 16384, 65536])
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.amp = None if dtype == "float32" else getattr(torch, dtype)
+
+    name = torch.cuda.get_device_name(device) if gpu else "CPU"
     tb_s = measure_bandwidth_tb_s(device)
-    print(f"Device: {name}; torch {torch.__version__}; copy bandwidth {tb_s:.2f} TB/s")
-    results = op_section(args, device, tb_s)
-    print(format_op_table(results))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": name, "bandwidth_tb_s": tb_s, "op": as_dicts(results)}, fh,
-                      indent=1)
+    backend = prepare_backend(device)
+    print(f"# RWKV benchmark, {time.strftime('%Y-%m-%d')}")
+    print(f"Device: {name}; torch {torch.__version__}; WKV backend {backend}; "
+          f"copy bandwidth {fmt(tb_s)} TB/s")
+    report = {"device": name, "torch": torch.__version__, "bandwidth_tb_s": tb_s,
+              "config": {k: v for k, v in vars(args).items() if k not in ("amp", "op_dtypes")}}
+    report["config"]["op_sizes"] = [list(s) for s in args.op_sizes]
+    sections = {
+        "model": lambda: model_section(args, device),
+        "op": lambda: op_section(args, device, tb_s),
+        "scaling": lambda: scaling_section(args, device, tb_s),
+        "peers": lambda: peers_section(args, device),
+        "classifier": lambda: classifier_section(args, device),
+    }
+    for section in args.sections:
+        report[section] = sections[section]()
+        if args.json:  # written after every section, so a stopped run keeps what it measured
+            with open(args.json, "w") as fh:
+                json.dump(report, fh, indent=1, default=str)
+    if "scaling" in report and args.plot:
+        plot_scaling(report["scaling"], args.plot)
     return 0
 
 
