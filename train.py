@@ -543,8 +543,9 @@ class Run:
 
 def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None) -> Run:
     """Data, Trainer and module for the options. Bad values raise ConfigError/DataError."""
-    on_gpu, precision = resolve_hardware(args)
+    # first: the CUDA allocator settings only take effect before CUDA initialises
     memory_settings = optimize_memory_usage()
+    on_gpu, precision = resolve_hardware(args)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     if on_gpu:
         # Build the CUDA WKV extension here, before Lightning starts the other ranks; they find

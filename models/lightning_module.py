@@ -315,8 +315,9 @@ class SignalClassifierModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = self.model.optimizer_groups(hp.weight_decay)
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        # not fused=True: Lightning's mixed-precision plugins refuse gradient clipping with an
+        # optimizer that unscales gradients itself; torch picks the foreach kernels on CUDA
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = hp.warmup * total if hp.warmup < 1 else hp.warmup
         schedule = WarmupCosine(total, round(warmup), hp.min_lr_ratio)
