@@ -516,6 +516,6 @@ std::vector<at::Tensor> wkv_backward_cuda(const at::Tensor& decay, const at::Ten
         gvp, parts.data_ptr<float>(), B, T, C, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  auto sums = parts.sum(1);  // (2, C)
-  return {sums[0], sums[1], gk, gv, gstate_in};
+  // two reductions, not one sliced result: outputs of a custom op must not alias each other
+  return {parts[0].sum(0), parts[1].sum(0), gk, gv, gstate_in};
 }
