@@ -63,16 +63,21 @@ std::vector<at::Tensor> forward(const at::Tensor& decay, const at::Tensor& u, co
 std::vector<at::Tensor> backward(const at::Tensor& decay, const at::Tensor& u,
                                  const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& chunk_states, const at::Tensor& state_out,
-                                 const at::Tensor& gy, const at::Tensor& gstate_out,
-                                 bool has_state, bool sequential) {
+                                 const at::Tensor& gy,
+                                 const std::optional<at::Tensor>& gstate_out, bool has_state,
+                                 bool sequential) {
   check_common(decay, u, k, v);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   check_float(k, chunk_states, {B, (T + kChunk - 1) / kChunk, 3, C}, "chunk_states");
   check_float(k, state_out, {B, 3, C}, "state_out");
-  check_float(k, gstate_out, {B, 3, C}, "gstate_out");
+  at::Tensor gs;  // undefined: the final state's gradient is zero
+  if (gstate_out.has_value()) {
+    gs = *gstate_out;
+    check_float(k, gs, {B, 3, C}, "gstate_out");
+  }
   check_io(k, gy, "gy");
   const c10::cuda::CUDAGuard guard(k.device());
-  return wkv_backward_cuda(decay, u, k, v, chunk_states, state_out, gy, gstate_out, has_state,
+  return wkv_backward_cuda(decay, u, k, v, chunk_states, state_out, gy, gs, has_state,
                            sequential);
 }
 

@@ -132,9 +132,36 @@ def _backward(ctx, gy, gstate, _gchunk):
 torch.library.register_autograd("rwkv_signal::wkv_forward", _backward, setup_context=_setup_context)
 
 
+class _WKVFunction(torch.autograd.Function):
+    """The same kernels for eager mode without the custom-op dispatch: an eager call then
+    costs tens of microseconds of Python instead of hundreds, which matters at the operator's
+    own speed. torch.compile goes through the custom ops above instead."""
+
+    @staticmethod
+    def forward(ctx, decay, first, k, v, state, sequential):
+        y, state_out, chunk_states = _extension().forward(decay, first, k, v, state, sequential)
+        ctx.save_for_backward(decay, first, k, v, chunk_states, state_out)
+        ctx.has_state, ctx.sequential = state is not None, sequential
+        return y, state_out
+
+    @staticmethod
+    def backward(ctx, gy, gstate):
+        decay, first, k, v, chunk_states, state_out = ctx.saved_tensors
+        gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype).contiguous()
+        gstate = None if gstate is None else gstate.contiguous()
+        gdecay, gfirst, gk, gv, gstate_in = _extension().backward(
+            decay, first, k, v, chunk_states, state_out, gy, gstate, ctx.has_state,
+            ctx.sequential,
+        )
+        return gdecay, gfirst, gk, gv, gstate_in if ctx.has_state else None, None
+
+
 def wkv_cuda(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state: Tensor | None,
              sequential: bool = False):
-    """y (B, T, C) and the final state (B, 3, C) through the custom op."""
-    y, state_out, _ = wkv_forward(decay.float(), first.float(), k, v,
-                                  None if state is None else state.float(), sequential)
-    return y, state_out
+    """y (B, T, C) and the final state (B, 3, C) from the CUDA kernel."""
+    decay, first = decay.float().contiguous(), first.float().contiguous()
+    state = None if state is None else state.float().contiguous()
+    if torch.compiler.is_compiling() or not k.is_cuda:  # (CPU: the ops' reference path)
+        y, state_out, _ = wkv_forward(decay, first, k, v, state, sequential)
+        return y, state_out
+    return _WKVFunction.apply(decay, first, k.contiguous(), v.contiguous(), state, sequential)
