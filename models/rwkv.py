@@ -315,6 +315,10 @@ class RWKVEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor, state: RWKVState | None = None):
+        """x: (B, T, input_size), or (B, T) for one channel.
+        Without state: (B, C) pooled features, or (B, T', C) with return_sequence.
+        With state (from `init_state` or the previous call): (out, new_state), out as above
+        for this chunk, except mean pooling covers every chunk so far."""
         cfg = self.config
         x = validate_signal(x, cfg.input_size, check_finite=cfg.check_input_finite)
         if state is not None:
