@@ -478,8 +478,7 @@ class EpochSummary(Callback):
     """One line per epoch on rank 0 (loss, validation metrics, seconds): readable in batch-job
     logs, where a progress bar is not."""
 
-    KEYS = ("train/loss_epoch", "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1",
-            "train/samples_per_s")
+    KEYS = ("train/loss_epoch", "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()

@@ -24,6 +24,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 from torchmetrics import MeanMetric, MetricCollection
@@ -151,7 +152,6 @@ class SignalClassifierModule(pl.LightningModule):
         # Filled at test end (all ranks) for train.py to write out.
         self.test_results: dict[str, Any] = {}
         self.samples_trained = 0  # by this process, since it started
-        self._pending_rng: list[dict[str, Any]] | None = None
         self._clock: dict[str, float] = {}
 
     # ------------------------------------------------------------------ forward and steps
@@ -246,7 +246,7 @@ class SignalClassifierModule(pl.LightningModule):
         self._log_throughput("train")
 
     def on_validation_epoch_start(self) -> None:
-        if self.trainer.training and "train" in self._clock:
+        if self.trainer.state.fn == TrainerFn.FITTING and "train" in self._clock:
             self._stop_clock("train")  # validation inside the epoch is not training time
         self._start_clock("val")
 
