@@ -26,11 +26,16 @@ RANK_LINE = re.compile(r"rank (\d)/(\d): trained on (\d+) samples this session, 
 
 
 def run(args: list[str], cwd: Path) -> tuple[list[tuple], dict]:
+    """Run train.py; returns the per-rank summary lines and rank 0's test_metrics.json."""
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *COMMON, *args], cwd=cwd,
                             capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = sorted(RANK_LINE.findall(result.stdout + result.stderr))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    ranks = sorted(RANK_LINE.findall(output))
+    world = int(args[args.index("--devices") + 1])
+    assert len(ranks) == world, output[-4000:]  # the whole log if a rank went missing
     results = json.loads(next(cwd.glob("runs/*/version_0/test_metrics.json")).read_text())
+    results["log"] = output[-4000:]
     return ranks, results
 
 
@@ -46,11 +51,11 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
                                                           ("1", "2", "112", "14")]
     assert ranks2[0][4] == ranks2[1][4]
     assert [(r[0], r[1], r[2], r[3]) for r in ranks1] == [("0", "1", "224", "14")]
-    assert float(ranks2[0][4]) == pytest.approx(float(ranks1[0][4]), rel=1e-6)
+    assert float(ranks2[0][4]) == pytest.approx(float(ranks1[0][4]), rel=1e-6), (ranks2, ranks1)
 
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["effective_batch_size"] == one["effective_batch_size"] == 16
-    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert two["confusion_matrix"] == one["confusion_matrix"], (two["log"], one["log"])
     assert sum(map(sum, two["confusion_matrix"])) == 27  # no padded repeats counted
     for key, value in one["metrics"].items():
         if key != "test/samples_per_s":
