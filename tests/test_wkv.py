@@ -231,8 +231,12 @@ def test_auto_backend_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger="models.wkv"):
         wkv(decay, first, k, v)
         wkv(decay, first, k, v)
+        with torch.no_grad():
+            wkv(*make_inputs(2, 4, 256)[:4])  # wide, no autograd: the step loop
+            wkv(*make_inputs(1, 4, 2)[:4])  # narrow: stays on the chunked scan
     lines = [r.message for r in caplog.records if r.message.startswith("WKV backend")]
-    assert lines == ["WKV backend: torch (inputs on CPU)"]
+    assert lines == ["WKV backend: torch (inputs on CPU)",
+                     "WKV backend: reference (CPU without autograd: the step loop is faster here)"]
 
 
 @pytest.mark.slow
