@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.wkv import BACKENDS, empty_state, wkv
+from models.wkv import BACKENDS, empty_state, prepare_backend, wkv
 
 
 @dataclass
@@ -284,6 +284,10 @@ class RWKVEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size)
         self.gradient_checkpointing = config.gradient_checkpointing
+        if config.wkv_backend in ("auto", "cuda", "cuda_sequential") and torch.cuda.is_available():
+            # build or load the kernel now, outside any torch.compile trace (a trace can only
+            # use a kernel that is already loaded)
+            prepare_backend("cuda")
         if config.compile_blocks:
             for block in self.blocks:
                 block.compile()  # in place: parameter names and state_dict stay the same
