@@ -37,12 +37,14 @@ fi
 echo "Python: $python"
 
 if (( install )); then
-  extras="formats"
-  (( dev )) && extras="formats,dev"
+  # Only the dependencies: the project runs from this folder (its packages are named models,
+  # data, utils and cuda, too generic to install into an environment).
+  requirements=(-r requirements.txt -r requirements-formats.txt)
+  (( dev )) && requirements+=(-r requirements-dev.txt)
   start=$(date +%s)
   "$python" -m pip install --quiet --upgrade pip
-  # torch and torchaudio are pinned to 2.11.0 in pyproject.toml (CUDA 13.0 wheels)
-  "$python" -m pip install --quiet -e ".[$extras]"
+  # torch and torchaudio are pinned to 2.11.0 in requirements.txt (CUDA 13.0 wheels)
+  "$python" -m pip install --quiet "${requirements[@]}"
   echo "Dependencies installed in $(( $(date +%s) - start )) s"
 fi
 

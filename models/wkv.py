@@ -1,4 +1,4 @@
-"""The RWKV-4 WKV operator: one public entry point, three backends.
+"""The RWKV-4 WKV operator: one public entry point, four backends.
 
 Per channel, with w = -exp(decay) < 0 and u = first, inputs k, v of shape (B, T, C):
 
@@ -17,8 +17,8 @@ what happens when a long signal is cut into pieces and the state is carried alon
 Backends (see `wkv`):
   reference        the sequential loop below: the definition, the test oracle, any float dtype
   torch            vectorised chunked PyTorch (`wkv_chunked`), CPU and GPU, plain autograd
-  cuda             the chunked-parallel CUDA kernel in cuda/, through the custom ops in
-                   models/wkv_ops.py (torch.compile and autocast friendly)
+  cuda             the chunked-parallel CUDA kernel in cuda/ (models/wkv_ops.py: an
+                   autograd.Function in eager mode, torch.library custom ops under torch.compile)
   cuda_sequential  the same kernel library's one-thread-per-channel loop: the in-house baseline
 """
 
