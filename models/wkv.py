@@ -175,9 +175,11 @@ def wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, chunk
     # (2) scan over chunks (a loop over T / L chunks, not over T)
     carry = tuple(state.unbind(1))
     incoming = []
-    for n in range(n_chunks):
+    # unbind once: indexing chunk n in the loop would make autograd fill a zero (B, N, C)
+    # gradient per chunk
+    for local in zip(la.unbind(1), lb.unbind(1), lp.unbind(1), strict=True):
         incoming.append(torch.stack(carry, 1))
-        carry = _combine(carry, (la[:, n], lb[:, n], lp[:, n]), L * w)
+        carry = _combine(carry, local, L * w)
     a_out, b_out, p_out = carry
     # padding steps added nothing but decay: undo their decay on the scale
     state_out = torch.stack((a_out, b_out, p_out - pad * w), 1)
