@@ -24,11 +24,10 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
@@ -44,9 +43,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from data.datamodule import DataConfig, SignalDataModule, SignalItems, record_stats
-from data.formats import DataError, read_dataset
-from data.transforms import filter_dataset, resample_dataset
+from data.datamodule import DataConfig, SignalDataModule, prediction_inputs
+from data.formats import UNLABELLED, DataError
 from models.lightning_module import SignalClassifierModule
 from utils.memory import MemoryMonitorCallback, optimize_memory_usage
 from utils.metrics import save_confusion_matrix_png, to_plain, write_json
@@ -305,7 +303,8 @@ def build_predict_parser() -> argparse.ArgumentParser:
         prog="train.py predict",
         description="Write class probabilities per signal (or per window of a long signal)\n"
                     "to CSV, from a checkpoint written by train.py. Signals are resampled,\n"
-                    "filtered, windowed and normalised as in training.",
+                    "filtered, windowed and normalised as in training. The file needs no\n"
+                    "labels (docs/data.md: files without labels).",
         formatter_class=_Formatter,
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a train.py checkpoint")
@@ -315,7 +314,8 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-option", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="reader option, repeatable (default: the training run's)")
     p.add_argument("--output", default="predictions.csv", metavar="CSV",
-                   help="columns: record, group, start, end, label, predicted, p_<class>...")
+                   help="columns: record, group, start, end, label (empty for a record "
+                        "without one), predicted, p_<class>...")
     p.add_argument("--window-stride", type=_int_at_least(1), metavar="N",
                    help="stride between windows of signals longer than the model input "
                         "(default: the training stride, else the input length)")
@@ -586,8 +586,6 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
         world = trainer.world_size * trainer.accumulate_grad_batches
         scale = {"none": 1.0, "linear": float(world), "sqrt": world**0.5}[args.lr_scaling]
         class_weights = datamodule.class_weights
-        data_info = {**asdict(datamodule.config), "signal_length": datamodule.signal_length,
-                     "trained_sample_rate": datamodule.sample_rate}
         module = SignalClassifierModule(
             model=model_settings(args, datamodule.sample_rate),
             num_classes=datamodule.num_classes,
@@ -595,7 +593,7 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
             class_weights=None if class_weights is None else class_weights.tolist(),
             lr=args.lr * scale, weight_decay=args.weight_decay, warmup=args.warmup,
             min_lr_ratio=args.min_lr_ratio, label_smoothing=args.label_smoothing,
-            data=to_plain(data_info),
+            data=to_plain(datamodule.trained_settings()),
         )
     except (ValueError, MisconfigurationException) as exc:
         raise ConfigError(str(exc).strip().splitlines()[0]) from exc
@@ -696,39 +694,17 @@ def load_checkpoint(path: str | Path) -> SignalClassifierModule:
     return module.eval()
 
 
-def prediction_items(lengths: np.ndarray, window: int, stride: int) -> np.ndarray:
-    """(M, 2) (record, start) items: one window of a record shorter than `window` (padded),
-    else every full window `stride` apart plus one ending at the record's end."""
-    items = []
-    for record, n in enumerate(np.asarray(lengths)):
-        starts = [0] if n <= window else list(range(0, n - window + 1, stride))
-        if n > window and starts[-1] != n - window:
-            starts.append(n - window)  # cover the tail too
-        items += [(record, s) for s in starts]
-    return np.asarray(items, dtype=np.int64).reshape(-1, 2)
-
-
 def predict(args: argparse.Namespace) -> Path:
-    """Write per-window class probabilities of --data to --output (CSV)."""
+    """Write per-window class probabilities of --data to --output (CSV); the label column is
+    empty for records without a label."""
     module = load_checkpoint(args.checkpoint)
-    data = dict(module.hparams.data)
     names = list(module.class_names)
     if not Path(args.data).exists():
         raise ConfigError(f"--data: {args.data} does not exist")
-    fmt = args.format or (data.get("format") if data.get("source") != "synthetic" else None)
-    options = {**data.get("reader_options", {}), **dict(args.reader_option or [])}
-    dataset = read_dataset(args.data, fmt, class_names=names, **options)
-    rate = data.get("trained_sample_rate")
-    if rate and dataset.sample_rate and dataset.sample_rate != rate:
-        dataset = resample_dataset(dataset, rate)
-    dataset = filter_dataset(dataset, data.get("bandpass"), data.get("notch"))
-    window = int(data["signal_length"])
-    stride = args.window_stride or data.get("window_stride") or window
-    items = prediction_items(dataset.lengths, window, stride)
-    normalize = data.get("normalize", "window")
-    stats = record_stats(dataset.signals) if normalize == "record" else None
-    loader = DataLoader(SignalItems(dataset.signals, dataset.labels, items, window, normalize,
-                                    stats), batch_size=args.batch_size)
+    inputs = prediction_inputs(args.data, module.hparams.data, names, format=args.format,
+                               reader_options=dict(args.reader_option or []),
+                               window_stride=args.window_stride)
+    loader = DataLoader(inputs.items, batch_size=args.batch_size)
 
     on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and
                                            torch.cuda.is_available())
@@ -741,19 +717,19 @@ def predict(args: argparse.Namespace) -> Path:
                          enable_model_summary=False)
     probs = torch.cat(trainer.predict(module, loader)).float().numpy()
 
-    output = Path(args.output)
+    dataset, output = inputs.dataset, Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["record", "group", "start", "end", "label", "predicted",
                          *[f"p_{n}" for n in names]])
-        for (record, start), p in zip(items, probs, strict=True):
+        for (record, start), end, p in zip(inputs.windows, inputs.ends, probs, strict=True):
             group = "" if dataset.groups is None else dataset.groups[record]
-            end = min(start + window, int(dataset.lengths[record]))
-            label = dataset.class_names[dataset.labels[record]]
-            writer.writerow([record, group, start, end, label, names[int(p.argmax())],
-                             *[f"{v:.6f}" for v in p]])
-    print(f"wrote {len(items)} rows ({len(dataset)} signals) to {output}")
+            label = dataset.labels[record]
+            writer.writerow([record, group, start, end,
+                             "" if label == UNLABELLED else names[label],
+                             names[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+    print(f"wrote {len(inputs.windows)} rows ({len(dataset)} signals) to {output}")
     return output
 
 

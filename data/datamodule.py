@@ -1,18 +1,22 @@
-"""`SignalDataModule`: files or the synthetic set -> train/val/test DataLoaders.
+"""`SignalDataModule`: files or the synthetic set -> train/val/test DataLoaders; and
+`prediction_inputs`: a file -> model inputs prepared as the training data was.
 
 Batches are (x, y): x (B, L) float32, y (B,) int64, with L = `signal_length` after setup.
 
 setup() runs once: read (with the official test set when there is one), resample, filter,
 split records (stratified, and grouped by record/subject when groups exist), then serve items
 under the length policy (data/transforms.py), normalised per record or per window, augmented in
-training only. The official test set is never used for validation or statistics.
+training only. The official test set is never used for validation or statistics. Training
+reads files with labels='required'; prediction with labels='optional' (y = -1 where unknown).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,13 +25,14 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from data.formats import DataError, SignalDataset, read_train_test
+from data.formats import DataError, SignalDataset, read_dataset, read_train_test
 from data.synthetic import SyntheticConfig, make_synthetic
 from data.transforms import (
     filter_dataset,
     fit_length,
     make_augmentation,
     plan_windows,
+    prediction_windows,
     resample_dataset,
     znormalize,
 )
@@ -76,10 +81,15 @@ class DataConfig:
             raise ValueError(f"length must be positive; got {self.length}")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if self.reader_options.get("labels", "required") != "required":
+            raise ValueError(f"reader_options labels={self.reader_options['labels']!r}: "
+                             "training needs labelled data (labels='required'); unlabelled "
+                             "files are for prediction")
 
 
 class SignalItems(Dataset):
-    """Items (record, start) of a record collection -> (x (L,) float32, y () int64).
+    """Items (record, start) of a record collection -> (x (L,) float32, y () int64); y is -1
+    for a record without a label.
 
     start -1: crop position chosen per load (random if random_crop, else centred). A memmap
     is pickled as its file description, so spawned workers re-open it instead of copying it.
@@ -245,6 +255,13 @@ class SignalDataModule(pl.LightningDataModule):
                  len(self.train_dataset), len(self.val_dataset), len(self.test_dataset),
                  " (official test set)" if self.has_official_test else "")
 
+    def trained_settings(self) -> dict[str, Any]:
+        """What prediction needs to prepare new data as this data was (after setup()): the
+        DataConfig fields plus signal_length (L) and trained_sample_rate (Hz after resampling,
+        or None). train.py stores it in checkpoints; `prediction_inputs` reads it back."""
+        return {**asdict(self.config), "signal_length": self.signal_length,
+                "trained_sample_rate": self.sample_rate}
+
     def _split(self, full: SignalDataset,
                has_test: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Record indices (train, val, test); test is None when an official test set exists."""
@@ -315,3 +332,69 @@ class SignalDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, shuffle=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction
+
+
+@dataclass
+class PredictionInputs:
+    """Model inputs of a file to predict on, prepared as the training data was.
+
+    dataset: the file's records after resampling and filtering; labels are -1 (UNLABELLED)
+             where the file has none, class_names are the checkpoint's.
+    items:   a Dataset of (x (L,) float32, y () int64) per window, in `windows` order.
+    """
+
+    dataset: SignalDataset
+    items: SignalItems
+
+    @property
+    def length(self) -> int:
+        """L, the model input length in samples."""
+        return self.items.length
+
+    @property
+    def windows(self) -> np.ndarray:
+        """(M, 2) int64 record index and start sample of every input."""
+        return self.items.items
+
+    @property
+    def ends(self) -> np.ndarray:
+        """(M,) int64 end sample (exclusive) of every input; a record shorter than L ends
+        before start + L (the rest of the input is zero padding)."""
+        records, starts = self.windows[:, 0], self.windows[:, 1]
+        return np.minimum(starts + self.length, self.dataset.lengths[records])
+
+
+def prediction_inputs(path: str | Path, trained: Mapping[str, Any], class_names: Sequence[str],
+                      *, format: str | None = None,
+                      reader_options: Mapping[str, Any] | None = None,
+                      window_stride: int | None = None) -> PredictionInputs:
+    """Read `path` and cut it into model inputs exactly as training prepared its data.
+
+    trained: the data settings a checkpoint stores (`SignalDataModule.trained_settings()`).
+    The file is read with the training format and reader options unless `format` /
+    `reader_options` override them, with labels='optional' (a file without labels is fine;
+    labels it has must be among class_names), resampled to the training rate (when the file
+    states its rate), band-pass/notch filtered as in training, cut by `prediction_windows`
+    into inputs of the training length L, `window_stride` apart (default: the training
+    stride, else L), and normalised as in training.
+    """
+    fmt = format or (trained.get("format") if trained.get("source") != "synthetic" else None)
+    options = {key: value for key, value in (trained.get("reader_options") or {}).items()
+               if key != "labels"}  # training always reads with labels='required'
+    options = {"labels": "optional", **options, **(reader_options or {})}
+    dataset = read_dataset(path, fmt, class_names=list(class_names), **options)
+    rate = trained.get("trained_sample_rate")
+    if rate and dataset.sample_rate and dataset.sample_rate != rate:
+        dataset = resample_dataset(dataset, rate)
+    dataset = filter_dataset(dataset, trained.get("bandpass"), trained.get("notch"))
+    length = int(trained["signal_length"])
+    stride = window_stride or trained.get("window_stride") or length
+    windows = prediction_windows(dataset.lengths, length, stride)
+    normalize = trained.get("normalize", "window")
+    stats = record_stats(dataset.signals) if normalize == "record" else None
+    return PredictionInputs(dataset, SignalItems(dataset.signals, dataset.labels, windows,
+                                                 length, normalize, stats))

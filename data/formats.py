@@ -1,16 +1,21 @@
-"""Readers for labelled 1-channel signal files, all returning one `SignalDataset`.
+"""Readers for 1-channel signal files, labelled or not, all returning one `SignalDataset`.
 
-Formats (see docs/data.md for the exact conventions):
-  .npz        keys X (N, T) and y (N,); optional groups (N,), fs (scalar), class_names,
+Formats (see docs/data.md for the exact conventions; [...] is what an unlabelled file lacks):
+  .npz        keys X (N, T) and [y (N,)]; optional groups (N,), fs (scalar), class_names,
               lengths (N,) when X is the 1-D concatenation of unequal-length signals
-  .npy        X (N, T), memory-mapped (mmap_mode='r') so it may be larger than RAM, with a
-              sidecar NAME.labels.csv holding a `label` column (and optionally `group`)
-  .csv/.tsv   one signal per row plus a label column (UCR .tsv: label in the first column)
+  .npy        X (N, T), memory-mapped (mmap_mode='r') so it may be larger than RAM, with [a
+              sidecar NAME.labels.csv holding a `label` column] (and optionally `group`)
+  .csv/.tsv   one signal per row plus [a label column] (UCR .tsv: label in the first column)
   .ts         UCR/UEA sktime text format, univariate (or one dimension picked), any lengths
-  WFDB        record (.hea/.dat) + annotation file, cut into windows labelled from rhythm
+              [@classLabel true and a label after the values]
+  WFDB        record (.hea/.dat) + [annotation file], cut into windows labelled from rhythm
               annotations ('(N', '(AFIB') or by the majority beat symbol
-  EDF/EDF+    one channel cut into 30 s epochs labelled from sleep-stage annotations in the
+  EDF/EDF+    one channel cut into 30 s epochs labelled from [sleep-stage annotations] in the
               file itself or in a separate hypnogram EDF+
+
+Labels: every reader takes `labels=` (LABEL_MODES). 'required' (the default, and what training
+uses) refuses a file without labels; 'optional' reads the labels a file has and marks the rest
+UNLABELLED (-1), e.g. new recordings to predict on; 'none' ignores any labels in the file.
 
 Every reader checks its input once, here, and raises `DataError` naming the file, the field and
 what was expected, so nothing downstream sees NaN, a label count that does not match, or a
@@ -34,6 +39,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 NAN_POLICIES = ("raise", "drop", "interpolate")
+LABEL_MODES = ("required", "optional", "none")
+UNLABELLED = -1  # the label index of a signal whose class is not known
 # Blocks of about this many samples when scanning a memory-mapped array, so RAM stays bounded.
 _BLOCK_SAMPLES = 1 << 24
 
@@ -51,12 +58,15 @@ class DataError(ValueError):
 
 @dataclass
 class SignalDataset:
-    """Labelled 1-channel signals, the common result of every reader.
+    """1-channel signals and their labels, the common result of every reader.
 
     signals:     N 1-D arrays (any lengths) or a 2-D (N, T) array, possibly a read-only memmap
                  in the file's own real dtype; consumers cast windows to float32.
-    labels:      (N,) int64 class indices into class_names.
-    class_names: the class list; index i is the name of class i.
+    labels:      (N,) int64 class indices into class_names; UNLABELLED (-1) where the class is
+                 not known (only when read with labels='optional' or 'none').
+    class_names: the class list; index i is the name of class i (for a file read without
+                 labels: the given class_names, else the classes a .ts header declares, else
+                 empty).
     groups:      (N,) record/subject ids or None; items of one group must share a split.
     sample_rate: Hz, or None when the file does not say.
     source:      where the data came from (a path, or 'synthetic(...)').
@@ -83,9 +93,14 @@ class SignalDataset:
             return np.full(len(self), self.signals.shape[1], dtype=np.int64)
         return np.array([len(s) for s in self.signals], dtype=np.int64)
 
+    @property
+    def has_labels(self) -> bool:
+        """True when every signal has a class (none is UNLABELLED)."""
+        return bool((self.labels != UNLABELLED).all())
+
     def class_counts(self) -> np.ndarray:
-        """(num_classes,) int64 number of signals per class."""
-        return np.bincount(self.labels, minlength=self.num_classes)
+        """(num_classes,) int64 number of labelled signals per class."""
+        return np.bincount(self.labels[self.labels != UNLABELLED], minlength=self.num_classes)
 
     def subset(self, indices: np.ndarray) -> SignalDataset:
         """The signals at `indices`; a memmap stays on disk (a list of row views)."""
@@ -138,6 +153,11 @@ def encode_labels(raw: Sequence[object] | np.ndarray, path: str | Path, field: s
         raise DataError(path, field, f"label {keys.index('')} is empty; expected a class label "
                                      "for every signal")
     distinct = sorted(set(keys))
+    fractional = [k for k in distinct if _is_number(k) and not re.fullmatch(r"-?\d+", k)]
+    if fractional:  # what a sample column read as labels looks like
+        raise DataError(path, field, f"holds non-integer numbers like {fractional[0]}; expected "
+                                     "class labels (names or whole numbers); a file without "
+                                     "labels can be read with labels='none' to predict on")
     if class_names is None:
         numeric = all(_is_number(k) for k in distinct)
         class_names = sorted(distinct, key=float) if numeric else distinct
@@ -234,13 +254,21 @@ def _merge_rate(file_rate: float | None, option_rate: float | None, path) -> flo
     return file_rate if file_rate is not None else option_rate
 
 
+def check_label_mode(labels: str, path: str | Path) -> None:
+    """Refuse a `labels=` value that is not one of LABEL_MODES."""
+    if labels not in LABEL_MODES:
+        raise DataError(path, "labels", f"is {labels!r}; expected one of {LABEL_MODES}")
+
+
 def build_dataset(path: str | Path, signals: list[np.ndarray] | np.ndarray,
-                  raw_labels: Sequence[object] | np.ndarray, *, groups=None,
+                  raw_labels: Sequence[object] | np.ndarray | None, *, groups=None,
                   sample_rate: float | None = None, nan_policy: str = "raise",
                   class_names: Sequence[str] | None = None, signals_field: str = "signals",
                   labels_field: str = "labels") -> SignalDataset:
     """Check and assemble a dataset; every reader ends here.
 
+    raw_labels: one label per signal, None in it for a signal without a label, or None for a
+    file without labels (all UNLABELLED; class_names, if given, are kept).
     Refuses: no signals, empty or non-1-D signals, a label count that differs from the signal
     count, bad labels (see `encode_labels`), NaN/Inf (per nan_policy), and a single class when
     class_names is not given (a test file mapped onto training classes may hold one class).
@@ -257,7 +285,8 @@ def build_dataset(path: str | Path, signals: list[np.ndarray] | np.ndarray,
             if s.ndim != 1 or len(s) == 0:
                 raise DataError(path, signals_field, f"signal {i} has shape {s.shape}; expected "
                                                      "a non-empty 1-D signal")
-    raw_labels = np.asarray(raw_labels, dtype=object).ravel()
+    raw_labels = np.full(n, None, dtype=object) if raw_labels is None \
+        else np.asarray(raw_labels, dtype=object).ravel()
     if len(raw_labels) != n:
         raise DataError(path, labels_field, f"has {len(raw_labels)} labels for {n} signals; "
                                             "expected one label per signal")
@@ -266,11 +295,15 @@ def build_dataset(path: str | Path, signals: list[np.ndarray] | np.ndarray,
         if len(groups) != n:
             raise DataError(path, "groups", f"has {len(groups)} ids for {n} signals; expected "
                                             "one per signal")
-    labels, names = encode_labels(raw_labels, path, labels_field, class_names)
+    known = np.array([r is not None for r in raw_labels], dtype=bool)
+    labels = np.full(n, UNLABELLED, dtype=np.int64)
+    names = list(class_names) if class_names is not None else []
+    if known.any():
+        labels[known], names = encode_labels(raw_labels[known], path, labels_field, class_names)
     signals, labels, groups = _handle_nonfinite(signals, labels, groups, nan_policy, path,
                                                 signals_field)
     present = np.unique(labels)
-    if class_names is None and len(present) < 2:
+    if class_names is None and known.all() and len(present) < 2:
         raise DataError(path, labels_field, f"holds a single class {names[present[0]]!r}; "
                                             "expected at least two classes to classify")
     return SignalDataset(signals, labels, names, groups, _check_rate(sample_rate, path),
@@ -299,11 +332,16 @@ def _as_rows(X: np.ndarray, path, field: str) -> np.ndarray:
 
 
 def read_npz(path: str | Path, *, signals_key: str = "X", labels_key: str = "y",
-             nan_policy: str = "raise", sample_rate: float | None = None,
+             labels: str = "required", nan_policy: str = "raise",
+             sample_rate: float | None = None,
              class_names: Sequence[str] | None = None) -> SignalDataset:
     """Read an .npz archive: X (N, T) [or 1-D concatenation + lengths (N,)], y (N,), optional
-    groups (N,), fs (scalar Hz) and class_names (names for integer y)."""
+    groups (N,), fs (scalar Hz) and class_names (names for integer y).
+
+    Without y (labels='optional'), or with labels='none', every signal is UNLABELLED.
+    """
     path = Path(path)
+    check_label_mode(labels, path)
     _require_nonempty(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -311,7 +349,7 @@ def read_npz(path: str | Path, *, signals_key: str = "X", labels_key: str = "y",
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(path, "file", f"cannot be read ({e}); expected an archive written by "
                                       "np.savez with numeric arrays") from e
-    for key in (signals_key, labels_key):
+    for key in (signals_key, labels_key) if labels == "required" else (signals_key,):
         if key not in arrays:
             raise DataError(path, key, f"is missing (keys: {sorted(arrays)}); expected arrays "
                                        f"{signals_key!r} and {labels_key!r}")
@@ -324,12 +362,14 @@ def read_npz(path: str | Path, *, signals_key: str = "X", labels_key: str = "y",
         signals = np.split(X.astype(np.float32), np.cumsum(lengths)[:-1])
     else:
         signals = _as_rows(X, path, signals_key).astype(np.float32)
-    raw = np.asarray(arrays[labels_key])
-    raw = raw.reshape(-1) if raw.ndim == 2 and 1 in raw.shape else raw
-    if raw.ndim != 1:
-        raise DataError(path, labels_key, f"has shape {raw.shape}; expected (N,)")
-    if "class_names" in arrays:
-        raw = _index_names(raw, [str(c) for c in arrays["class_names"]], path, labels_key)
+    raw = None
+    if labels != "none" and labels_key in arrays:
+        raw = np.asarray(arrays[labels_key])
+        raw = raw.reshape(-1) if raw.ndim == 2 and 1 in raw.shape else raw
+        if raw.ndim != 1:
+            raise DataError(path, labels_key, f"has shape {raw.shape}; expected (N,)")
+        if "class_names" in arrays:
+            raw = _index_names(raw, [str(c) for c in arrays["class_names"]], path, labels_key)
     rate = _merge_rate(_check_rate(arrays.get("fs"), path, "fs"), sample_rate, path)
     return build_dataset(path, signals, raw, groups=arrays.get("groups"), sample_rate=rate,
                          nan_policy=nan_policy, class_names=class_names,
@@ -345,14 +385,18 @@ def _index_names(y: np.ndarray, names: list[str], path, field: str) -> np.ndarra
 
 
 def read_npy(path: str | Path, *, labels_path: str | Path | None = None,
-             nan_policy: str = "raise", sample_rate: float | None = None,
+             labels: str = "required", nan_policy: str = "raise",
+             sample_rate: float | None = None,
              class_names: Sequence[str] | None = None) -> SignalDataset:
     """Read X (N, T) from an .npy file as a read-only memmap, labels from a sidecar CSV.
 
     The sidecar is NAME.labels.csv next to NAME.npy (or labels_path): a header row with a
     `label` column and optionally a `group` column, then one row per signal of X, in order.
+    With labels='optional' the sidecar, or its `label` column, may be missing (UNLABELLED);
+    labels='none' ignores the `label` column (a `group` column is still read).
     """
     path = Path(path)
+    check_label_mode(labels, path)
     _require_nonempty(path)
     try:
         X = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -362,20 +406,24 @@ def read_npy(path: str | Path, *, labels_path: str | Path | None = None,
     X = _as_rows(_numeric(X, path, "X"), path, "X")
     sidecar = Path(labels_path) if labels_path is not None else path.with_suffix(".labels.csv")
     if not sidecar.exists():
-        raise DataError(path, "labels", f"no labels file {sidecar.name}; expected a sidecar CSV "
-                                        "with a 'label' column (and optional 'group')")
+        if labels == "required" or labels_path is not None:
+            raise DataError(path, "labels", f"no labels file {sidecar.name}; expected a sidecar "
+                                            "CSV with a 'label' column (and optional 'group')")
+        return build_dataset(path, X, None, sample_rate=sample_rate, nan_policy=nan_policy,
+                             class_names=class_names, signals_field="X", labels_field="label")
     header, rows = _read_table(sidecar, ",")
     columns = [c.strip().casefold() for c in header]
-    if "label" not in columns:
+    if "label" not in columns and labels == "required":
         raise DataError(sidecar, "label", f"no 'label' column in header {header}; expected a "
                                           "header row naming 'label' (and optional 'group')")
-    label_at = columns.index("label")
-    raw = [row[label_at] if label_at < len(row) else "" for _, row in rows]
-    groups = None
+    raw = groups = None
+    if "label" in columns and labels != "none":
+        label_at = columns.index("label")
+        raw = [row[label_at] if label_at < len(row) else "" for _, row in rows]
     if "group" in columns:
         group_at = columns.index("group")
         groups = np.array([row[group_at] if group_at < len(row) else "" for _, row in rows])
-    return build_dataset(sidecar if len(raw) != len(X) else path, X, raw, groups=groups,
+    return build_dataset(sidecar if len(rows) != len(X) else path, X, raw, groups=groups,
                          sample_rate=sample_rate, nan_policy=nan_policy,
                          class_names=class_names, signals_field="X", labels_field="label")
 
@@ -384,7 +432,7 @@ def _require_nonempty(path: Path) -> None:
     if not path.exists():
         raise DataError(path, "file", "does not exist; expected a readable file")
     if path.is_file() and path.stat().st_size == 0:
-        raise DataError(path, "file", "is empty; expected signals and labels")
+        raise DataError(path, "file", "is empty; expected signals")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,9 +507,25 @@ def _column(spec: str | int | None, names: list[str] | None, default: str | None
     return folded.index(spec.casefold())
 
 
+def _label_column(spec: str | int | None, names: list[str] | None, labels: str,
+                  path) -> int | None:
+    """Index of the label column, or None when the file is read without labels: always for
+    labels='none'; for 'optional', a header row that names no label column (a header says
+    what its columns are; a file without one keeps the UCR rule, label first)."""
+    if labels == "none":
+        if spec is not None:
+            raise DataError(path, "label_column", f"is {spec!r} but labels='none'; expected "
+                                                  "one or the other")
+        return None
+    folded = [n.strip().casefold() for n in names or []]
+    if labels == "optional" and names is not None and spec is None and "label" not in folded:
+        return None
+    return _column(spec, names, "label", path, "label_column")
+
+
 def read_csv(path: str | Path, *, label_column: str | int | None = None,
              group_column: str | int | None = None, delimiter: str | None = None,
-             header: bool | None = None, nan_policy: str = "raise",
+             header: bool | None = None, labels: str = "required", nan_policy: str = "raise",
              sample_rate: float | None = None,
              class_names: Sequence[str] | None = None) -> SignalDataset:
     """Read one signal per row with a label column (UCR .tsv is this with the label first).
@@ -469,29 +533,37 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
     delimiter: default tab for .tsv, comma otherwise. header: None detects a header row.
     label_column: name or index; default a column named 'label', else the first column.
     group_column: name or index; default a column named 'group' when there is one.
+    labels='optional': a header row without a 'label' column (and no label_column) means no
+    labels; labels='none': no label column, every cell but the group is a sample.
     Rows may differ in length: trailing empty or NaN cells are padding; an empty cell inside
     a row is a missing sample (see nan_policy).
     """
     path = Path(path)
+    check_label_mode(labels, path)
     delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
     hint = label_column.casefold() if isinstance(label_column, str) else ""
     names, rows = _read_table(path, delimiter, header, hint)
-    label_at = _column(label_column, names, "label", path, "label_column")
+    label_at = _label_column(label_column, names, labels, path)
     group_at = _column(group_column, names, "group", path, "group_column")
     raw, groups, signals = [], [], []
     for line, row in rows:
-        if label_at >= len(row) or (group_at is not None and group_at >= len(row)):
+        if label_at is not None and label_at >= len(row):
             raise DataError(path, f"line {line}", f"has {len(row)} cells; expected a label in "
                                                   f"column {label_at}")
-        raw.append(row[label_at])
+        if group_at is not None and group_at >= len(row):
+            raise DataError(path, f"line {line}", f"has {len(row)} cells; expected a group in "
+                                                  f"column {group_at}")
+        if label_at is not None:
+            raw.append(row[label_at])
         if group_at is not None:
             groups.append(row[group_at].strip())
         samples = [c for j, c in enumerate(row) if j != label_at and j != group_at]
         signals.append(_parse_samples(samples, path, line))
     if len({len(s) for s in signals}) == 1:
         signals = np.stack(signals)
-    return build_dataset(path, signals, raw, groups=np.array(groups) if groups else None,
-                         sample_rate=sample_rate, nan_policy=nan_policy, class_names=class_names,
+    return build_dataset(path, signals, raw if label_at is not None else None,
+                         groups=np.array(groups) if groups else None, sample_rate=sample_rate,
+                         nan_policy=nan_policy, class_names=class_names,
                          signals_field="samples", labels_field="label")
 
 
@@ -499,12 +571,17 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
 # UCR/UEA .ts
 
 
-def read_ts(path: str | Path, *, dimension: int | None = None, nan_policy: str = "raise",
-            sample_rate: float | None = None,
+def read_ts(path: str | Path, *, dimension: int | None = None, labels: str = "required",
+            nan_policy: str = "raise", sample_rate: float | None = None,
             class_names: Sequence[str] | None = None) -> SignalDataset:
     """Read a UCR/UEA .ts file: '@' header lines, then '@data' and one case per line,
-    `v1,v2,...:label` ('?' = missing). Multivariate files need `dimension` (0-based)."""
+    `v1,v2,...:label` ('?' = missing). Multivariate files need `dimension` (0-based).
+
+    A file with `@classLabel false` (or none) has lines without a label, `v1,v2,...`: it is
+    read with labels='optional' or 'none' (UNLABELLED); 'none' also ignores declared labels.
+    """
     path = Path(path)
+    check_label_mode(labels, path)
     _require_nonempty(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -534,15 +611,19 @@ def read_ts(path: str | Path, *, dimension: int | None = None, nan_policy: str =
     if flag("timestamps"):
         raise DataError(path, "@timeStamps", "is true; expected false (timestamped series are "
                                              "not supported)")
-    if not flag("classlabel"):
+    labelled = flag("classlabel")
+    if not labelled and labels == "required":
         raise DataError(path, "@classLabel", "is missing or false; expected class labels")
-    declared = meta["classlabel"][1:]
+    declared = meta["classlabel"][1:] if labelled else []
     raw, signals = [], []
     for i in range(start, len(lines)):
         text = lines[i].strip()
         if not text or text.startswith("#"):
             continue
-        *dims, label = text.split(":")
+        dims = text.split(":")
+        if labelled:
+            *dims, label = dims
+            raw.append(label)
         if not dims:
             raise DataError(path, f"line {i + 1}", "has no ':'; expected values:label")
         if dimension is None and len(dims) > 1:
@@ -554,10 +635,10 @@ def read_ts(path: str | Path, *, dimension: int | None = None, nan_policy: str =
                                                    f"than dimension={d}")
         cells = dims[d].replace("?", "nan").split(",")
         signals.append(_parse_samples(cells, path, i + 1))
-        raw.append(label)
-    if not raw:
+    if not signals:
         raise DataError(path, "@data", "has no cases; expected one series per line")
-    encode_labels(raw, path, "class label", declared)  # every label must be declared
+    if labelled and labels != "none":
+        encode_labels(raw, path, "class label", declared)  # every label must be declared
     lengths = {len(s) for s in signals}
     if flag("equallength") and len(lengths) > 1:
         raise DataError(path, "@equalLength", f"is true but lengths range {min(lengths)}.."
@@ -569,10 +650,11 @@ def read_ts(path: str | Path, *, dimension: int | None = None, nan_policy: str =
         signals = np.stack(signals)
     # Class order: as declared in the header, unless mapped onto another file's classes.
     names = class_names if class_names is not None else [_label_key(d) for d in declared]
+    raw = raw if labelled and labels != "none" else None
     dataset = build_dataset(path, signals, raw, sample_rate=sample_rate, nan_policy=nan_policy,
                             class_names=names, signals_field="series",
                             labels_field="class label")
-    if class_names is None and len(np.unique(dataset.labels)) < 2:
+    if class_names is None and raw is not None and len(np.unique(dataset.labels)) < 2:
         raise DataError(path, "class label", "holds a single class; expected at least two")
     return dataset
 
@@ -591,9 +673,13 @@ def _group_id(name: str, pattern: str | None) -> str:
 
 def _labelled_windows(signal: np.ndarray, window: int, stride: int, spans=None, events=None,
                       label_map: Mapping[str, str | None] | None = None, path="",
-                      field: str = "annotation"):
+                      field: str = "annotation", keep_unlabelled: bool = False):
     """Cut a record into windows; label each from spans (start, end, label) by coverage or
-    from events (sample, label) by majority. Returns (windows (n, window), labels list)."""
+    from events (sample, label) by majority; with neither, no window has a label.
+
+    Returns (windows (n, window) or None, labels: a name per window, None where it has none).
+    Windows without a label are dropped unless keep_unlabelled.
+    """
     # Local import: transforms imports DataError from this module.
     from data.transforms import label_windows_by_events, label_windows_by_spans, window_starts
 
@@ -601,45 +687,53 @@ def _labelled_windows(signal: np.ndarray, window: int, stride: int, spans=None, 
         raise DataError(path, "window", f"window of {window} samples is longer than the record "
                                         f"({len(signal)} samples); expected a shorter window")
     starts = window_starts(len(signal), window, stride)
-    source = spans if spans is not None else events
-    raw = [str(x) for x in source[-1]]
-    if label_map is not None:
-        unknown = sorted(set(raw) - set(label_map))
-        if unknown:
-            raise DataError(path, field, f"labels {unknown[:10]} are not in label_map; expected "
-                                         f"one of {sorted(label_map)}")
-        raw = [label_map[r] or "" for r in raw]  # None in the map: ignore that label
-    names = sorted({r for r in raw if r})
-    codes = np.array([names.index(r) if r else -1 for r in raw], dtype=np.int64)
-    if spans is not None:
-        index = label_windows_by_spans(starts, window, spans[0], spans[1], codes)
-    else:
-        index = label_windows_by_events(starts, window, events[0], codes)
-    keep = index >= 0
-    if not keep.all():
-        log.info("%s: %d of %d windows have no label and were skipped", path,
-                 int((~keep).sum()), len(keep))
-    windows = np.stack([signal[s:s + window] for s in starts[keep]]) if keep.any() else None
-    return windows, [names[i] for i in index[keep]]
+    names: list[str] = []
+    index = np.full(len(starts), -1, dtype=np.int64)
+    if spans is not None or events is not None:
+        source = spans if spans is not None else events
+        raw = [str(x) for x in source[-1]]
+        if label_map is not None:
+            unknown = sorted(set(raw) - set(label_map))
+            if unknown:
+                raise DataError(path, field, f"labels {unknown[:10]} are not in label_map; "
+                                             f"expected one of {sorted(label_map)}")
+            raw = [label_map[r] or "" for r in raw]  # None in the map: ignore that label
+        names = sorted({r for r in raw if r})
+        codes = np.array([names.index(r) if r else -1 for r in raw], dtype=np.int64)
+        if spans is not None:
+            index = label_windows_by_spans(starts, window, spans[0], spans[1], codes)
+        else:
+            index = label_windows_by_events(starts, window, events[0], codes)
+        unlabelled = int((index < 0).sum())
+        if unlabelled:
+            log.info("%s: %d of %d windows have no label%s", path, unlabelled, len(index),
+                     "" if keep_unlabelled else " and were skipped")
+    if not keep_unlabelled:
+        starts, index = starts[index >= 0], index[index >= 0]
+    windows = np.stack([signal[s:s + window] for s in starts]) if len(starts) else None
+    return windows, [names[i] if i >= 0 else None for i in index]
 
 
 # MIT-BIH beat annotation codes (the others are rhythm, noise and comment markers).
 BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")
 
 
-def _wfdb_records(path: Path, annotation: str) -> list[Path]:
+def _wfdb_records(path: Path, annotation: str, labels: str) -> list[Path]:
+    """The records at path (a record or a folder); with labels='required' only, and all,
+    with an annotation file."""
+    need = labels == "required"
     if path.is_dir():
         listing = path / "RECORDS"
         names = (listing.read_text().split() if listing.exists()
                  else sorted(p.stem for p in path.glob("*.hea")))
-        records = [path / n for n in names if (path / f"{n}.{annotation}").exists()]
+        records = [path / n for n in names if not need or (path / f"{n}.{annotation}").exists()]
         if not records:
             raise DataError(path, annotation, f"no record with a .{annotation} annotation file; "
                                               "expected .hea/.dat records with annotations")
         return records
     record = path.with_suffix("") if path.suffix.lower() in (".hea", ".dat", f".{annotation}") \
         else path
-    for ext in ("hea", annotation):
+    for ext in ("hea", annotation) if need else ("hea",):
         if not record.with_name(f"{record.name}.{ext}").exists():
             raise DataError(record.with_name(f"{record.name}.{ext}"), "file",
                             "does not exist; expected a WFDB record with its annotation file")
@@ -659,11 +753,32 @@ def _resolve_channel(names: list[str], channel: str | int | None, path) -> int:
     return names.index(channel)
 
 
+def _wfdb_labels(ann, label_source: str, length: int, ann_path: Path, required: bool):
+    """(spans, events) for `_labelled_windows` from a WFDB annotation; (None, None) when it
+    holds none of label_source's kind and labels are not required."""
+    samples = np.asarray(ann.sample, dtype=np.int64)
+    if label_source == "rhythm":
+        notes = [str(a or "").strip("\x00 ") for a in (ann.aux_note or [])]
+        at = [i for i, a in enumerate(notes) if a.startswith("(")]
+        if not at and required:
+            raise DataError(ann_path, "aux_note", "has no rhythm annotations like '(N'; "
+                                                  "expected some, or label_source='beat'")
+        starts = samples[at]
+        ends = np.append(starts[1:], length)
+        return ((starts, ends, [notes[i][1:] for i in at]), None) if at else (None, None)
+    at = [i for i, s in enumerate(ann.symbol) if s in BEAT_SYMBOLS]
+    if not at and required:
+        raise DataError(ann_path, "symbol", "has no beat annotations; expected beat symbols "
+                                            "like N, V, A")
+    return (None, (samples[at], [ann.symbol[i] for i in at])) if at else (None, None)
+
+
 def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
               stride_seconds: float | None = None, annotation: str = "atr",
               label_source: str = "rhythm", channel: str | int | None = None,
               label_map: Mapping[str, str | None] | None = None,
-              group_pattern: str | None = None, nan_policy: str = "raise",
+              group_pattern: str | None = None, labels: str = "required",
+              nan_policy: str = "raise",
               class_names: Sequence[str] | None = None) -> SignalDataset:
     """Read a WFDB record (or a folder of records) as labelled windows; groups = record.
 
@@ -671,20 +786,25 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
     'AFIB') covering most of it, and is skipped if none covers half. 'beat': the most frequent
     beat symbol in the window (ties: first in sorted order); windows without beats are skipped.
     label_map renames raw labels (None drops them); a raw label missing from it is an error.
+    labels='optional': records without an annotation file are read too, and no window is
+    skipped: those without a label are UNLABELLED. labels='none': no annotation is read.
     """
     import wfdb
 
     path = Path(path)
+    check_label_mode(labels, path)
     if label_source not in ("rhythm", "beat"):
         raise DataError(path, "label_source", f"is {label_source!r}; expected 'rhythm'/'beat'")
     windows, raw, groups, rates = [], [], [], set()
-    for record in _wfdb_records(path, annotation):
+    for record in _wfdb_records(path, annotation, labels):
         header = record.with_name(record.name + ".hea")
+        ann_path = record.with_name(f"{record.name}.{annotation}")
+        annotated = labels != "none" and ann_path.exists()
         try:
             meta = wfdb.rdheader(str(record))
             index = _resolve_channel(list(meta.sig_name or []), channel, header)
             rec = wfdb.rdrecord(str(record), channels=[index])
-            ann = wfdb.rdann(str(record), annotation)
+            ann = wfdb.rdann(str(record), annotation) if annotated else None
         except DataError:
             raise
         except Exception as e:  # wfdb raises bare ValueError/OSError/IndexError on bad files
@@ -693,31 +813,20 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
         fs = float(rec.fs)
         rates.add(fs)
         signal = rec.p_signal[:, 0].astype(np.float32)
-        ann_path = record.with_name(f"{record.name}.{annotation}")
-        samples = np.asarray(ann.sample, dtype=np.int64)
-        if label_source == "rhythm":
-            notes = [str(a or "").strip("\x00 ") for a in (ann.aux_note or [])]
-            at = [i for i, a in enumerate(notes) if a.startswith("(")]
-            if not at:
-                raise DataError(ann_path, "aux_note", "has no rhythm annotations like '(N'; "
-                                                      "expected some, or label_source='beat'")
-            starts = samples[at]
-            ends = np.append(starts[1:], len(signal))
-            spans, events = (starts, ends, [notes[i][1:] for i in at]), None
-        else:
-            at = [i for i, s in enumerate(ann.symbol) if s in BEAT_SYMBOLS]
-            if not at:
-                raise DataError(ann_path, "symbol", "has no beat annotations; expected beat "
-                                                    "symbols like N, V, A")
-            spans, events = None, (samples[at], [ann.symbol[i] for i in at])
+        spans = events = None
+        if ann is not None:
+            spans, events = _wfdb_labels(ann, label_source, len(signal), ann_path,
+                                         labels == "required")
         window = round(window_seconds * fs)
         stride = round((stride_seconds or window_seconds) * fs)
-        w, labels = _labelled_windows(signal, window, stride, spans, events, label_map,
-                                      ann_path, "aux_note" if spans else "symbol")
+        w, names = _labelled_windows(signal, window, stride, spans, events, label_map,
+                                     ann_path if annotated else header,
+                                     "aux_note" if label_source == "rhythm" else "symbol",
+                                     keep_unlabelled=labels != "required")
         if w is not None:
             windows.append(w)
-            raw += labels
-            groups += [_group_id(record.name, group_pattern)] * len(labels)
+            raw += names
+            groups += [_group_id(record.name, group_pattern)] * len(names)
     return _annotated_dataset(path, windows, raw, groups, rates, nan_policy, class_names)
 
 
@@ -725,7 +834,7 @@ def _annotated_dataset(path, windows, raw, groups, rates, nan_policy, class_name
     if len(rates) > 1:
         raise DataError(path, "sample_rate", f"records have different rates {sorted(rates)}; "
                                              "expected one rate (resample them first)")
-    if not windows:
+    if not windows:  # only with labels='required': the other modes keep every window
         raise DataError(path, "labels", "no window got a label; expected annotations "
                                         "covering the recording")
     return build_dataset(path, np.concatenate(windows), raw, groups=np.array(groups),
@@ -762,10 +871,30 @@ def _edf_open(path: Path):
                                       "EDF file") from e
 
 
+def _stage_spans(notes, label_map: Mapping[str, str | None], fs: float, length: int,
+                 source: Path, required: bool):
+    """(starts, ends, texts) in samples of the stage annotations (onsets, durations, texts);
+    None when there are none and labels are not required."""
+    onsets, durations, texts = (np.asarray(a) for a in notes)
+    staged = [i for i, t in enumerate(texts) if _is_staged([t], label_map)]
+    if not staged:
+        if required:
+            raise DataError(source, "annotations", "hold no sleep-stage annotations; expected "
+                                                   "texts like 'Sleep stage W' or a hypnogram")
+        return None
+    starts = np.round(onsets[staged] * fs).astype(np.int64)
+    # EDF+ duration -1 / 0 means 'unknown': the stage lasts until the next one.
+    ends = np.append(starts[1:], length)
+    given = durations[staged] > 0
+    ends[given] = starts[given] + np.round(durations[staged][given] * fs).astype(np.int64)
+    return starts, np.minimum(ends, length), [str(texts[i]) for i in staged]
+
+
 def read_edf(path: str | Path, *, channel: str | int | None = None,
              epoch_seconds: float = 30.0, hypnogram: str | Path | None = None,
              label_map: Mapping[str, str | None] | None = None,
-             group_pattern: str | None = None, nan_policy: str = "raise",
+             group_pattern: str | None = None, labels: str = "required",
+             nan_policy: str = "raise",
              class_names: Sequence[str] | None = None) -> SignalDataset:
     """Read an EDF/EDF+ recording (or a folder of them) as labelled epochs; groups = record.
 
@@ -773,8 +902,11 @@ def read_edf(path: str | Path, *, channel: str | int | None = None,
     Sleep-EDF style sibling '*Hypnogram.edf'. Each epoch takes the stage covering most of it
     (at least half). label_map defaults to SLEEP_STAGES; any 'Sleep stage ...' text missing
     from it is an error, other annotations (e.g. 'Lights off') are ignored.
+    labels='optional': a recording without stage annotations is cut into fixed epochs, and no
+    epoch is skipped: those without a stage are UNLABELLED. labels='none': no annotation is read.
     """
     path = Path(path)
+    check_label_mode(labels, path)
     label_map = SLEEP_STAGES if label_map is None else label_map
     if path.is_dir():
         files = sorted(p for p in path.glob("*.edf") if "hypnogram" not in p.name.casefold())
@@ -797,33 +929,25 @@ def read_edf(path: str | Path, *, channel: str | int | None = None,
             raise DataError(psg, "file", f"cannot be read ({e}); expected a valid EDF") from e
         finally:
             f.close()
-        hyp = hyp or (None if _is_staged(notes[2], label_map) else _find_hypnogram(psg))
-        if hyp is not None:
-            h = _edf_open(hyp)
-            try:
-                notes = h.readAnnotations()
-            finally:
-                h.close()
-        source = hyp or psg
-        onsets, durations, texts = (np.asarray(a) for a in notes)
-        staged = [i for i, t in enumerate(texts) if _is_staged([t], label_map)]
-        if not staged:
-            raise DataError(source, "annotations", "hold no sleep-stage annotations; expected "
-                                                   "texts like 'Sleep stage W' or a hypnogram")
-        starts = np.round(onsets[staged] * fs).astype(np.int64)
-        # EDF+ duration -1 / 0 means 'unknown': the stage lasts until the next one.
-        ends = np.append(starts[1:], len(signal))
-        given = durations[staged] > 0
-        ends[given] = starts[given] + np.round(durations[staged][given] * fs).astype(np.int64)
-        spans = (starts, np.minimum(ends, len(signal)), [str(texts[i]) for i in staged])
+        spans = None
+        if labels != "none":
+            hyp = hyp or (None if _is_staged(notes[2], label_map) else _find_hypnogram(psg))
+            if hyp is not None:
+                h = _edf_open(hyp)
+                try:
+                    notes = h.readAnnotations()
+                finally:
+                    h.close()
+            spans = _stage_spans(notes, label_map, fs, len(signal), hyp or psg,
+                                 required=labels == "required")
         epoch = round(epoch_seconds * fs)
-        w, labels = _labelled_windows(signal, epoch, epoch, spans, None, label_map, source,
-                                      "annotations")
+        w, names = _labelled_windows(signal, epoch, epoch, spans, None, label_map, hyp or psg,
+                                     "annotations", keep_unlabelled=labels != "required")
         rates.add(fs)
         if w is not None:
             windows.append(w)
-            raw += labels
-            groups += [_group_id(psg.stem, group_pattern)] * len(labels)
+            raw += names
+            groups += [_group_id(psg.stem, group_pattern)] * len(names)
     return _annotated_dataset(path, windows, raw, groups, rates, nan_policy, class_names)
 
 
@@ -863,7 +987,8 @@ def detect_format(path: str | Path) -> str:
 def read_dataset(path: str | Path, format: str | None = None, **options) -> SignalDataset:
     """Read any supported file or folder; the reader is picked by extension or `format`.
 
-    options go to the reader (e.g. label_column=, channel=, nan_policy=, sample_rate=).
+    options go to the reader (e.g. labels=, label_column=, channel=, nan_policy=,
+    sample_rate=); every reader takes labels= (LABEL_MODES, default 'required').
     """
     fmt = format or detect_format(path)
     if fmt not in READERS:

@@ -13,6 +13,8 @@ Unequal lengths -> fixed model input of L samples (`plan_windows`, LENGTH_POLICI
   'window'  L = `length` or the shortest record; every record is cut into windows of L with
             `stride` (default L), each inheriting the record's label; windows of one record
             share its group. A record shorter than L is an error.
+Prediction covers whole records whatever the policy (`prediction_windows`): a record of at most
+L samples is one zero-padded input, a longer one windows of L plus one ending at its last sample.
 """
 
 from __future__ import annotations
@@ -258,6 +260,23 @@ def plan_windows(lengths: np.ndarray, policy: str, length: int | None = None,
     counts = (lengths - target) // stride + 1
     starts = np.concatenate([np.arange(c) * stride for c in counts])
     return target, np.column_stack([np.repeat(records, counts), starts]).astype(np.int64)
+
+
+def prediction_windows(lengths: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """Items (M, 2) int64 of (record, start) that cover every sample of every record.
+
+    A record no longer than `window` is one item at 0 (zero-padded when loaded); a longer one
+    gives every full window `stride` apart plus one ending at its last sample.
+    """
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
+    items = []
+    for record, n in enumerate(np.asarray(lengths, dtype=np.int64)):
+        starts = [0] if n <= window else list(range(0, n - window + 1, stride))
+        if n > window and starts[-1] != n - window:
+            starts.append(n - window)  # cover the tail too
+        items += [(record, s) for s in starts]
+    return np.asarray(items, dtype=np.int64).reshape(-1, 2)
 
 
 def fit_length(x: np.ndarray, length: int) -> np.ndarray:

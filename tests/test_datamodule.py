@@ -1,5 +1,6 @@
 """data/datamodule.py: splits (stratified, grouped, official test kept apart), length policies,
-normalisation, resampling, class balancing, augmentation in training only, memmaps, loaders."""
+normalisation, resampling, class balancing, augmentation in training only, memmaps, loaders,
+and prediction inputs prepared as in training."""
 
 import pickle
 import warnings
@@ -9,8 +10,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from data.datamodule import DataConfig, SignalDataModule, split_indices
-from data.formats import DataError
+from data.datamodule import DataConfig, SignalDataModule, prediction_inputs, split_indices
+from data.formats import UNLABELLED, DataError
+from data.transforms import bandpass, resample
 
 with warnings.catch_warnings():  # wfdb 4.3 calls pandas 3.1 with a deprecated keyword
     warnings.filterwarnings("ignore", message="The inplace keyword")
@@ -256,3 +258,43 @@ def test_config_checks():
         DataConfig(val_fraction=0.0)
     with pytest.raises(ValueError, match="leave a training part"):
         DataConfig(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_prediction_inputs_prepare_data_as_in_training(tmp_path, rng):
+    write_grouped_npz(tmp_path / "train.npz", rng, length=200)  # 100 Hz
+    dm = make_dm(source=str(tmp_path / "train.npz"), length=64, sample_rate=50.0,
+                 bandpass=(0.5, 20.0), normalize="record")
+    trained = dm.trained_settings()
+    assert trained["signal_length"] == 64 and trained["trained_sample_rate"] == 50.0
+    assert trained["normalize"] == "record" and trained["source"].endswith("train.npz")
+    # new recordings without labels, at the training file's rate: 200 and 100 samples
+    signals = [rng.standard_normal(n).astype(np.float32) for n in (200, 100)]
+    np.savez(tmp_path / "new.npz", X=np.concatenate(signals), lengths=[200, 100], fs=100.0)
+    inputs = prediction_inputs(tmp_path / "new.npz", trained, dm.class_names)
+    assert inputs.dataset.sample_rate == 50.0 and inputs.length == 64
+    assert inputs.dataset.class_names == dm.class_names
+    # 100 samples at 50 Hz: windows at 0 and one ending at the last sample; 50: one, padded
+    assert inputs.windows.tolist() == [[0, 0], [0, 36], [1, 0]]
+    assert inputs.ends.tolist() == [64, 100, 50]
+    for (record, start), end, (x, y) in zip(inputs.windows, inputs.ends, inputs.items,
+                                            strict=True):
+        prepared = bandpass(resample(signals[record], 100.0, 50.0), 50.0, 0.5, 20.0)
+        expected = (prepared - prepared.mean()) / prepared.std()  # per record
+        np.testing.assert_allclose(x[:end - start].numpy(), expected[start:end], atol=1e-4)
+        assert (x[end - start:] == 0).all() and x.shape == (64,)
+        assert int(y) == UNLABELLED
+    inputs = prediction_inputs(tmp_path / "new.npz", trained, dm.class_names, window_stride=16)
+    assert inputs.windows[:, 1].tolist() == [0, 16, 32, 36, 0]
+    # labels a file has are mapped onto the training classes; the caller may demand them
+    with pytest.raises(DataError, match="is missing") as err:
+        prediction_inputs(tmp_path / "new.npz", trained, dm.class_names,
+                          reader_options={"labels": "required"})
+    assert err.value.field == "y"
+    inputs = prediction_inputs(tmp_path / "train.npz", trained, dm.class_names)
+    assert inputs.dataset.labels.tolist() == np.repeat(np.arange(20) % 3, 5).tolist()
+
+
+def test_training_refuses_unlabelled_reading():
+    with pytest.raises(ValueError, match="training needs labelled data"):
+        DataConfig(source="x.npz", reader_options={"labels": "optional"})
+    assert DataConfig(reader_options={"labels": "required"}).reader_options

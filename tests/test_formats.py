@@ -10,13 +10,16 @@ import pyedflib
 import pytest
 
 from data.formats import (
+    UNLABELLED,
     DataError,
+    build_dataset,
     encode_labels,
     find_test_file,
     read_dataset,
     read_edf,
     read_npy,
     read_train_test,
+    read_ts,
     read_wfdb,
 )
 
@@ -306,6 +309,140 @@ def test_edf_errors(tmp_path, rng):
 
 
 # ----------------------------------------------------------------------------------------------
+# Files without labels: labels='required' refuses them, 'optional' marks them UNLABELLED
+
+
+def assert_unlabelled(ds, class_names=()):
+    assert ds.labels.dtype == np.int64 and (ds.labels == UNLABELLED).all()
+    assert ds.class_names == list(class_names) and not ds.has_labels
+    assert ds.class_counts().tolist() == [0] * len(class_names)
+
+
+def test_unlabelled_npz_and_npy(tmp_path, rng):
+    X = rng.standard_normal((4, 30)).astype(np.float32)
+    np.savez(tmp_path / "new.npz", X=X, fs=50.0)
+    with pytest.raises(DataError, match="is missing") as err:
+        read_dataset(tmp_path / "new.npz")  # training's default: labels are required
+    assert err.value.field == "y" and err.value.path.endswith("new.npz")
+    ds = read_dataset(tmp_path / "new.npz", labels="optional", class_names=["a", "b"])
+    np.testing.assert_array_equal(ds.signals, X)
+    assert_unlabelled(ds, ["a", "b"])
+    assert ds.sample_rate == 50.0
+    np.savez(tmp_path / "y.npz", X=X, y=["b", "a", "b", "a"])
+    ds = read_dataset(tmp_path / "y.npz", labels="optional")  # labels it has are read
+    assert ds.labels.tolist() == [1, 0, 1, 0] and ds.has_labels
+    assert_unlabelled(read_dataset(tmp_path / "y.npz", labels="none"))
+
+    np.save(tmp_path / "big.npy", X)
+    with pytest.raises(DataError, match="no labels file big.labels.csv") as err:
+        read_dataset(tmp_path / "big.npy")
+    assert err.value.field == "labels"
+    ds = read_dataset(tmp_path / "big.npy", labels="optional")
+    assert isinstance(ds.signals, np.memmap)
+    np.testing.assert_array_equal(np.asarray(ds.signals), X)
+    assert_unlabelled(ds)
+    write_csv(tmp_path / "big.labels.csv", [["group"], ["p1"], ["p1"], ["p2"], ["p2"]])
+    with pytest.raises(DataError, match="no 'label' column") as err:
+        read_dataset(tmp_path / "big.npy")
+    ds = read_dataset(tmp_path / "big.npy", labels="optional")
+    assert_unlabelled(ds)
+    np.testing.assert_array_equal(ds.groups, ["p1", "p1", "p2", "p2"])
+
+
+def test_unlabelled_csv(tmp_path, rng):
+    X = np.round(rng.standard_normal((3, 6)), 4)
+    write_csv(tmp_path / "h.csv", [[f"s{j}" for j in range(6)], *X.tolist()])
+    ds = read_dataset(tmp_path / "h.csv", labels="optional", class_names=["x", "y"])
+    np.testing.assert_allclose(ds.signals, X, rtol=1e-6)  # every column is a sample
+    assert_unlabelled(ds, ["x", "y"])
+    # required: the first column is the label (UCR rule), and sample values are no labels
+    with pytest.raises(DataError, match="non-integer numbers like") as err:
+        read_dataset(tmp_path / "h.csv")
+    assert err.value.field == "label" and "labels='none'" in str(err.value)
+
+    write_csv(tmp_path / "n.csv", X.tolist())  # no header: labels='optional' keeps UCR layout
+    with pytest.raises(DataError, match="non-integer numbers"):
+        read_dataset(tmp_path / "n.csv", labels="optional", class_names=["x", "y"])
+    ds = read_dataset(tmp_path / "n.csv", labels="none")
+    np.testing.assert_allclose(ds.signals, X, rtol=1e-6)
+    assert_unlabelled(ds)
+    with pytest.raises(DataError, match="labels='none'") as err:
+        read_dataset(tmp_path / "n.csv", labels="none", label_column=0)
+    assert err.value.field == "label_column"
+
+    rows = [["group", "a", "b", "c"], ["p1", 1, 2, 3], ["p2", 4, 5, ""]]
+    write_csv(tmp_path / "g.tsv", rows, delimiter="\t")
+    ds = read_dataset(tmp_path / "g.tsv", labels="optional")
+    assert [list(s) for s in ds.signals] == [[1, 2, 3], [4, 5]]
+    np.testing.assert_array_equal(ds.groups, ["p1", "p2"])
+    assert_unlabelled(ds)
+    write_csv(tmp_path / "l.csv", [["label", "a", "b"], ["y", 1, 2], ["x", 3, 4]])
+    ds = read_dataset(tmp_path / "l.csv", labels="optional", class_names=["x", "y"])
+    assert ds.labels.tolist() == [1, 0]
+
+
+def test_unlabelled_ts(tmp_path, rng):
+    series = [rng.standard_normal(n) for n in (7, 5)]
+    lines = ["@problemName New", "@univariate true", "@equalLength false", "@classLabel false",
+             "@data", *(",".join(repr(float(v)) for v in s) for s in series)]
+    (tmp_path / "new.ts").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="is missing or false") as err:
+        read_dataset(tmp_path / "new.ts")
+    assert err.value.field == "@classLabel" and err.value.path.endswith("new.ts")
+    ds = read_ts(tmp_path / "new.ts", labels="optional", class_names=["1", "2"])
+    for got, want in zip(ds.signals, series, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert_unlabelled(ds, ["1", "2"])
+    write_ts(tmp_path / "l.ts", [(rng.standard_normal(4), lab) for lab in "21"])
+    assert read_dataset(tmp_path / "l.ts", labels="optional").labels.tolist() == [1, 0]
+    assert_unlabelled(read_dataset(tmp_path / "l.ts", labels="none"), ["1", "2"])
+
+
+def test_unlabelled_wfdb(tmp_path, rng):
+    signal = rng.standard_normal(6000)
+    write_wfdb(tmp_path, "100", signal, 100, [0, 2400], ["+"] * 2, ["(N", "(AFIB"])
+    (tmp_path / "100.atr").unlink()
+    with pytest.raises(DataError, match="does not exist") as err:
+        read_wfdb(tmp_path / "100", window_seconds=10)
+    assert err.value.path.endswith("100.atr")
+    ds = read_wfdb(tmp_path / "100", window_seconds=10, labels="optional")
+    assert ds.signals.shape == (6, 1000) and ds.sample_rate == 100.0
+    np.testing.assert_allclose(ds.signals[2], signal[2000:3000], atol=1e-3)
+    assert_unlabelled(ds)
+    # a folder: annotated records keep their labels, and with 'optional' no window is skipped
+    write_wfdb(tmp_path, "101", signal[:4000], 100, [1500], ["+"], ["(AFIB"])
+    ds = read_dataset(tmp_path, window_seconds=10, labels="optional", class_names=["AFIB", "N"])
+    np.testing.assert_array_equal(ds.groups, ["100"] * 6 + ["101"] * 4)
+    assert ds.labels.tolist() == [UNLABELLED] * 7 + [0, 0, 0]  # 101's first window: no rhythm
+    with pytest.raises(DataError, match="single class 'AFIB'"):  # required: only 101 is read
+        read_dataset(tmp_path, window_seconds=10)
+
+
+def test_unlabelled_edf(tmp_path, rng):
+    eeg = 50 * rng.standard_normal(95 * 100)
+    write_edf(tmp_path / "plain.edf", [eeg], 100, ["EEG"])
+    ds = read_edf(tmp_path / "plain.edf", labels="optional", class_names=["W", "N2"])
+    assert ds.signals.shape == (3, 3000)  # fixed 30 s epochs, the last 5 s left over
+    np.testing.assert_allclose(ds.signals[2], eeg[6000:9000], atol=0.02)
+    assert_unlabelled(ds, ["W", "N2"])
+    eeg = 50 * rng.standard_normal(150 * 100)
+    write_edf(tmp_path / "night.edf", [eeg], 100, ["EEG"], STAGES)
+    ds = read_edf(tmp_path / "night.edf", labels="optional", class_names=["N2", "REM", "W"])
+    assert ds.labels.tolist() == [2, 0, 0, 1, UNLABELLED]  # 'Sleep stage ?' is kept unlabelled
+    assert_unlabelled(read_edf(tmp_path / "night.edf", labels="none"))
+
+
+def test_label_mode_and_partial_labels(tmp_path):
+    np.savez(tmp_path / "d.npz", X=np.zeros((2, 3)), y=[0, 1])
+    with pytest.raises(DataError, match="expected one of \\('required', 'optional', 'none'\\)"):
+        read_dataset(tmp_path / "d.npz", labels="maybe")
+    ds = build_dataset("f.csv", np.zeros((3, 4)), ["b", None, "a"], class_names=["a", "b"])
+    assert ds.labels.tolist() == [1, UNLABELLED, 0] and not ds.has_labels
+    assert ds.class_counts().tolist() == [1, 1]
+    assert ds.subset(np.array([1])).labels.tolist() == [UNLABELLED]
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input, format by format: a DataError naming file and field, never a library traceback
 
 
@@ -380,6 +517,9 @@ def test_unknown_and_inconsistent_labels(tmp_path):
         encode_labels(["a", " ", "b"], "f.csv", "label")
     labels, names = encode_labels([2.0, 1.0, 2.0], "f.npz", "y")
     assert names == ["1", "2"] and labels.tolist() == [1, 0, 1]
+    with pytest.raises(DataError, match="non-integer numbers like -3e-05") as err:
+        encode_labels(["1", "0.25", "-3e-05"], "f.csv", "label")  # samples, not classes
+    assert err.value.field == "label"
 
 
 def test_unreadable_and_truncated_files(tmp_path):

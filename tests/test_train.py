@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from data.synthetic import SyntheticConfig, make_synthetic
-from data.transforms import znormalize
+from data.transforms import fit_length, znormalize
 from models.lightning_module import WarmupCosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,84 @@ def test_predict_writes_probabilities_per_window(cli_run, tmp_path) -> None:
     with torch.no_grad():
         expected = torch.softmax(module(x), -1)[0].numpy()
     np.testing.assert_allclose(probs[2], expected, atol=1e-5)
+
+
+def write_unlabelled_npz(path: Path, signals: list[np.ndarray]) -> None:
+    np.savez(path, X=np.concatenate(signals), lengths=[len(s) for s in signals], fs=125.0)
+
+
+def write_unlabelled_csv(path: Path, signals: list[np.ndarray]) -> None:
+    width = max(len(s) for s in signals)  # shorter rows end in empty cells
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f"t{j}" for j in range(width)])  # a header without a label column
+        writer.writerows([[repr(float(v)) for v in s] + [""] * (width - len(s))
+                          for s in signals])
+
+
+def write_unlabelled_ts(path: Path, signals: list[np.ndarray]) -> None:
+    lines = ["@problemName New", "@timeStamps false", "@univariate true",
+             "@equalLength false", "@classLabel false", "@data"]
+    lines += [",".join(repr(float(v)) for v in s) for s in signals]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("writer", [write_unlabelled_npz, write_unlabelled_csv,
+                                    write_unlabelled_ts])
+def test_predict_on_files_without_labels(writer, cli_run, tmp_path) -> None:
+    run_dir, _ = cli_run
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    # new recordings at the training rate (125 Hz), L = 512: windows at 0 and 88; one; padded
+    rng = np.random.default_rng(11)
+    signals = [rng.standard_normal(n).astype(np.float32) for n in (600, 512, 300)]
+    suffix = {write_unlabelled_npz: ".npz", write_unlabelled_csv: ".csv",
+              write_unlabelled_ts: ".ts"}[writer]
+    data = tmp_path / f"new{suffix}"
+    writer(data, signals)
+    output = tmp_path / "probs.csv"
+    code = train.main(["predict", "--checkpoint", str(checkpoint), "--data", str(data),
+                       "--output", str(output)])
+    assert code == 0
+    with open(output) as f:
+        rows = list(csv.DictReader(f))
+    names = list(SyntheticConfig.classes)
+    assert list(rows[0]) == ["record", "group", "start", "end", "label", "predicted",
+                             *[f"p_{n}" for n in names]]
+    assert [(r["record"], r["start"], r["end"]) for r in rows] == [
+        ("0", "0", "512"), ("0", "88", "600"), ("1", "0", "512"), ("2", "0", "300")]
+    assert all(r["label"] == "" for r in rows)  # unknown: left empty
+    probs = np.array([[float(r[f"p_{n}"]) for n in names] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    assert [r["predicted"] for r in rows] == [names[i] for i in probs.argmax(1)]
+
+    module = train.load_checkpoint(checkpoint)
+    x = torch.stack([torch.from_numpy(fit_length(znormalize(signals[int(r["record"])][
+        int(r["start"]):int(r["end"])]), 512)) for r in rows])
+    with torch.no_grad():
+        expected = torch.softmax(module(x), -1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("writer", "message"), [
+    (write_unlabelled_npz, "new.npz [y]: is missing"),
+    (write_unlabelled_csv, "new.csv [label]: holds non-integer numbers"),
+    (write_unlabelled_ts, "new.ts [@classLabel]: is missing or false; expected class labels"),
+])
+def test_training_on_a_file_without_labels_fails_clearly(writer, message, tmp_path,
+                                                         capsys) -> None:
+    suffix = message.split(" ")[0].split(".")[1]
+    data = tmp_path / f"new.{suffix}"
+    rng = np.random.default_rng(3)
+    writer(data, [rng.standard_normal(600).astype(np.float32) for _ in range(20)])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--data", str(data), "--output-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and message in err[-1], err
+    with pytest.raises(SystemExit):  # asking the reader for optional labels is refused too
+        train.main([*TINY, "--data", str(data), "--reader-option", "labels=optional",
+                    "--output-dir", str(tmp_path / "runs")])
+    assert "training needs labelled data" in capsys.readouterr().err
 
 
 class StopAfterEpochs(Callback):

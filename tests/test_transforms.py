@@ -18,6 +18,7 @@ from data.transforms import (
     make_augmentation,
     notch,
     plan_windows,
+    prediction_windows,
     resample,
     resample_dataset,
     sliding_windows,
@@ -171,6 +172,15 @@ def test_plan_windows_policies():
     assert e.value.path == "f.csv" and e.value.field == "length"
     with pytest.raises(DataError, match="shorter than the crop length"):
         plan_windows(lengths, "crop", 11)
+
+
+def test_prediction_windows_cover_every_sample():
+    items = prediction_windows(np.array([1100, 300, 512, 1024]), 512, 512)
+    assert items.tolist() == [[0, 0], [0, 512], [0, 588], [1, 0], [2, 0], [3, 0], [3, 512]]
+    assert prediction_windows([1100], 512, 256)[:, 1].tolist() == [0, 256, 512, 588]
+    assert prediction_windows([], 8, 8).shape == (0, 2)
+    with pytest.raises(ValueError, match="must be positive"):
+        prediction_windows([10], 8, 0)
 
 
 def test_fit_length_pads_and_truncates():
