@@ -5,8 +5,9 @@
 // neighbouring channels of one time step, so every load is coalesced.
 //
 // Forward:  (1) fwd_summary: each chunk's state when started from empty, all chunks at once
-//           (2) fwd_scan:    one thread per (batch, channel) folds the chunk summaries in order,
-//                            writing the state entering every chunk (kept for the backward)
+//           (2) fwd_scan:    per (batch, channel), a segmented scan over the chunk summaries
+//                            (see segmented_scan) writes the state entering every chunk,
+//                            which the backward reuses
 //           (3) fwd_output:  each chunk's outputs from its incoming state, all chunks at once
 // Backward: the same three phases run in reverse time on the gradient state
 //           R = dL/dA_t = r e^rho, S = dL/dB_t = s e^rho, which is linear with decay e^w:
