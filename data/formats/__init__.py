@@ -1,0 +1,139 @@
+"""Readers for 1-channel signal files, labelled or not, all returning one `SignalDataset`.
+
+Formats (see docs/data.md for the exact conventions; [...] is what an unlabelled file lacks):
+  .npz        keys X (N, T) and [y (N,)]; optional groups (N,), fs (scalar), class_names,
+              lengths (N,) when X is the 1-D concatenation of unequal-length signals
+  .npy        X (N, T), memory-mapped (mmap_mode='r') so it may be larger than RAM, with [a
+              sidecar NAME.labels.csv holding a `label` column] (and optionally `group`)
+  .csv/.tsv   one signal per row plus [a label column] (UCR .tsv: label in the first column)
+  .ts         UCR/UEA sktime text format, univariate (or one dimension picked), any lengths
+              [@classLabel true and a label after the values]
+  WFDB        record (.hea/.dat) + [annotation file], cut into windows labelled from rhythm
+              annotations ('(N', '(AFIB') or by the majority beat symbol
+  EDF/EDF+    one channel cut into 30 s epochs labelled from [sleep-stage annotations] in the
+              file itself or in a separate hypnogram EDF+
+
+Labels: every reader takes `labels=` (LABEL_MODES). 'required' (the default, and what training
+uses) refuses a file without labels; 'optional' reads the labels a file has and marks the rest
+UNLABELLED (-1), e.g. new recordings to predict on; 'none' ignores any labels in the file.
+
+Every reader checks its input once, here, and raises `DataError` naming the file, the field and
+what was expected, so nothing downstream sees NaN, a label count that does not match, or a
+traceback from inside numpy/wfdb/pyedflib.
+
+Modules: core (SignalDataset, DataError, labels, build_dataset), arrays (.npz, .npy),
+text (.csv/.tsv, .ts), physio (WFDB, EDF/EDF+); this file picks the reader.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from data.formats.arrays import read_npy, read_npz
+from data.formats.core import (
+    LABEL_MODES,
+    NAN_POLICIES,
+    UNLABELLED,
+    DataError,
+    SignalDataset,
+    build_dataset,
+    check_label_mode,
+    encode_labels,
+)
+from data.formats.physio import BEAT_SYMBOLS, SLEEP_STAGES, read_edf, read_wfdb
+from data.formats.text import read_csv, read_ts
+
+__all__ = [
+    "BEAT_SYMBOLS", "LABEL_MODES", "NAN_POLICIES", "READERS", "SLEEP_STAGES", "UNLABELLED",
+    "DataError", "SignalDataset", "build_dataset", "check_label_mode", "detect_format",
+    "encode_labels", "find_test_file", "read_csv", "read_dataset", "read_edf", "read_npy",
+    "read_npz", "read_train_test", "read_ts", "read_wfdb",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch and fixed train/test splits
+
+
+READERS = {"npz": read_npz, "npy": read_npy, "csv": read_csv, "tsv": read_csv, "ts": read_ts,
+           "wfdb": read_wfdb, "edf": read_edf}
+_EXTENSIONS = {".npz": "npz", ".npy": "npy", ".csv": "csv", ".tsv": "tsv", ".ts": "ts",
+               ".hea": "wfdb", ".dat": "wfdb", ".edf": "edf", ".bdf": "edf"}
+
+
+def detect_format(path: str | Path) -> str:
+    """The reader name for a path: by extension; a folder of .hea -> wfdb, of .edf -> edf."""
+    path = Path(path)
+    if path.is_dir():
+        for pattern, name in (("*.hea", "wfdb"), ("*.edf", "edf")):
+            if any(path.glob(pattern)):
+                return name
+        raise DataError(path, "format", "folder holds no .hea or .edf files; expected a WFDB or "
+                                        "EDF folder, a file, or a UCR/UEA folder of "
+                                        "NAME_TRAIN/NAME_TEST files (read_train_test)")
+    if path.suffix.lower() in _EXTENSIONS:
+        return _EXTENSIONS[path.suffix.lower()]
+    if path.with_name(path.name + ".hea").exists():  # WFDB record named without extension
+        return "wfdb"
+    raise DataError(path, "format", f"unknown file type {path.suffix!r}; expected one of "
+                                    f"{sorted(_EXTENSIONS)} or format= one of {sorted(READERS)}")
+
+
+def read_dataset(path: str | Path, format: str | None = None, **options) -> SignalDataset:
+    """Read any supported file or folder; the reader is picked by extension or `format`.
+
+    options go to the reader (e.g. labels=, label_column=, channel=, nan_policy=,
+    sample_rate=); every reader takes labels= (LABEL_MODES, default 'required').
+    """
+    fmt = format or detect_format(path)
+    if fmt not in READERS:
+        raise DataError(path, "format", f"is {fmt!r}; expected one of {sorted(READERS)}")
+    reader = READERS[fmt]
+    accepted = set(inspect.signature(reader).parameters) - {"path"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise DataError(path, "options", f"{unknown} are not options of the {fmt} reader; "
+                                         f"expected some of {sorted(accepted)}")
+    if fmt == "tsv":
+        options.setdefault("delimiter", "\t")
+    return reader(path, **options)
+
+
+def find_test_file(path: str | Path) -> tuple[Path, Path | None]:
+    """(train, test) paths of a UCR/UEA pair: NAME_TRAIN.ext beside NAME_TEST.ext, or a folder
+    holding both (.ts preferred over .tsv). Anything else: (path, None)."""
+    path = Path(path)
+    if path.is_dir():
+        for ext in (".ts", ".tsv"):
+            train = sorted(path.glob(f"*_TRAIN{ext}"))
+            if len(train) == 1:
+                test = train[0].with_name(train[0].name.replace("_TRAIN", "_TEST"))
+                if test.exists():
+                    return train[0], test
+        return path, None
+    if "_TRAIN" in path.stem:
+        test = path.with_name(path.name.replace("_TRAIN", "_TEST"))
+        if test.exists():
+            return path, test
+    return path, None
+
+
+def read_train_test(path: str | Path, test_path: str | Path | None = None,
+                    format: str | None = None,
+                    **options) -> tuple[SignalDataset, SignalDataset | None]:
+    """(train, test) for datasets that come with their own test set, else (dataset, None).
+
+    The test set is given by `test_path` or found by `find_test_file`; its labels are mapped
+    onto the training classes (a label the training set lacks is an error).
+    """
+    train_path, found = find_test_file(path)
+    test_path = test_path if test_path is not None else found
+    train = read_dataset(train_path, format, **options)
+    if test_path is None:
+        return train, None
+    test = read_dataset(test_path, format, **{**options, "class_names": train.class_names})
+    if None not in (train.sample_rate, test.sample_rate) and train.sample_rate != test.sample_rate:
+        raise DataError(test_path, "sample_rate", f"is {test.sample_rate} Hz but the training "
+                                                  f"set has {train.sample_rate} Hz; expected "
+                                                  "the same rate")
+    return train, test
