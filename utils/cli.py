@@ -1,0 +1,367 @@
+"""The train.py command line: options, their checks, and --config YAML files.
+
+Every error is one line on stderr with exit status 2 (`_Parser.error`); YAML values are turned
+into flags so they are checked exactly like the command line (`_config_argv`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Sizes that train to a useful result in minutes on a 2-core CPU, and the full model on a GPU.
+CPU_DEFAULTS = {"hidden_size": 64, "num_layers": 2, "patch_size": 8,
+                "cnn_channels": [16, 32, 64], "epochs": 12, "num_workers": 0}
+GPU_DEFAULTS = {"hidden_size": 256, "num_layers": 6, "patch_size": 4,
+                "cnn_channels": [16, 32, 64, 128], "epochs": 40, "num_workers": 4}
+PRECISIONS = {"auto": "auto", "32": "32-true", "32-true": "32-true", "16": "16-mixed",
+              "16-mixed": "16-mixed", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
+GROUPS = ("data", "model", "optimization", "hardware", "run")  # YAML sections (optional)
+
+# opens the epilog of `train.py --help`
+EXAMPLES = """examples:
+  python train.py                                   # built-in dataset, then test; logs in runs/
+  python train.py --config configs/gpu.yaml         # options from YAML; flags override them
+  python train.py --data ecg.npz --branches time --epochs 30
+  python train.py --devices 2 --strategy ddp        # DDP on one host (see docs/training.md)
+  python train.py --resume last                     # continue the newest run of --name
+  python train.py predict --checkpoint runs/dual_branch/version_0/checkpoints/last.ckpt \\
+      --data new.npz --output probs.csv"""
+
+
+class ConfigError(ValueError):
+    """A bad option or option value; train.main() prints it as one line."""
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {low}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float, high_open: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+        inside = low <= value < high if high_open else low <= value <= high
+        if not inside:
+            bracket = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"expected a number in [{low}, {high}{bracket}; "
+                                             f"got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {value}")
+    return value
+
+
+def _devices(text: str) -> int | str:
+    if text == "auto" or re.fullmatch(r"\d+(,\d+)*,?", text) and "," in text:
+        return text
+    if text == "-1":
+        return -1
+    return _int_at_least(1)(text)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE; got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line (no usage dump) that points to --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # "(default: None)" says nothing; those options explain their default themselves
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training command line. YAML keys (--config) are the option names with '_'."""
+    p = _Parser(
+        prog="train.py",
+        description="Train and test the dual-branch signal classifier; "
+                    "`train.py predict -h` for prediction.",
+        epilog=EXAMPLES + "\n\nOutputs, TensorBoard tags, DDP/torchrun/SLURM "
+               "and resume semantics: docs/training.md",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--config", metavar="YAML",
+                   help="YAML file of options (keys as below with '_', optionally under "
+                        f"sections {', '.join(GROUPS)}); command-line flags override it")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", metavar="PATH",
+                   help="'synthetic' (the built-in dataset) or a file/folder "
+                        "(.npz .npy .csv .tsv .ts, WFDB, EDF; see docs/data.md)")
+    g.add_argument("--test-data", metavar="PATH",
+                   help="official test file (UCR *_TRAIN/*_TEST pairs are found alone); "
+                        "default: hold out --test-fraction")
+    g.add_argument("--format", choices=["npz", "npy", "csv", "tsv", "ts", "wfdb", "edf"],
+                   help="reader for --data (default: by extension)")
+    g.add_argument("--reader-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="reader option, repeatable (e.g. channel=MLII); YAML: a mapping")
+    g.add_argument("--length", type=_int_at_least(1), metavar="N",
+                   help="model input length in samples after resampling (default: the "
+                        "dataset's; synthetic: 3750)")
+    g.add_argument("--sample-rate", type=_positive_float, metavar="HZ",
+                   help="resample to this rate (default: keep the source rate; synthetic: 125)")
+    g.add_argument("--length-policy", choices=["pad", "crop", "window"], default="pad",
+                   help="records vs --length: pad/truncate, random crop, or cut into windows")
+    g.add_argument("--window-stride", type=_int_at_least(1), metavar="N",
+                   help="stride of --length-policy window (default: --length)")
+    g.add_argument("--normalize", choices=["window", "record", "none"], default="window",
+                   help="z-normalise per model input, per record, or not at all")
+    g.add_argument("--synthetic-signals", type=_int_at_least(14), default=2000, metavar="N",
+                   help="signals in the built-in dataset")
+    g.add_argument("--synthetic-imbalance", type=_float_in(1.0, float("inf")), default=1.0,
+                   metavar="RATIO",
+                   help="built-in dataset: largest / smallest class count")
+    g.add_argument("--val-fraction", type=_float_in(0.0, 1.0), default=0.15, metavar="F",
+                   help="held out for validation (early stopping, best checkpoint)")
+    g.add_argument("--test-fraction", type=_float_in(0.0, 1.0), default=0.15, metavar="F",
+                   help="held out when there is no official test set")
+    g.add_argument("--balance", choices=["none", "loss", "sampler"], default="none",
+                   help="class imbalance: class-weighted loss, or a class-balanced sampler")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random gain and noise on training inputs")
+    g.add_argument("--num-workers", type=_int_at_least(0), metavar="N",
+                   help=f"DataLoader workers per process (default: {CPU_DEFAULTS['num_workers']}"
+                        f" on CPU, {GPU_DEFAULTS['num_workers']} on GPU)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--branches", choices=["both", "time", "freq"], default="both",
+                   help="RWKV time branch, spectrogram-CNN frequency branch, or both")
+    g.add_argument("--hidden-size", type=_int_at_least(1), metavar="C",
+                   help=f"RWKV width (default: {CPU_DEFAULTS['hidden_size']} on CPU, "
+                        f"{GPU_DEFAULTS['hidden_size']} on GPU)")
+    g.add_argument("--num-layers", type=_int_at_least(1), metavar="L",
+                   help=f"RWKV blocks (default: {CPU_DEFAULTS['num_layers']} on CPU, "
+                        f"{GPU_DEFAULTS['num_layers']} on GPU)")
+    g.add_argument("--patch-size", type=_int_at_least(1), metavar="N",
+                   help="RWKV strided-conv stem: samples per step (default: "
+                        f"{CPU_DEFAULTS['patch_size']} on CPU, "
+                        f"{GPU_DEFAULTS['patch_size']} on GPU)")
+    g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=False,
+                   help="add a time-reversed WKV scan to every RWKV block")
+    g.add_argument("--cnn-channels", type=_int_at_least(1), nargs="+", metavar="C",
+                   help="frequency CNN stage widths (default: "
+                        f"{' '.join(map(str, CPU_DEFAULTS['cnn_channels']))} on CPU, "
+                        f"{' '.join(map(str, GPU_DEFAULTS['cnn_channels']))} on GPU)")
+    g.add_argument("--spectrogram", choices=["mel", "linear"], default="mel",
+                   help="frequency-branch input: mel or linear power spectrogram (in dB)")
+    g.add_argument("--n-fft", type=_int_at_least(2), default=256, metavar="N",
+                   help="STFT size in samples; also the shortest input the branch accepts")
+    g.add_argument("--hop-length", type=_int_at_least(1), default=64, metavar="N",
+                   help="STFT hop in samples")
+    g.add_argument("--n-mels", type=_int_at_least(1), default=64, metavar="N",
+                   help="mel bands (capped at n_fft / 2 + 1)")
+    g.add_argument("--spec-augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="SpecAugment frequency/time masks in training")
+    g.add_argument("--fusion", choices=["concat", "gated"], default="concat",
+                   help="how the two branches' features are combined")
+    g.add_argument("--dropout", type=_float_in(0.0, 1.0), default=0.1, metavar="P",
+                   help="dropout before the classifier head")
+    g.add_argument("--rwkv-dropout", type=_float_in(0.0, 1.0), default=0.0, metavar="P",
+                   help="residual dropout inside the RWKV blocks")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=False, help="recompute RWKV block activations in backward")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile every RWKV block (GPU; slow to start)")
+    g.add_argument("--wkv-backend", choices=["auto", "torch", "cuda", "reference"],
+                   default="auto", help="WKV operator backend")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=_int_at_least(1), default=32, metavar="N",
+                   help="per device; the effective batch is this x devices x nodes x "
+                        "--accumulate")
+    g.add_argument("--epochs", type=_int_at_least(1), metavar="N",
+                   help=f"maximum epochs (default: {CPU_DEFAULTS['epochs']} on CPU, "
+                        f"{GPU_DEFAULTS['epochs']} on GPU)")
+    g.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
+                   help="stop after this many optimizer steps (overrides --epochs for the "
+                        "schedule)")
+    g.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate")
+    g.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="none",
+                   help="scale --lr by (effective batch / --batch-size) for multi-device runs")
+    g.add_argument("--weight-decay", type=_float_in(0.0, float("inf")), default=0.05,
+                   metavar="W", help="AdamW weight decay, on weight matrices and conv kernels "
+                                     "only (not on norms, biases or RWKV decay/first/mix)")
+    g.add_argument("--warmup", type=_float_in(0.0, float("inf")), default=0.05, metavar="W",
+                   help="warmup: fraction of all steps if < 1, else a step count")
+    g.add_argument("--min-lr-ratio", type=_float_in(0.0, 1.0, high_open=False), default=0.01,
+                   metavar="R",
+                   help="the cosine schedule ends at lr x this")
+    g.add_argument("--label-smoothing", type=_float_in(0.0, 1.0), default=0.0, metavar="E",
+                   help="cross-entropy label smoothing")
+    g.add_argument("--grad-clip", type=_float_in(0.0, float("inf")), default=1.0, metavar="NORM",
+                   help="clip the gradient norm to this (0: off)")
+    g.add_argument("--accumulate", type=_int_at_least(1), default=1, metavar="N",
+                   help="batches per optimizer step")
+    g.add_argument("--monitor", default="val/macro_f1",
+                   choices=["val/macro_f1", "val/balanced_acc", "val/acc", "val/kappa",
+                            "val/loss"],
+                   help="metric for the best checkpoint and early stopping")
+    g.add_argument("--patience", type=_int_at_least(0), default=6, metavar="EPOCHS",
+                   help="early stopping after this many epochs without improvement (0: off)")
+
+    g = p.add_argument_group("hardware")
+    g.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="auto: a CUDA GPU if one is visible, else the CPU")
+    g.add_argument("--devices", type=_devices, default="auto",
+                   help="devices per node: a count, 'auto', or GPU ids like 0,1")
+    g.add_argument("--strategy", default="auto",
+                   help="Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters"
+                        "_true, fsdp ...")
+    g.add_argument("--num-nodes", type=_int_at_least(1), default=1, metavar="N",
+                   help="hosts (torchrun/SLURM start the processes; see docs/training.md)")
+    g.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="auto: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, "
+                        "32-true on CPU")
+    g.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction,
+                   help="BatchNorm statistics over all ranks' batches (default: on for "
+                        "multi-GPU runs; PyTorch's SyncBatchNorm needs GPUs)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, init and shuffles")
+    g.add_argument("--output-dir", default="runs", metavar="DIR",
+                   help="TensorBoard logs, checkpoints and results go to DIR/NAME/version_N")
+    g.add_argument("--name", default="dual_branch", help="experiment name under --output-dir")
+    g.add_argument("--resume", metavar="CKPT",
+                   help="checkpoint to continue from, or 'last': the newest last.ckpt of "
+                        "--output-dir/--name")
+    g.add_argument("--memory-log-every", type=_int_at_least(1), default=50, metavar="STEPS",
+                   help="log memory to TensorBoard every this many steps")
+    g.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
+                   help="a live progress bar (off: one summary line per epoch only)")
+    return p
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    """The `train.py predict` command line."""
+    p = _Parser(
+        prog="train.py predict",
+        description="Write class probabilities per signal (or per window of a long signal)\n"
+                    "to CSV, from a checkpoint written by train.py. Signals are resampled,\n"
+                    "filtered, windowed and normalised as in training. The file needs no\n"
+                    "labels (docs/data.md: files without labels).",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a train.py checkpoint")
+    p.add_argument("--data", required=True, metavar="PATH", help="signal file or folder")
+    p.add_argument("--format", choices=["npz", "npy", "csv", "tsv", "ts", "wfdb", "edf"],
+                   help="reader (default: the training run's, else by extension)")
+    p.add_argument("--reader-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="reader option, repeatable (default: the training run's)")
+    p.add_argument("--output", default="predictions.csv", metavar="CSV",
+                   help="columns: record, group, start, end, label (empty for a record "
+                        "without one), predicted, p_<class>...")
+    p.add_argument("--window-stride", type=_int_at_least(1), metavar="N",
+                   help="stride between windows of signals longer than the model input "
+                        "(default: the training stride, else the input length)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="N")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="one device: a CUDA GPU if one is visible, else the CPU")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="as for training")
+    return p
+
+
+def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """A YAML config as command-line tokens, so its values are checked like flags."""
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {path}: expected a mapping of option: value")
+    flat: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if key in GROUPS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    argv: list[str] = []
+    for key, value in flat.items():
+        key = str(key).replace("-", "_")
+        if key not in actions or key in ("config", "help"):
+            close = difflib.get_close_matches(key, list(actions), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config {path}: unknown option {key!r}{hint}")
+        action = actions[key]
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise ConfigError(f"config {path}: {key} must be true or false; got {value!r}")
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif key == "reader_option":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config {path}: reader_option must be a mapping")
+            for k, v in value.items():
+                argv += [flag, f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"]
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse training options: defaults < --config YAML < flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        try:
+            argv = _config_argv(known.config, parser) + argv
+        except ConfigError as exc:
+            parser.error(str(exc))
+    args = parser.parse_args(argv)
+    if args.val_fraction + args.test_fraction >= 1 or args.val_fraction == 0:
+        parser.error("--val-fraction must be > 0 and --val-fraction + --test-fraction < 1")
+    if args.resume and args.resume != "last" and not Path(args.resume).is_file():
+        parser.error(f"--resume: no checkpoint file {args.resume}")
+    if args.data != "synthetic" and not Path(args.data).exists():
+        parser.error(f"--data: {args.data} does not exist")
+    if args.test_data and not Path(args.test_data).exists():
+        parser.error(f"--test-data: {args.test_data} does not exist")
+    return args
