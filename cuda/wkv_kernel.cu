@@ -105,6 +105,21 @@ __device__ __forceinline__ bool chunk_index(int B, int T, int C, int N, Index& i
   return true;
 }
 
+// A chunk's k and v (len <= kChunk steps from `base`, C apart) into registers; all loads are
+// issued before any use.
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ k, const T* __restrict__ v,
+                                           int64_t base, int C, int len, float (&kk)[kChunk],
+                                           float (&vv)[kChunk]) {
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j < len) {
+      kk[j] = load(k, base + static_cast<int64_t>(j) * C);
+      vv[j] = load(v, base + static_cast<int64_t>(j) * C);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -115,13 +130,7 @@ __global__ void fwd_summary(const T* __restrict__ k, const T* __restrict__ v,
   Index ix;
   if (!chunk_index(B, T_, C, N, ix)) return;
   float kk[kChunk], vv[kChunk];
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    if (j < ix.len) {
-      kk[j] = load(k, ix.base + static_cast<int64_t>(j) * C);
-      vv[j] = load(v, ix.base + static_cast<int64_t>(j) * C);
-    }
-  }
+  load_chunk(k, v, ix.base, C, ix.len, kk, vv);
   const float ww = -expf(decay[ix.c]);
   State s{0.f, 0.f, kEmpty};
 #pragma unroll
@@ -204,13 +213,7 @@ __global__ void fwd_output(const T* __restrict__ k, const T* __restrict__ v,
   Index ix;
   if (!chunk_index(B, T_, C, N, ix)) return;
   float kk[kChunk], vv[kChunk];
-#pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
-    if (j < ix.len) {
-      kk[j] = load(k, ix.base + static_cast<int64_t>(j) * C);
-      vv[j] = load(v, ix.base + static_cast<int64_t>(j) * C);
-    }
-  }
+  load_chunk(k, v, ix.base, C, ix.len, kk, vv);
   const float ww = -expf(decay[ix.c]), uu = u[ix.c];
   State s = load_state(chunk_states, ix.chunk_state, C);
 #pragma unroll
