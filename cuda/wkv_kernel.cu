@@ -89,7 +89,6 @@ struct Index {
   int b, n, c, len;
   int64_t base;  // element (b, n * kChunk, c) of a (B, T, C) tensor
   int64_t chunk_state;  // element (b, n, 0, c) of a (B, N, 3, C) tensor
-  int64_t part;  // element (b, n, c) of a (B, N, C) tensor
 };
 
 __device__ __forceinline__ bool chunk_index(int B, int T, int C, int N, Index& ix) {
@@ -101,7 +100,6 @@ __device__ __forceinline__ bool chunk_index(int B, int T, int C, int N, Index& i
   ix.len = min(kChunk, T - ix.n * kChunk);
   ix.base = (static_cast<int64_t>(ix.b) * T + static_cast<int64_t>(ix.n) * kChunk) * C + ix.c;
   ix.chunk_state = (static_cast<int64_t>(ix.b) * N + ix.n) * 3 * C + ix.c;
-  ix.part = (static_cast<int64_t>(ix.b) * N + ix.n) * C + ix.c;
   return true;
 }
 

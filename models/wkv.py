@@ -370,22 +370,12 @@ def wkv(
     return y.to(k.dtype), state_out.to(compute)
 
 
-def wkv_bandwidth_floor_ms(bsz: int, steps: int, channels: int, bytes_per_el: int,
-                           tb_per_s: float, backward: bool) -> float:
-    """The time to move the operator's unavoidable bytes at `tb_per_s`: forward reads k, v and
-    writes y; forward + backward also reads k, v, gy and writes gk, gv."""
-    n = bsz * steps * channels * bytes_per_el
-    moved = 3 * n + (5 * n if backward else 0)
-    return moved / (tb_per_s * 1e12) * 1e3
-
-
 __all__ = [
     "BACKENDS",
     "EMPTY_P",
     "empty_state",
     "prepare_backend",
     "wkv",
-    "wkv_bandwidth_floor_ms",
     "wkv_chunked",
     "wkv_reference",
     "wkv_reference_backward",

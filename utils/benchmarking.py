@@ -11,9 +11,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from models.wkv import wkv, wkv_bandwidth_floor_ms
+from models.wkv import wkv
 
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def wkv_bandwidth_floor_ms(bsz: int, steps: int, channels: int, bytes_per_el: int,
+                           tb_per_s: float, backward: bool) -> float:
+    """The time to move the operator's unavoidable bytes at `tb_per_s`: forward reads k, v and
+    writes y; forward + backward also reads k, v, gy and writes gk, gv."""
+    n = bsz * steps * channels * bytes_per_el
+    moved = 3 * n + (5 * n if backward else 0)
+    return moved / (tb_per_s * 1e12) * 1e3
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 20,
