@@ -164,7 +164,10 @@ def build_callbacks(args: argparse.Namespace) -> list[Callback]:
         EpochSummary(),
     ]
     if args.patience > 0:
-        callbacks.append(EarlyStopping(monitor=args.monitor, mode=mode, patience=args.patience))
+        # checked after each validation, not at the training epoch's end: a --max-steps run
+        # that stops mid-epoch skips that epoch's validation and has nothing to check
+        callbacks.append(EarlyStopping(monitor=args.monitor, mode=mode, patience=args.patience,
+                                       check_on_train_epoch_end=False))
     if args.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     return callbacks
@@ -324,7 +327,8 @@ def _write_results(run_dir: Path, test: dict[str, Any], summary: dict[str, Any],
     lines += [f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}"
               for k, v in metrics.items()]
     lines += ["", test.get("report_text", ""),
-              f"best checkpoint: {summary['best_checkpoint']}",
+              "best checkpoint: " + (summary["best_checkpoint"]
+                                     or "none (no validation ran): tested the last weights"),
               f"results: {run_dir / 'test_metrics.json'}, {run_dir / 'confusion_matrix.png'}",
               f"time: {summary['seconds']:.0f} s"]
     print("\n".join(lines), flush=True)

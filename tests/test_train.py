@@ -238,6 +238,17 @@ def test_resume_continues_exactly(tmp_path) -> None:
     assert not (part / "dual_branch" / "version_1").exists()
 
 
+def test_max_steps_may_stop_mid_epoch(tmp_path) -> None:
+    # 98 training signals / 16 = 6 steps per epoch: 3 steps end the run before any validation,
+    # which early stopping and the best checkpoint must survive
+    result = run_cli([*TINY, "--max-steps", "3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "none (no validation ran): tested the last weights" in result.stdout
+    last = torch.load(tmp_path / "runs/dual_branch/version_0/checkpoints/last.ckpt",
+                      weights_only=True)
+    assert last["global_step"] == 3
+
+
 def test_yaml_config_is_checked_and_flags_override_it(tmp_path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
