@@ -157,6 +157,8 @@ def model_section(args, device) -> dict:
     if args.patch_size > 1:
         variants[f"optimized patch {args.patch_size}"] = dict(patch_size=args.patch_size,
                                                              gradient_checkpointing=True)
+    if args.compile:
+        variants["optimized+compile"] = dict(gradient_checkpointing=False, compile_blocks=True)
     torch.manual_seed(0)
     optimized = create_optimized_rwkv(1, C, L).to(device)
     with torch.no_grad():  # RWKV's init makes every block the identity: perturb to compare
@@ -399,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-lengths", type=int, nargs="+")
     p.add_argument("--lstm-max-len", type=int, default=16384)
     p.add_argument("--skip-original", action="store_true", help="skip the sequential original")
+    p.add_argument("--compile", action="store_true",
+                   help="model section: also time the optimized model with every block under "
+                        "torch.compile (train.py --compile; compiling takes a minute)")
     p.add_argument("--skip-original-train", action="store_true",
                    help="time only the original's forward (its train step takes long)")
     p.add_argument("--json", help="write all results to this JSON file")
