@@ -284,6 +284,10 @@ def peers_section(args, device) -> dict:
             "transformer (SDPA)": lambda: TransformerStack(C, L),
             "lstm (cuDNN)": lambda: LSTMStack(C, L),
         }
+        if args.compile:  # both sides under torch.compile, for a like-for-like comparison
+            models["rwkv+compile"] = lambda: create_optimized_rwkv(
+                1, C, L, compile_blocks=True, check_input_finite=False)
+            models["transformer (SDPA)+compile"] = lambda: _compiled(TransformerStack(C, L))
         for name, make in models.items():
             if name.startswith("lstm") and steps > args.lstm_max_len:
                 continue
@@ -293,22 +297,32 @@ def peers_section(args, device) -> dict:
                 r = measure_module(model, x, device, args.amp, train=True,
                                    repeat=args.repeat, budget_s=20, graphs=True)
             row[name] = r
-            print(f"T={steps:>7} {name:<20} fwd {fmt(r.get('fwd_ms')):>7} ms  train "
+            print(f"T={steps:>7} {name:<28} fwd {fmt(r.get('fwd_ms')):>7} ms  train "
                   f"{fmt(r.get('train_ms')):>7} ms  graph train {fmt(r.get('graph_train_ms')):>7}"
                   f" ms  peak {fmt(r.get('train_peak_mib')):>7} MiB "
                   f"{r.get('note', '')}{r.get('graph_note', '')}", flush=True)
             del model
         results[steps] = row
-    def overtakes(key):
+    def overtakes(key, suffix=""):
         return next((t for t, row in results.items()
-                     if row.get("rwkv", {}).get(key, math.inf)
-                     < row.get("transformer (SDPA)", {}).get(key, math.inf)), None)
+                     if row.get("rwkv" + suffix, {}).get(key, math.inf)
+                     < row.get("transformer (SDPA)" + suffix, {}).get(key, math.inf)), None)
 
-    eager, graph = overtakes("train_ms"), overtakes("graph_train_ms")
-    print(f"RWKV train step beats the Transformer from T = {eager} (eager) / {graph} (CUDA "
-          f"graphs) on, of the lengths tried")
+    overtakes_at = {"eager": overtakes("train_ms"), "graph": overtakes("graph_train_ms")}
+    print(f"RWKV train step beats the Transformer from T = {overtakes_at['eager']} (eager) / "
+          f"{overtakes_at['graph']} (CUDA graphs) on, of the lengths tried")
+    if args.compile:
+        overtakes_at.update(compiled_eager=overtakes("train_ms", "+compile"),
+                            compiled_graph=overtakes("graph_train_ms", "+compile"))
+        print(f"both compiled: from T = {overtakes_at['compiled_eager']} (eager) / "
+              f"{overtakes_at['compiled_graph']} (CUDA graphs) on")
     return {"rows": {str(t): row for t, row in results.items()},
-            "rwkv_overtakes_at": {"eager": eager, "graph": graph}}
+            "rwkv_overtakes_at": overtakes_at}
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    model.compile()  # in place, like the RWKV blocks' compile_blocks
+    return model
 
 
 def classifier_section(args, device) -> dict:
@@ -402,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lstm-max-len", type=int, default=16384)
     p.add_argument("--skip-original", action="store_true", help="skip the sequential original")
     p.add_argument("--compile", action="store_true",
-                   help="model section: also time the optimized model with every block under "
-                        "torch.compile (train.py --compile; compiling takes a minute)")
+                   help="model and peers sections: also time the models under torch.compile "
+                        "(train.py --compile; compiling takes a minute)")
     p.add_argument("--skip-original-train", action="store_true",
                    help="time only the original's forward (its train step takes long)")
     p.add_argument("--json", help="write all results to this JSON file")
