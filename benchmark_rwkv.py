@@ -159,6 +159,8 @@ def model_section(args, device) -> dict:
                                                              gradient_checkpointing=True)
     if args.compile:
         variants["optimized+compile"] = dict(gradient_checkpointing=False, compile_blocks=True)
+        variants["optimized+compile reduce-overhead"] = dict(
+            gradient_checkpointing=False, compile_blocks=True, compile_mode="reduce-overhead")
     torch.manual_seed(0)
     optimized = create_optimized_rwkv(1, C, L).to(device)
     with torch.no_grad():  # RWKV's init makes every block the identity: perturb to compare

@@ -103,7 +103,8 @@ def model_settings(args: argparse.Namespace, sample_rate: float | None) -> dict[
             "hidden_size": args.hidden_size, "num_layers": args.num_layers,
             "patch_size": args.patch_size, "bidirectional": args.bidirectional,
             "dropout": args.rwkv_dropout, "gradient_checkpointing": args.gradient_checkpointing,
-            "compile_blocks": args.compile, "wkv_backend": args.wkv_backend,
+            "compile_blocks": args.compile, "compile_mode": args.compile_mode,
+            "wkv_backend": args.wkv_backend,
         },
         "freq": {
             "spectrogram": args.spectrogram, "sample_rate": round(sample_rate or 16000),

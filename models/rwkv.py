@@ -22,6 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from models.wkv import BACKENDS, empty_state, prepare_backend, wkv
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass
 class RWKVConfig:
@@ -38,6 +40,9 @@ class RWKVConfig:
     return_sequence: bool = False  # forward returns (B, T', C) per-step features, not pooled
     gradient_checkpointing: bool = False  # recompute each block's activations in backward
     compile_blocks: bool = False  # torch.compile every block (GPU; slow to start on CPU)
+    # torch.compile mode for compile_blocks; "reduce-overhead" also replays each block as a
+    # CUDA graph, which removes the per-kernel launch cost that dominates eager GPU steps
+    compile_mode: str = "default"
     wkv_backend: str = "auto"  # models.wkv backend: "auto" | "torch" | "cuda" | "reference" ...
     check_input_finite: bool = True  # refuse NaN/Inf input (one device sync per forward)
 
@@ -50,6 +55,9 @@ class RWKVConfig:
             raise ValueError(f"RWKVConfig.dropout must be in [0, 1); got {self.dropout!r}")
         if self.pooling not in ("mean", "last"):
             raise ValueError(f"RWKVConfig.pooling must be 'mean' or 'last'; got {self.pooling!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"RWKVConfig.compile_mode must be one of {COMPILE_MODES}; "
+                             f"got {self.compile_mode!r}")
         if self.wkv_backend not in BACKENDS:
             raise ValueError(f"RWKVConfig.wkv_backend must be one of {BACKENDS}; "
                              f"got {self.wkv_backend!r}")
@@ -290,7 +298,9 @@ class RWKVEncoder(nn.Module):
             prepare_backend("cuda")
         if config.compile_blocks:
             for block in self.blocks:
-                block.compile()  # in place: parameter names and state_dict stay the same
+                # in place: parameter names and state_dict stay the same
+                block.compile(mode=None if config.compile_mode == "default"
+                              else config.compile_mode)
 
     @property
     def out_features(self) -> int:

@@ -230,6 +230,8 @@ def test_config_validation_and_unknown_options():
         RWKVConfig(patch_size=0)
     with pytest.raises(ValueError, match="wkv_backend"):
         RWKVConfig(wkv_backend="triton")
+    with pytest.raises(ValueError, match="compile_mode"):
+        RWKVConfig(compile_mode="fast")
 
 
 def test_optimizer_groups_cover_each_parameter_once():
@@ -338,6 +340,32 @@ def test_compile_blocks_option_matches_eager():
     compiled.load_state_dict(eager.state_dict())
     x = torch.randn(2, 64, 1, device="cuda")
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+@cuda
+@needs_cuda
+def test_reduce_overhead_compile_trains_like_eager():
+    # each block replayed as a CUDA graph: recorded on the first steps, replayed after, with
+    # the optimizer changing the weights in between
+    torch._dynamo.reset()
+    eager = randomize(create_optimized_rwkv(**SMALL)).cuda()
+    compiled = create_optimized_rwkv(**SMALL, compile_blocks=True,
+                                     compile_mode="reduce-overhead").cuda()
+    compiled.load_state_dict(eager.state_dict())
+    models = (eager, compiled)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    for step in range(4):
+        x = torch.randn(2, 64, 1, device="cuda")
+        losses = []
+        for model, opt in zip(models, optimizers, strict=True):
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-3), step
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
 @cuda

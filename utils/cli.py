@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from models.rwkv import COMPILE_MODES
+
 # Sizes that train to a useful result in minutes on a 2-core CPU, and the full model on a GPU.
 CPU_DEFAULTS = {"hidden_size": 64, "num_layers": 2, "patch_size": 8,
                 "cnn_channels": [16, 32, 64], "epochs": 12, "num_workers": 0}
@@ -199,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=False, help="recompute RWKV block activations in backward")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile every RWKV block (GPU; slow to start)")
+    g.add_argument("--compile-mode", choices=list(COMPILE_MODES), default="default",
+                   help="torch.compile mode for --compile; reduce-overhead also replays each "
+                        "block as a CUDA graph (fewer kernel launches, more memory)")
     g.add_argument("--wkv-backend", choices=["auto", "torch", "cuda", "reference"],
                    default="auto", help="WKV operator backend")
 
