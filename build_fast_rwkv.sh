@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Set up the project and build the CUDA WKV kernel.
+# Set up the project and build the WKV kernels (C++ CPU kernel; CUDA kernel for this GPU).
 #
-#   ./build_fast_rwkv.sh            install pinned dependencies, build the kernel for this GPU
+#   ./build_fast_rwkv.sh            install pinned dependencies, build the kernels
 #   ./build_fast_rwkv.sh --dev      also install the test tools (pytest, ruff)
 #   ./build_fast_rwkv.sh --check    compile the kernel even without a GPU (proves it builds)
 #   ./build_fast_rwkv.sh --no-install   only build the kernel
 #
 # Dependencies go into the active virtual environment (or conda env); when none is active,
 # into a fresh .venv next to this script (activate it with `. .venv/bin/activate`).
-# Without nvcc or a GPU the operator uses its PyTorch backend, and this script says so.
+# Without nvcc or a GPU the operator uses its C++ CPU kernel (or, without a C++ compiler, its
+# PyTorch backend), and this script says so.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -48,7 +49,8 @@ if (( install )); then
   echo "Dependencies installed in $(( $(date +%s) - start )) s"
 fi
 
-# The kernel build needs CUDA_HOME; cuda/build.py finds /usr/local/cuda or the nvcc on PATH.
+# The CPU kernel needs a C++ compiler; the CUDA kernel needs CUDA_HOME (cuda/build.py finds
+# /usr/local/cuda or the nvcc on PATH).
 if (( check )); then
   "$python" -m cuda.build --check
 else

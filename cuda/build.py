@@ -1,11 +1,15 @@
-"""JIT build and load of the CUDA WKV extension (torch.utils.cpp_extension + ninja).
+"""JIT build and load of the WKV extensions (torch.utils.cpp_extension + ninja).
 
-Built once per source/torch/GPU-architecture combination into a cache folder and loaded from
-there afterwards. A file lock (with a timeout that names the lock) keeps concurrent builders,
-e.g. DDP ranks, from racing on the build folder. Run as a script to build ahead of training:
+Two extensions: the CUDA kernel (wkv_op.cpp + wkv_kernel.cu, needs nvcc and a GPU) and the CPU
+kernel (wkv_cpu.cpp, needs only a C++ compiler). Each is built once per source/torch/target
+combination into a cache folder and loaded from there afterwards. A file lock (with a timeout
+that names the lock) keeps concurrent builders, e.g. DDP ranks, from racing on the build
+folder. Run as a script to build ahead of training:
 
-    python -m cuda.build            # build for the visible GPU (what build_fast_rwkv.sh does)
-    python -m cuda.build --check    # compile even without a GPU, to prove the kernel builds
+    python -m cuda.build            # the CPU kernel, and the CUDA one for the visible GPU
+                                    # (what build_fast_rwkv.sh does)
+    python -m cuda.build --check    # compile the CUDA kernel even without a GPU; any failure
+                                    # is an error (exit 1)
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import argparse
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +37,40 @@ SOURCES = ("wkv_op.cpp", "wkv_kernel.cu")
 HEADERS = ("wkv_chunk.h",)
 CHECK_ARCHS = "8.0;9.0"  # what --check compiles for when no GPU says what it is
 NVCC_FLAGS = ("-O3", "-lineinfo", "--expt-relaxed-constexpr")
+CPU_SOURCES = ("wkv_cpu.cpp",)
+
+
+@dataclass(frozen=True)
+class Extension:
+    """What one extension is built from; `prefix` names its module and cache folder."""
+
+    prefix: str
+    sources: tuple[str, ...]
+    headers: tuple[str, ...]
+    cflags: tuple[str, ...]
+    cuda_cflags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()
+
+
+CUDA_EXTENSION = Extension("wkv", SOURCES, HEADERS, ("-O3",), NVCC_FLAGS)
+
+
+def cpu_extension() -> Extension:
+    """The CPU kernel's build for this machine.
+
+    -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it; the module then
+    shares torch's libgomp (same soname), so torch.set_num_threads applies. -fno-trapping-math:
+    the kernel's selects (`gap >= 0 ? 1 : e`) vectorise only when the compiler may evaluate both
+    sides; nothing here reads floating-point exception flags. No -ffast-math: it lets the
+    compiler assume no infinities and NaNs, which changes what max and the selects compute.
+    No -march=native: the cache folder may be shared between machines (a network home), and a
+    module tuned to one CPU would crash another. AVX2 + FMA only where torch found them; the
+    flags are part of the cache key, so an older CPU builds its own baseline copy.
+    """
+    cflags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    if platform.machine().lower() in ("x86_64", "amd64") and cpu_capability() in ("AVX2", "AVX512"):
+        cflags += ["-mavx2", "-mfma"]
+    return Extension("wkv_cpu", CPU_SOURCES, (), tuple(cflags), ldflags=("-fopenmp",))
 
 
 class BuildError(RuntimeError):
@@ -59,25 +100,70 @@ def gpu_arch() -> str | None:
     return f"{major}.{minor}"
 
 
+def cpu_capability() -> str:
+    """The vector instruction set torch uses on this CPU: "AVX512", "AVX2", "DEFAULT", ..."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def find_cxx() -> str | None:
+    """The C++ compiler cpp_extension will call ($CXX, else c++), or None."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
 def cache_root() -> Path:
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     return Path(base) / "rwkv_signal"
 
 
-def _build_tag(arch_list: str) -> str:
+def _build_tag(target: str, extension: Extension = CUDA_EXTENSION) -> str:
     digest = hashlib.sha256()
-    for name in SOURCES + HEADERS + ("build.py",):
+    for name in extension.sources + extension.headers + ("build.py",):
         digest.update((SOURCE_DIR / name).read_bytes())
-    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch_list}|{NVCC_FLAGS}".encode())
+    flags = (extension.cflags, extension.cuda_cflags, extension.ldflags)
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{target}|{flags}".encode())
     return digest.hexdigest()[:12]
 
 
-def build(arch_list: str | None = None, verbose: bool = False, timeout: float = 900.0):
-    """Build (or load from the cache) the extension for `arch_list` ("8.0;9.0"); by default
-    for the visible GPU. Returns (module, build folder, seconds spent, was_cached).
-    Raises BuildError with the reason on any failure."""
+def _jit_load(extension: Extension, target: str, verbose: bool, timeout: float):
+    """Build (or load from the cache) `extension` for `target` (what its cache key must hold
+    beyond sources, flags and torch: the GPU architectures, or the CPU's instruction set)."""
     import filelock
+    from torch.utils import cpp_extension
 
+    name = f"{extension.prefix}_{_build_tag(target, extension)}"
+    build_dir = cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cached = (build_dir / f"{name}.so").exists()
+    lock_path = build_dir.parent / f"{name}.build.lock"
+    start = time.perf_counter()
+    try:
+        with filelock.FileLock(str(lock_path), timeout=timeout):
+            # We hold the lock, so no builder of ours is alive: a baton `lock` left in the build
+            # folder is from a killed build and would make cpp_extension wait forever.
+            (build_dir / "lock").unlink(missing_ok=True)
+            module = cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE_DIR / s) for s in extension.sources],
+                extra_cflags=list(extension.cflags),
+                extra_cuda_cflags=list(extension.cuda_cflags) or None,
+                extra_ldflags=list(extension.ldflags) or None,
+                build_directory=str(build_dir),
+                verbose=verbose,
+            )
+    except filelock.Timeout as exc:
+        raise BuildError(
+            f"waited {timeout:.0f} s for the build lock {lock_path}; another build holds it "
+            "(if none is running, delete that file)"
+        ) from exc
+    except Exception as exc:  # compiler errors arrive as RuntimeError/OSError/IndexError
+        raise BuildError(f"{type(exc).__name__}: {str(exc).strip()[-2000:]}") from exc
+    return module, build_dir, time.perf_counter() - start, cached
+
+
+def build(arch_list: str | None = None, verbose: bool = False, timeout: float = 900.0):
+    """Build (or load from the cache) the CUDA extension for `arch_list` ("8.0;9.0"); by
+    default for the visible GPU. Returns (module, build folder, seconds spent, was_cached).
+    Raises BuildError with the reason on any failure."""
     arch_list = arch_list or gpu_arch()
     if arch_list is None:
         raise BuildError("no CUDA device and no architecture given (use --check to compile)")
@@ -93,73 +179,92 @@ def build(arch_list: str | None = None, verbose: bool = False, timeout: float = 
     from torch.utils import cpp_extension
 
     cpp_extension.CUDA_HOME = cuda_home  # read once at import; keep it in step with ours
-
-    tag = _build_tag(arch_list)
-    build_dir = cache_root() / f"wkv_{tag}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cached = (build_dir / f"wkv_{tag}.so").exists()
-    lock_path = build_dir.parent / f"wkv_{tag}.build.lock"
-    start = time.perf_counter()
-    try:
-        with filelock.FileLock(str(lock_path), timeout=timeout):
-            # We hold the lock, so no builder of ours is alive: a baton `lock` left in the build
-            # folder is from a killed build and would make cpp_extension wait forever.
-            (build_dir / "lock").unlink(missing_ok=True)
-            module = cpp_extension.load(
-                name=f"wkv_{tag}",
-                sources=[str(SOURCE_DIR / s) for s in SOURCES],
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=list(NVCC_FLAGS),
-                build_directory=str(build_dir),
-                verbose=verbose,
-            )
-    except filelock.Timeout as exc:
-        raise BuildError(
-            f"waited {timeout:.0f} s for the build lock {lock_path}; another build holds it "
-            "(if none is running, delete that file)"
-        ) from exc
-    except Exception as exc:  # compiler errors arrive as RuntimeError/OSError/IndexError
-        raise BuildError(f"{type(exc).__name__}: {str(exc).strip()[-2000:]}") from exc
-    return module, build_dir, time.perf_counter() - start, cached
+    return _jit_load(CUDA_EXTENSION, arch_list, verbose, timeout)
 
 
-_loaded: dict[str, object] = {}
+def build_cpu(verbose: bool = False, timeout: float = 900.0):
+    """Build (or load from the cache) the CPU extension for this machine's instruction set.
+    Returns (module, build folder, seconds spent, was_cached); raises BuildError on failure."""
+    if find_cxx() is None:
+        raise BuildError(f"no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH)")
+    return _jit_load(cpu_extension(), cpu_capability(), verbose, timeout)
+
+
+# per kind ("cuda", "cpu"): (module or None, why it is None)
+_loaded: dict[str, tuple[ModuleType | None, str]] = {}
+
+
+def _load_once(kind: str, build_fn: Callable, detail: Callable[[], str]) -> ModuleType | None:
+    """Build/load the `kind` extension on first use; on failure remember why and warn once."""
+    if kind not in _loaded:
+        what = kind.upper()
+        try:
+            module, build_dir, seconds, cached = build_fn()
+        except BuildError as exc:
+            _loaded[kind] = (None, f"{what} build failed: {exc}")
+            reason = str(exc) if kind == "cuda" else _first_line(exc)
+            warnings.warn(f"WKV {what} kernel unavailable, using the PyTorch backend. {reason}",
+                          stacklevel=3)
+        else:
+            _loaded[kind] = (module, "")
+            log.info("WKV %s kernel %s (%s) in %.1f s: %s", what,
+                     "loaded" if cached else "built", detail(), seconds, build_dir)
+    return _loaded[kind][0]
+
+
+def _first_line(exc: BaseException) -> str:
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{line[:300]} (`python -m cuda.build --verbose` shows the compiler's output)"
 
 
 def load_extension_or_none() -> ModuleType | None:
-    """The built extension for the visible GPU, building it on first use; None (with one
+    """The built CUDA extension for the visible GPU, building it on first use; None (with one
     warning that says why) if it cannot be had, so callers fall back to PyTorch."""
-    if "module" not in _loaded:
-        if not torch.cuda.is_available():
-            _loaded.update(module=None, why="no CUDA device")
-        else:
-            try:
-                module, build_dir, seconds, cached = build()
-                _loaded.update(module=module, why="")
-                log.info(
-                    "WKV CUDA kernel %s (sm_%s) in %.1f s: %s",
-                    "loaded" if cached else "built",
-                    gpu_arch().replace(".", ""),
-                    seconds,
-                    build_dir,
-                )
-            except BuildError as exc:
-                _loaded.update(module=None, why=f"CUDA build failed: {exc}")
-                warnings.warn(
-                    f"WKV CUDA kernel unavailable, using the PyTorch backend. {exc}", stacklevel=2
-                )
-    return _loaded["module"]
+    if "cuda" not in _loaded and not torch.cuda.is_available():
+        _loaded["cuda"] = (None, "no CUDA device")
+    return _load_once("cuda", build, lambda: "sm_" + gpu_arch().replace(".", ""))
 
 
 def loaded_extension() -> ModuleType | None:
-    """The extension if an earlier call loaded it; never builds (safe inside torch.compile)."""
-    return _loaded.get("module")
+    """The CUDA extension if an earlier call loaded it; never builds (safe inside
+    torch.compile)."""
+    return _loaded.get("cuda", (None, ""))[0]
 
 
 def why_unavailable() -> str:
     """Why load_extension_or_none() returned None ('' when it did not)."""
     load_extension_or_none()
-    return str(_loaded.get("why", ""))
+    return _loaded["cuda"][1]
+
+
+def load_cpu_extension_or_none() -> ModuleType | None:
+    """The built CPU extension, building it on first use; None (with a one-line warning that
+    says why) if it cannot be had, so callers fall back to PyTorch."""
+    return _load_once("cpu", build_cpu, cpu_capability)
+
+
+def loaded_cpu_extension() -> ModuleType | None:
+    """The CPU extension if an earlier call loaded it; never builds (safe inside
+    torch.compile)."""
+    return _loaded.get("cpu", (None, ""))[0]
+
+
+def why_cpu_unavailable() -> str:
+    """Why load_cpu_extension_or_none() returned None ('' when it did not)."""
+    load_cpu_extension_or_none()
+    return _loaded["cpu"][1]
+
+
+def _build_and_report(what: str, target: str, build_fn: Callable) -> int:
+    try:
+        _, build_dir, seconds, cached = build_fn()
+    except BuildError as exc:
+        print(f"WKV {what} build failed: {exc}", file=sys.stderr)
+        return 1
+    state = "loaded from cache" if cached else "built"
+    print(f"WKV {what} kernel {state} for {target} in {seconds:.1f} s")
+    print(f"Cache: {build_dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,22 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = parser.parse_args(argv)
 
+    if find_cxx() is None:
+        print("No C++ compiler: the WKV operator will use its PyTorch backend on CPU.")
+        status = 0
+    else:
+        status = _build_and_report("CPU", cpu_capability(),
+                                   lambda: build_cpu(verbose=args.verbose))
     arch = args.arch or gpu_arch() or (CHECK_ARCHS if args.check else None)
     if arch is None:
-        print("No CUDA GPU visible: the WKV operator will use its PyTorch backend.")
+        print("No CUDA GPU visible: the WKV operator will use its CPU backends.")
         print("(Run with --check to compile the CUDA kernel anyway.)")
-        return 0
+        return status
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()} (sm_{gpu_arch().replace('.', '')})")
-    try:
-        _, build_dir, seconds, cached = build(arch, verbose=args.verbose)
-    except BuildError as exc:
-        print(f"WKV CUDA build failed: {exc}", file=sys.stderr)
-        return 1
-    state = "loaded from cache" if cached else "built"
-    print(f"WKV CUDA kernel {state} for arch {arch} in {seconds:.1f} s")
-    print(f"Cache: {build_dir}")
-    return 0
+    cuda_status = _build_and_report("CUDA", f"arch {arch}",
+                                    lambda: build(arch, verbose=args.verbose))
+    return max(status, cuda_status)
 
 
 if __name__ == "__main__":

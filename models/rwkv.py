@@ -43,7 +43,7 @@ class RWKVConfig:
     # torch.compile mode for compile_blocks; "reduce-overhead" also replays each block as a
     # CUDA graph, which removes the per-kernel launch cost that dominates eager GPU steps
     compile_mode: str = "default"
-    wkv_backend: str = "auto"  # models.wkv backend: "auto" | "torch" | "cuda" | "reference" ...
+    wkv_backend: str = "auto"  # models.wkv backend: "auto" | "torch" | "cuda" | "cpu" | ...
     check_input_finite: bool = True  # refuse NaN/Inf input (one device sync per forward)
 
     def __post_init__(self) -> None:
@@ -296,6 +296,8 @@ class RWKVEncoder(nn.Module):
             # build or load the kernel now, outside any torch.compile trace (a trace can only
             # use a kernel that is already loaded)
             prepare_backend("cuda")
+        if config.wkv_backend in ("auto", "cpu"):
+            prepare_backend("cpu")  # likewise the C++ CPU kernel (a no-op once loaded)
         if config.compile_blocks:
             for block in self.blocks:
                 # in place: parameter names and state_dict stay the same
@@ -454,7 +456,8 @@ def create_optimized_rwkv(input_size: int = 1, hidden_size: int = 256, num_layer
     """The fast RWKV-4 encoder: (B, T, input_size) -> (B, hidden_size) features.
 
     compile_kernels: True uses WKV backend "auto" (the CUDA kernel where it builds and the input
-        is on a GPU, else vectorised PyTorch); False forces the "torch" backend. An explicit
+        is on a GPU, the C++ kernel on CPU where it builds, else vectorised PyTorch); False
+        forces the "torch" backend. An explicit
         `wkv_backend` option wins over it.
     options: any other `RWKVConfig` field, e.g. patch_size=8, bidirectional=True,
         return_sequence=True, gradient_checkpointing=True, compile_blocks=True, pooling="last".

@@ -1,4 +1,4 @@
-"""The RWKV-4 WKV operator: one public entry point, four backends.
+"""The RWKV-4 WKV operator: one public entry point, five backends.
 
 Per channel, with w = -exp(decay) < 0 and u = first, inputs k, v of shape (B, T, C):
 
@@ -20,6 +20,8 @@ Backends (see `wkv`):
   cuda             the chunked-parallel CUDA kernel in cuda/ (models/wkv_ops.py: an
                    autograd.Function in eager mode, torch.library custom ops under torch.compile)
   cuda_sequential  the same kernel library's one-thread-per-channel loop: the in-house baseline
+  cpu              the C++ CPU kernel in cuda/wkv_cpu.cpp (vectorised over channels, threads
+                   over batch x channel blocks), through the same autograd wrapper and ops
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 EMPTY_P = -1e38  # p of an empty state: exp(EMPTY_P - anything) == 0 without inf - inf
-BACKENDS = ("auto", "reference", "torch", "cuda", "cuda_sequential")
+BACKENDS = ("auto", "reference", "torch", "cuda", "cuda_sequential", "cpu")
+_NATIVE = ("cuda", "cuda_sequential", "cpu")  # backends that run a compiled kernel
 
 # Factorised chunks are exact while the exponents inside a chunk span less than this (float64
 # holds e^-745 .. e^709); a chunk that spans more is recomputed step by step.
@@ -231,24 +234,42 @@ def _log_backend_once(backend: str, reason: str) -> None:
         log.info("WKV backend: %s (%s)", backend, reason)
 
 
-# On CPU without autograd, the sequential loop's per-step Python cost (~40 us) is paid back
-# by its lower per-element cost once B * C reaches about this (measured on 2 cores: at
-# B=8, T=3750, C=256 the loop's forward takes 0.18 s, the chunked scan's 0.63 s).
+# Without the C++ kernel, on CPU without autograd, the sequential loop's per-step Python cost
+# (~40 us) is paid back by its lower per-element cost once B * C reaches about this (measured
+# on 2 cores: at B=8, T=3750, C=256 the loop's forward takes 0.18 s, the chunked scan's 0.63 s;
+# the C++ kernel's 0.017 s).
 _CPU_LOOP_MIN_WIDTH = 512
 
 
 def _choose_backend(k: Tensor, needs_grad: bool) -> str:
-    from cuda.build import load_extension_or_none, loaded_extension, why_unavailable
+    from cuda.build import (
+        load_cpu_extension_or_none,
+        load_extension_or_none,
+        loaded_cpu_extension,
+        loaded_extension,
+        why_cpu_unavailable,
+        why_unavailable,
+    )
 
     if torch.compiler.is_compiling():
         # no building or logging inside a traced graph: use what eager code already loaded
-        usable = k.is_cuda and k.dtype != torch.float64 and loaded_extension() is not None
-        return "cuda" if usable else "torch"
+        if k.dtype == torch.float64:
+            return "torch"
+        if k.is_cuda:
+            return "cuda" if loaded_extension() is not None else "torch"
+        return "cpu" if loaded_cpu_extension() is not None else "torch"
     if not k.is_cuda:
+        if k.dtype != torch.float64 and load_cpu_extension_or_none() is not None:
+            _log_backend_once("cpu", "C++ CPU kernel built and loaded")
+            return "cpu"
+        if k.dtype == torch.float64:
+            why = "float64 inputs on CPU (the C++ kernel is float32)"
+        else:
+            why = f"on CPU, C++ kernel unavailable: {why_cpu_unavailable()}"
         if not needs_grad and k.shape[0] * k.shape[2] >= _CPU_LOOP_MIN_WIDTH:
-            _log_backend_once("reference", "CPU without autograd: the step loop is faster here")
+            _log_backend_once("reference", f"{why}; without autograd the step loop is faster")
             return "reference"
-        _log_backend_once("torch", "inputs on CPU")
+        _log_backend_once("torch", why)
         return "torch"
     if k.dtype == torch.float64:
         _log_backend_once("torch", "float64 inputs")
@@ -261,14 +282,14 @@ def _choose_backend(k: Tensor, needs_grad: bool) -> str:
 
 
 def prepare_backend(device: torch.device | str) -> str:
-    """Build/load the CUDA kernel now (outside any torch.compile trace) if `device` is a GPU,
-    and return the backend "auto" will pick there. Models call this when they are created."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "torch"
-    from cuda.build import load_extension_or_none
+    """Build/load the native kernel for `device` now (outside any torch.compile trace: a trace
+    can only use a kernel that is already loaded), and return the backend "auto" will pick
+    there for float32 inputs. Models call this when they are created."""
+    from cuda.build import load_cpu_extension_or_none, load_extension_or_none
 
-    return "cuda" if load_extension_or_none() is not None else "torch"
+    if torch.device(device).type == "cuda":
+        return "cuda" if load_extension_or_none() is not None else "torch"
+    return "cpu" if load_cpu_extension_or_none() is not None else "torch"
 
 
 def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_finite: bool):
@@ -330,9 +351,10 @@ def wkv(
     decay, first: (C,) parameters (w = -exp(decay), u = first).
     k, v: (B, T, C) float64/float32/bfloat16/float16, T >= 1.
     state: optional (B, 3, C) [a, b, p] entering the sequence; empty when None.
-    backend: "auto" (cuda when built and the inputs are on a GPU; on CPU torch, or the
-        reference loop for wide inputs that need no gradient, where it is faster),
-        "reference", "torch", "cuda" or "cuda_sequential".
+    backend: "auto" (the native kernel of the inputs' device when it builds: cuda on a GPU,
+        cpu on the CPU; else torch, or on CPU the reference loop for wide inputs that need no
+        gradient, where it is faster; float64 inputs: torch), "reference", "torch", "cuda",
+        "cuda_sequential" or "cpu".
     check_finite: refuse NaN/Inf inputs (costs a device sync; models check their input once
         and pass False).
     Returns y (B, T, C) in k's dtype and the final state (B, 3, C) in float32 (float64 for
@@ -345,16 +367,18 @@ def wkv(
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (decay, first, k, v, state))
         backend = _choose_backend(k, needs_grad)
-    if backend in ("cuda", "cuda_sequential"):
-        if not k.is_cuda:
-            raise ValueError(f"backend {backend!r} needs CUDA tensors; got k on {k.device}")
+    if backend in _NATIVE:
+        wants = "cpu" if backend == "cpu" else "cuda"
+        if k.device.type != wants:
+            raise ValueError(
+                f"backend {backend!r} needs {wants.upper()} tensors; got k on {k.device}")
         if k.dtype == torch.float64:
             raise ValueError(f"backend {backend!r} takes float32/bfloat16/float16; got float64")
-        from models.wkv_ops import wkv_cuda
+        from models.wkv_ops import wkv_kernel
 
         if state is not None:
             state = _clamp_p(state.float())
-        return wkv_cuda(decay, first, k, v, state, sequential=backend == "cuda_sequential")
+        return wkv_kernel(decay, first, k, v, state, sequential=backend == "cuda_sequential")
 
     compute = torch.float64 if k.dtype == torch.float64 else torch.float32
     w = -torch.exp(decay.to(compute))

@@ -1,15 +1,18 @@
-"""The CUDA WKV kernel for autograd: torch.library custom ops, and an eager shortcut.
+"""The native WKV kernels for autograd: torch.library custom ops, and an eager shortcut.
 
-`wkv_cuda` is the entry point. Under torch.compile it calls the custom ops; in eager mode it
-calls the same kernels through a plain autograd.Function, whose per-call host cost is a small
-fraction of the custom-op dispatch's (that cost exceeds the kernels' own time at B=1).
+Two kernel libraries with one interface: the CUDA kernel (cuda/wkv_kernel.cu) for GPU tensors
+and the C++ CPU kernel (cuda/wkv_cpu.cpp) for CPU tensors. `wkv_kernel` is the entry point.
+Under torch.compile it calls the custom ops; in eager mode it calls the same kernels through a
+plain autograd.Function, whose per-call host cost is a small fraction of the custom-op
+dispatch's (that cost exceeds the kernels' own time at B=1).
 
 Two ops, `rwkv_signal::wkv_forward` and `rwkv_signal::wkv_backward`, each with a fake
 implementation (shapes for torch.compile) and the backward wired in with register_autograd,
 so a compiled model traces through the kernel without a graph break and the backward is
-itself an op that compile can trace around. On CUDA tensors the ops run the kernel in cuda/;
-on CPU tensors they run the chunked PyTorch math with the same outputs, so the registration
-itself is tested (torch.library.opcheck) on machines without a GPU.
+itself an op that compile can trace around. On CUDA tensors the ops run the CUDA kernel; on
+CPU tensors the C++ CPU kernel, or where that cannot be built the chunked PyTorch math with
+the same outputs. Either way the registration is tested (torch.library.opcheck) on machines
+without a GPU.
 
 Inputs here are already validated by models/wkv.py: decay, first float32 (C,) (the kernel
 computes w = -exp(decay) itself and returns the gradient of decay); k, v (B, T, C) in
@@ -37,6 +40,28 @@ def _extension():
     return module
 
 
+def _cpu_extension_or_none():
+    from cuda.build import load_cpu_extension_or_none
+
+    module = load_cpu_extension_or_none()
+    if module is not None and module.chunk != CHUNK:
+        raise RuntimeError(
+            f"WKV CPU kernel built with chunk {module.chunk}, Python expects {CHUNK}")
+    return module
+
+
+def _kernels(k: Tensor):
+    """The kernel library for k's device; raises with the reason if it cannot be had."""
+    if k.is_cuda:
+        return _extension()
+    module = _cpu_extension_or_none()
+    if module is None:
+        from cuda.build import why_cpu_unavailable
+
+        raise RuntimeError(f"the WKV CPU kernel is unavailable: {why_cpu_unavailable()}")
+    return module
+
+
 @torch.library.custom_op("rwkv_signal::wkv_forward", mutates_args=())
 def wkv_forward(
     decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state: Tensor | None, sequential: bool
@@ -47,6 +72,13 @@ def wkv_forward(
         y, state_out, chunk_states = _extension().forward(
             decay.contiguous(), first.contiguous(), k.contiguous(), v.contiguous(),
             None if state is None else state.contiguous(), sequential,
+        )
+        return y, state_out, chunk_states
+    cpu = _cpu_extension_or_none()
+    if cpu is not None:  # (the CPU kernel has no sequential variant)
+        y, state_out, chunk_states = cpu.forward(
+            decay.contiguous(), first.contiguous(), k.contiguous(), v.contiguous(),
+            None if state is None else state.contiguous(), False,
         )
         return y, state_out, chunk_states
     if state is None:
@@ -89,7 +121,14 @@ def wkv_backward(
             sequential,
         )
         return gdecay, gfirst, gk, gv, gstate_in
-    # CPU: the kernel's backward written out step by step (autograd is off inside an op)
+    cpu = _cpu_extension_or_none()
+    if cpu is not None:
+        gdecay, gfirst, gk, gv, gstate_in = cpu.backward(
+            decay.contiguous(), first.contiguous(), k.contiguous(), v.contiguous(), chunk_states,
+            state_out, gy.to(k.dtype).contiguous(), gstate.contiguous(), state is not None, False,
+        )
+        return gdecay, gfirst, gk, gv, gstate_in
+    # no CPU kernel: its backward written out step by step (autograd is off inside an op)
     f64 = torch.float64
     w = -torch.exp(decay.to(f64))
     s = empty_state(k.shape[0], k.shape[2], k.device) if state is None else state
@@ -143,7 +182,7 @@ class _WKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, decay, first, k, v, state, sequential):
-        y, state_out, chunk_states = _extension().forward(decay, first, k, v, state, sequential)
+        y, state_out, chunk_states = _kernels(k).forward(decay, first, k, v, state, sequential)
         ctx.save_for_backward(decay, first, k, v, chunk_states, state_out)
         ctx.has_state, ctx.sequential = state is not None, sequential
         return y, state_out
@@ -153,19 +192,21 @@ class _WKVFunction(torch.autograd.Function):
         decay, first, k, v, chunk_states, state_out = ctx.saved_tensors
         gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype).contiguous()
         gstate = None if gstate is None else gstate.contiguous()
-        gdecay, gfirst, gk, gv, gstate_in = _extension().backward(
+        gdecay, gfirst, gk, gv, gstate_in = _kernels(k).backward(
             decay, first, k, v, chunk_states, state_out, gy, gstate, ctx.has_state,
             ctx.sequential,
         )
         return gdecay, gfirst, gk, gv, gstate_in if ctx.has_state else None, None
 
 
-def wkv_cuda(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state: Tensor | None,
-             sequential: bool = False):
-    """y (B, T, C) and the final state (B, 3, C) from the CUDA kernel."""
+def wkv_kernel(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state: Tensor | None,
+               sequential: bool = False, through_ops: bool = False):
+    """y (B, T, C) and the final state (B, 3, C) from the native kernel of k's device (the
+    CUDA kernel, or the C++ CPU kernel). Raises if that kernel cannot be had. through_ops:
+    call the custom ops even in eager mode (as torch.compile does; for tests)."""
     decay, first = decay.float().contiguous(), first.float().contiguous()
     state = None if state is None else state.float().contiguous()
-    if torch.compiler.is_compiling() or not k.is_cuda:  # (CPU: the ops' reference path)
+    if torch.compiler.is_compiling() or through_ops:
         y, state_out, _ = wkv_forward(decay, first, k, v, state, sequential)
         return y, state_out
     return _WKVFunction.apply(decay, first, k.contiguous(), v.contiguous(), state, sequential)

@@ -26,3 +26,30 @@ def test_a_held_build_lock_times_out_naming_the_lock(tmp_path, monkeypatch):
         build.build("8.0", timeout=0.5)
     message = str(err.value)
     assert str(lock_path) in message and "another build holds it" in message
+
+
+def test_no_cxx_is_a_clear_cpu_build_error(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(build.BuildError, match="no C\\+\\+ compiler"):
+        build.build_cpu()
+
+
+def test_cpu_cache_key_holds_the_instruction_set():
+    ext = build.cpu_extension()
+    assert build._build_tag("AVX2", ext) != build._build_tag("DEFAULT", ext)
+    assert build._build_tag("AVX2", ext) != build._build_tag("AVX2")  # not the CUDA build's
+
+
+@pytest.mark.skipif(build.find_cxx() is None, reason="no C++ compiler")
+def test_build_script_builds_the_cpu_kernel():
+    """`python -m cuda.build` (what build_fast_rwkv.sh runs) builds or loads the CPU kernel."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "cuda.build"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "WKV CPU kernel " in proc.stdout and f"for {build.cpu_capability()}" in proc.stdout
+    module, build_dir, _, cached = build.build_cpu()
+    assert cached and module.chunk == 16 and list(build_dir.glob("*.so"))

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile-mode", choices=list(COMPILE_MODES), default="default",
                    help="torch.compile mode for --compile; reduce-overhead also replays each "
                         "block as a CUDA graph (fewer kernel launches, more memory)")
-    g.add_argument("--wkv-backend", choices=["auto", "torch", "cuda", "reference"],
+    g.add_argument("--wkv-backend", choices=["auto", "torch", "cuda", "cpu", "reference"],
                    default="auto", help="WKV operator backend")
 
     g = p.add_argument_group("optimization")
