@@ -207,13 +207,20 @@ def model_section(args, device) -> dict:
     return results
 
 
+def _runs_on(backend: str, device: torch.device) -> bool:
+    """Whether a WKV backend takes tensors on `device` (the native kernels are per device)."""
+    if backend.startswith("cuda"):
+        return device.type == "cuda"
+    return backend != "cpu" or device.type == "cpu"
+
+
 def op_section(args, device, tb_s) -> list:
     print(f"\n## WKV operator, C={args.hidden} (floor at {tb_s:.2f} TB/s measured copy rate)")
     results = []
     for batch, steps in args.op_sizes:
         for dtype in args.op_dtypes:
             for backend in args.backends:
-                if backend.startswith("cuda") and device.type != "cuda":
+                if not _runs_on(backend, device):
                     continue
                 if backend == "reference" and batch * steps > 8 * 4096:
                     continue
@@ -232,7 +239,7 @@ def scaling_section(args, device, tb_s) -> list:
     rows = []
     for channels in args.scaling_hidden:
         for backend in args.backends:
-            if backend.startswith("cuda") and device.type != "cuda":
+            if not _runs_on(backend, device):
                 continue
             for steps in args.scaling_lengths:
                 r = bench_op(backend, torch.float32, args.scaling_batch, steps, channels, device,
@@ -408,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-sizes", type=parse_size, nargs="+", help="BxT sizes for the op table")
     p.add_argument("--op-dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--backends", nargs="+",
-                   default=["cuda", "cuda_sequential", "torch", "reference"])
+                   default=["cuda", "cuda_sequential", "cpu", "torch", "reference"])
     p.add_argument("--scaling-lengths", type=int, nargs="+")
     p.add_argument("--scaling-hidden", type=int, nargs="+", default=[32, 256])
     p.add_argument("--scaling-batch", type=int, default=8)
