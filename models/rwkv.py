@@ -339,6 +339,11 @@ class RWKVEncoder(nn.Module):
         x = validate_signal(x, cfg.input_size, check_finite=cfg.check_input_finite)
         if state is not None:
             self._check_state(state, x.shape[0])
+        if cfg.compile_blocks and cfg.compile_mode == "reduce-overhead":
+            # a new iteration of the blocks' CUDA graphs: what the previous call's graphs
+            # returned is dead now and their memory may be reused (without this, a forward
+            # after a training step or in inference mode reads overwritten outputs)
+            torch.compiler.cudagraph_mark_step_begin()
         h = self.ln_in(self.stem(x))
         new_layers = []
         for i, block in enumerate(self.blocks):

@@ -364,6 +364,14 @@ def test_reduce_overhead_compile_trains_like_eager():
             opt.zero_grad()
             losses.append(loss.item())
         assert losses[1] == pytest.approx(losses[0], rel=1e-3), step
+        # validation between training steps, as Lightning runs it (inference mode, eval)
+        with torch.inference_mode():
+            for model in models:
+                model.eval()
+            outs = [model(x + 1).float().clone() for model in models]
+            for model in models:
+                model.train()
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-3)
     for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
