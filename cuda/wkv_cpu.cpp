@@ -9,8 +9,8 @@
 //
 // Numbers: float32 state (a, b, p) with the running-max scale p, as the CUDA kernel; bfloat16
 // and float16 inputs are widened to float32 at the boundary (their conversions have branches
-// that keep the loops from vectorising) and the outputs rounded back. The gradients of decay and first are sums over B*T terms, accumulated in
-// double. The forward saves the state entering every kChunk steps; the backward recomputes the
+// that keep the loops from vectorising) and the outputs rounded back. The gradients of decay
+// and first are sums over B*T terms, accumulated in double. The forward saves the state entering every kChunk steps; the backward recomputes the
 // states of one chunk from it into a small scratch buffer, so memory is O(B*T*C/kChunk) and
 // nothing depends on a maximum T.
 #include <torch/extension.h>
