@@ -132,6 +132,16 @@ def test_csv_default_label_column_and_interpolate(tmp_path):
     assert ds.class_names == ["1", "2"]
 
 
+def test_csv_negative_column_index_refused(tmp_path):
+    write_csv(tmp_path / "n.csv", [[1, 2, 3], [2, 4, 5], [1, 3, 3]])
+    with pytest.raises(DataError, match="expected a column index >= 0") as err:
+        read_dataset(tmp_path / "n.csv", label_column=-1)
+    assert err.value.field == "label_column"
+    with pytest.raises(DataError, match="expected a column index >= 0") as err:
+        read_dataset(tmp_path / "n.csv", group_column=-2)
+    assert err.value.field == "group_column"
+
+
 def test_ucr_tsv_label_first_unequal_lengths(tmp_path):
     write_csv(tmp_path / "Toy_TRAIN.tsv", [[2, 0.5, 1.5, 2.5], [1, 1.0, 2.0, "NaN"],
                                            [10, 3.0, "", ""]], delimiter="\t")
@@ -158,6 +168,15 @@ def test_ts_equal_and_unequal_length(tmp_path, rng):
     ds = read_dataset(tmp_path / "u.ts")
     assert [len(s) for s in ds.signals] == [5, 9]
     np.testing.assert_allclose(ds.signals[1], cases[1][0], rtol=1e-6)
+
+
+def test_ts_bad_series_length_header(tmp_path):
+    for stated in ("abc", ""):
+        write_ts(tmp_path / "s.ts", [([1.0, 2.0], "1"), ([3.0, 4.0], "2")],
+                 header_extra=f"@seriesLength {stated}")
+        with pytest.raises(DataError, match="expected a whole number of samples") as err:
+            read_dataset(tmp_path / "s.ts")
+        assert err.value.field == "@seriesLength" and err.value.path.endswith("s.ts")
 
 
 def test_ts_multivariate_needs_dimension(tmp_path):

@@ -74,6 +74,8 @@ def _column(spec: str | int | None, names: list[str] | None, default: str | None
             field: str) -> int | None:
     """Index of a column given by name (needs a header) or position."""
     if isinstance(spec, int):
+        if spec < 0:  # a negative index would also leave the column among the samples
+            raise DataError(path, field, f"is {spec}; expected a column index >= 0 or a name")
         return spec
     if names is None:
         if spec is not None:
@@ -227,9 +229,14 @@ def read_ts(path: str | Path, *, dimension: int | None = None, labels: str = "re
     if flag("equallength") and len(lengths) > 1:
         raise DataError(path, "@equalLength", f"is true but lengths range {min(lengths)}.."
                                               f"{max(lengths)}; expected equal lengths")
-    if "serieslength" in meta and len(lengths) == 1 and lengths != {int(meta["serieslength"][0])}:
-        raise DataError(path, "@seriesLength", f"is {meta['serieslength'][0]} but the series "
-                                               f"have {lengths.pop()} samples; expected equal")
+    if "serieslength" in meta and len(lengths) == 1:
+        stated = " ".join(meta["serieslength"])
+        if not stated.isdigit():
+            raise DataError(path, "@seriesLength", f"is {stated!r}; expected a whole number of "
+                                                   "samples")
+        if lengths != {int(stated)}:
+            raise DataError(path, "@seriesLength", f"is {stated} but the series have "
+                                                   f"{lengths.pop()} samples; expected equal")
     if len(lengths) == 1:
         signals = np.stack(signals)
     # Class order: as declared in the header, unless mapped onto another file's classes.
