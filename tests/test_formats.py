@@ -481,6 +481,11 @@ def test_wrong_shapes(tmp_path):
     np.save(tmp_path / "cube.npy", np.zeros((2, 3, 4)))
     with pytest.raises(DataError, match="expected \\(N, T\\)"):
         read_dataset(tmp_path / "cube.npy")
+    np.savez(tmp_path / "none.npz", X=np.zeros((0, 5)), y=np.zeros(0, dtype=np.int64),
+             class_names=["a", "b"])
+    with pytest.raises(DataError, match="holds no signals") as err:
+        read_dataset(tmp_path / "none.npz")
+    assert err.value.field == "X"
     np.savez(tmp_path / "lens.npz", X=np.zeros(10), lengths=[4, 4], y=["a", "b"])
     with pytest.raises(DataError, match="sum to 8") as err:
         read_dataset(tmp_path / "lens.npz")
@@ -575,6 +580,10 @@ def test_dispatch_errors(tmp_path):
     assert err.value.field == "options"
     with pytest.raises(DataError, match="does not exist"):
         read_dataset(tmp_path / "missing.npz")
+    for missing in ("missing", "missing_dir/"):  # no extension to pick a reader by
+        with pytest.raises(DataError, match="does not exist") as err:
+            read_dataset(tmp_path / missing)
+        assert err.value.field == "file"
     np.savez(tmp_path / "r.npz", X=np.zeros((2, 3)), y=[0, 1], fs=-5)
     with pytest.raises(DataError, match="positive number of Hz") as err:
         read_dataset(tmp_path / "r.npz")

@@ -75,6 +75,9 @@ def detect_format(path: str | Path) -> str:
         return _EXTENSIONS[path.suffix.lower()]
     if path.with_name(path.name + ".hea").exists():  # WFDB record named without extension
         return "wfdb"
+    if not path.exists():
+        raise DataError(path, "file", "does not exist; expected a file, a folder or a WFDB "
+                                      "record name")
     raise DataError(path, "format", f"unknown file type {path.suffix!r}; expected one of "
                                     f"{sorted(_EXTENSIONS)} or format= one of {sorted(READERS)}")
 

@@ -88,7 +88,8 @@ def read_npz(path: str | Path, *, signals_key: str = "X", labels_key: str = "y",
 
 def _index_names(y: np.ndarray, names: list[str], path, field: str) -> np.ndarray:
     """Integer labels -> their names from the file's class_names."""
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= len(names):
+    if not np.issubdtype(y.dtype, np.integer) or (y.size and (y.min() < 0
+                                                             or y.max() >= len(names))):
         raise DataError(path, field, f"holds values {np.unique(y)[:10]} with {len(names)} "
                                      "class_names; expected integers in [0, len(class_names))")
     return np.asarray(names, dtype=object)[y]
