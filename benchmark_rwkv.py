@@ -22,42 +22,25 @@ from torch import nn
 
 from models.dual_branch import DualBranchClassifier
 from models.rwkv import create_optimized_rwkv, create_original_rwkv
-from models.wkv import prepare_backend
+from models.wkv import BACKENDS, prepare_backend
 from utils.benchmarking import (
+    BYTES,
     as_dicts,
     bench_op,
+    fmt,
     format_op_table,
     graph_ms,
     measure_bandwidth_tb_s,
+    peak_mib_since,
+    reset_peak_memory,
     time_ms,
 )
 
 SECTIONS = ("model", "op", "scaling", "peers", "classifier")
-MiB = 2**20
 
 
 # ------------------------------------------------------------------------------------------
 # Measuring a module
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    return 0
-
-
-def _peak_mib(device, base):
-    if device.type != "cuda":
-        return None
-    return (torch.cuda.max_memory_allocated() - base) / MiB
 
 
 def _graph_train_step(model, x, amp, loss_fn, repeat, budget_s, device) -> dict:
@@ -95,11 +78,11 @@ def measure_module(model: nn.Module, x: torch.Tensor, device, amp: torch.dtype |
             with torch.no_grad(), autocast:
                 return model(x)
 
-        base = _peak_reset(device)
+        base = reset_peak_memory(device)
         y = forward()
         out["output_shape"] = list(y.shape)
         out["fwd_ms"] = time_ms(forward, device, warmup=1, repeat=repeat, budget_s=budget_s)
-        out["fwd_peak_mib"] = _peak_mib(device, base)
+        out["fwd_peak_mib"] = peak_mib_since(device, base)
         if train:
             model.train()
             fused = device.type == "cuda"
@@ -113,28 +96,22 @@ def measure_module(model: nn.Module, x: torch.Tensor, device, amp: torch.dtype |
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            base = _peak_reset(device)
+            base = reset_peak_memory(device)
             out["train_ms"] = time_ms(step, device, warmup=1, repeat=repeat, budget_s=budget_s)
-            out["train_peak_mib"] = _peak_mib(device, base)
+            out["train_peak_mib"] = peak_mib_since(device, base)
             del opt
             if graphs and device.type == "cuda":
                 out.update(_graph_train_step(model, x, amp, loss_fn, repeat, budget_s, device))
     except torch.OutOfMemoryError:
         out["note"] = "out of memory"
-    _sync(device)
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
     return out
 
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def fmt(x, digits=3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -414,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype for model sections (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--op-sizes", type=parse_size, nargs="+", help="BxT sizes for the op table")
-    p.add_argument("--op-dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--backends", nargs="+",
+    p.add_argument("--op-dtypes", nargs="+", default=["float32", "bfloat16"],
+                   choices=[str(d).removeprefix("torch.") for d in BYTES])
+    p.add_argument("--backends", nargs="+", choices=BACKENDS,
                    default=["cuda", "cuda_sequential", "cpu", "torch", "reference"])
     p.add_argument("--scaling-lengths", type=int, nargs="+")
     p.add_argument("--scaling-hidden", type=int, nargs="+", default=[32, 256])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import benchmark_rwkv
+from utils.benchmarking import fmt, peak_mib_since, reset_peak_memory
 
 
 def test_quick_cpu_op_run_writes_json(tmp_path):
@@ -30,3 +31,18 @@ def test_bad_size_is_an_argparse_error(capsys):
 def test_cuda_device_without_gpu_says_so(capsys):
     assert benchmark_rwkv.main(["--device", "cuda"]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value", [("--op-dtypes", "float64"), ("--backends", "triton")])
+def test_unknown_dtype_or_backend_is_an_argparse_error(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        benchmark_rwkv.main([option, value])
+    assert exit_.value.code == 2
+    assert f"invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_fmt_and_peak_memory_helpers():
+    assert [fmt(None), fmt(float("nan")), fmt(0.12345), fmt(12.345), fmt(1234.5), fmt(123.45, 4)] \
+        == ["-", "-", "0.123", "12.3", "1234", "123.5"]
+    cpu = torch.device("cpu")
+    assert reset_peak_memory(cpu) == 0 and peak_mib_since(cpu, 0) is None

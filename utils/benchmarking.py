@@ -14,6 +14,34 @@ import torch
 from models.wkv import wkv
 
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+MiB = 2**20
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A number for a report: `digits` significant digits below 1000, whole numbers above,
+    "-" for a missing (None or NaN) value."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Start a peak-memory measurement on `device`; returns the bytes allocated now (0 off
+    CUDA). Pass it to `peak_mib_since`."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_mib_since(device: torch.device, base: int) -> float | None:
+    """Peak CUDA memory allocated above `base` since `reset_peak_memory`, in MiB (None off
+    CUDA: there is no allocator peak to read)."""
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated() - base) / MiB
 
 
 def wkv_bandwidth_floor_ms(bsz: int, steps: int, channels: int, bytes_per_el: int,
@@ -131,13 +159,9 @@ def bench_op(backend: str, dtype: torch.dtype, batch: int, steps: int, channels:
 
         result.fwd_ms = time_ms(fwd, device, repeat=repeat, budget_s=budget_s)
         if backward:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
+            base = reset_peak_memory(device)
             result.fwd_bwd_ms = time_ms(fwd_bwd, device, repeat=repeat, budget_s=budget_s)
-            if device.type == "cuda":
-                result.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+            result.peak_mib = peak_mib_since(device, base)
         if device.type == "cuda" and backend.startswith("cuda"):
             result.graph_fwd_ms = graph_ms(fwd, device, repeat=repeat, budget_s=budget_s)
             if backward:
@@ -157,18 +181,12 @@ def format_op_table(results: list[OpResult]) -> str:
         "| peak MiB | floor fwd+bwd ms | of floor |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def f(x, digits=3):
-        if x is None or (isinstance(x, float) and math.isnan(x)):
-            return "-"
-        return f"{x:.{digits}g}" if x < 1000 else f"{x:.0f}"
-
     for r in results:
         frac = r.floor_fraction
         lines.append(
-            f"| {r.backend} | {r.dtype} | {r.batch} | {r.steps} | {r.channels} | {f(r.fwd_ms)} | "
-            f"{f(r.fwd_bwd_ms)} | {f(r.graph_fwd_ms)} | {f(r.graph_fwd_bwd_ms)} | "
-            f"{f(r.peak_mib, 4)} | {f(r.floor_fwd_bwd_ms)} | "
+            f"| {r.backend} | {r.dtype} | {r.batch} | {r.steps} | {r.channels} | {fmt(r.fwd_ms)} | "
+            f"{fmt(r.fwd_bwd_ms)} | {fmt(r.graph_fwd_ms)} | {fmt(r.graph_fwd_bwd_ms)} | "
+            f"{fmt(r.peak_mib, 4)} | {fmt(r.floor_fwd_bwd_ms)} | "
             f"{'-' if frac is None or math.isnan(frac) else f'{100 * frac:.0f}%'} |"
             + (f" {r.note}" if r.note else "")
         )
