@@ -261,6 +261,13 @@ def test_wfdb_errors(tmp_path, rng):
         read_wfdb(tmp_path / "300", window_seconds=5, label_map={"AFIB": "af"})
     with pytest.raises(DataError, match="no beat annotations"):
         read_wfdb(tmp_path / "300", window_seconds=5, label_source="beat")
+    for seconds in ({"window_seconds": 0}, {"window_seconds": 5, "stride_seconds": 0.001}):
+        with pytest.raises(DataError, match="expected at least one sample each") as err:
+            read_wfdb(tmp_path / "300", **seconds)
+        assert err.value.field == "window"
+    with pytest.raises(DataError, match="not a regular expression") as err:
+        read_wfdb(tmp_path / "300", window_seconds=5, group_pattern="(")
+    assert err.value.field == "group_pattern"
     dat = tmp_path / "300.dat"
     dat.write_bytes(dat.read_bytes()[:100])  # truncated signal file
     with pytest.raises(DataError, match="cannot be read as a WFDB record") as err:
@@ -321,6 +328,8 @@ def test_edf_errors(tmp_path, rng):
         read_edf(tmp_path / "odd.edf")
     with pytest.raises(DataError, match="expected one of \\['EEG'\\]"):
         read_edf(tmp_path / "odd.edf", channel="EOG")
+    with pytest.raises(DataError, match="expected at least one sample each"):
+        read_edf(tmp_path / "odd.edf", epoch_seconds=0, label_map={"Sleep stage 5": "N5"})
     (tmp_path / "junk.edf").write_bytes(b"0       not an edf header" * 4)
     with pytest.raises(DataError, match="cannot be read as EDF") as err:
         read_edf(tmp_path / "junk.edf")

@@ -24,11 +24,21 @@ log = logging.getLogger(__name__)
 # Annotated long recordings: WFDB and EDF
 
 
-def _group_id(name: str, pattern: str | None) -> str:
+def _compile_group_pattern(pattern: str | None, path) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise DataError(path, "group_pattern", f"{pattern!r} is not a regular expression ({e}); "
+                                               r"expected one like r'SC4(\d\d)'") from e
+
+
+def _group_id(name: str, pattern: re.Pattern | None) -> str:
     """Record name -> group id; pattern's first capture group, e.g. r'SC4(\\d\\d)' = subject."""
     if pattern is None:
         return name
-    match = re.search(pattern, name)
+    match = pattern.search(name)
     return match.group(1) if match and match.groups() else name
 
 
@@ -44,6 +54,10 @@ def _labelled_windows(signal: np.ndarray, window: int, stride: int, spans=None, 
     # Local import: transforms imports DataError from this package.
     from data.transforms import label_windows_by_events, label_windows_by_spans, window_starts
 
+    if window < 1 or stride < 1:
+        raise DataError(path, "window", f"window of {window} and stride of {stride} samples; "
+                                        "expected at least one sample each (positive "
+                                        "window_seconds, stride_seconds, epoch_seconds)")
     if window > len(signal):
         raise DataError(path, "window", f"window of {window} samples is longer than the record "
                                         f"({len(signal)} samples); expected a shorter window")
@@ -156,6 +170,7 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
     check_label_mode(labels, path)
     if label_source not in ("rhythm", "beat"):
         raise DataError(path, "label_source", f"is {label_source!r}; expected 'rhythm'/'beat'")
+    group_regex = _compile_group_pattern(group_pattern, path)
     windows, raw, groups, rates = [], [], [], set()
     for record in _wfdb_records(path, annotation, labels):
         header = record.with_name(record.name + ".hea")
@@ -187,7 +202,7 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
         if w is not None:
             windows.append(w)
             raw += names
-            groups += [_group_id(record.name, group_pattern)] * len(names)
+            groups += [_group_id(record.name, group_regex)] * len(names)
     return _annotated_dataset(path, windows, raw, groups, rates, nan_policy, class_names)
 
 
@@ -269,6 +284,7 @@ def read_edf(path: str | Path, *, channel: str | int | None = None,
     path = Path(path)
     check_label_mode(labels, path)
     label_map = SLEEP_STAGES if label_map is None else label_map
+    group_regex = _compile_group_pattern(group_pattern, path)
     if path.is_dir():
         files = sorted(p for p in path.glob("*.edf") if "hypnogram" not in p.name.casefold())
         if not files:
@@ -308,7 +324,7 @@ def read_edf(path: str | Path, *, channel: str | int | None = None,
         if w is not None:
             windows.append(w)
             raw += names
-            groups += [_group_id(psg.stem, group_pattern)] * len(names)
+            groups += [_group_id(psg.stem, group_regex)] * len(names)
     return _annotated_dataset(path, windows, raw, groups, rates, nan_policy, class_names)
 
 
