@@ -25,9 +25,10 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from data.formats import DataError, SignalDataset, read_dataset, read_train_test
+from data.formats import NAN_POLICIES, DataError, SignalDataset, read_dataset, read_train_test
 from data.synthetic import SyntheticConfig, make_synthetic
 from data.transforms import (
+    LENGTH_POLICIES,
     filter_dataset,
     fit_length,
     make_augmentation,
@@ -38,6 +39,9 @@ from data.transforms import (
 )
 
 log = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("window", "record", "none")
+BALANCE_MODES = ("none", "loss", "sampler")
 
 
 @dataclass
@@ -81,6 +85,15 @@ class DataConfig:
             raise ValueError(f"length must be positive; got {self.length}")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        # a misspelt choice would otherwise fall through silently (normalize='Window': none)
+        for name, choices in (("length_policy", LENGTH_POLICIES), ("normalize", NORMALIZATIONS),
+                              ("nan_policy", NAN_POLICIES), ("balance", BALANCE_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}; got {getattr(self, name)!r}")
+        if self.window_stride is not None and self.window_stride < 1:  # 0 would mean 'length'
+            raise ValueError(f"window_stride must be positive or None; got {self.window_stride}")
+        if self.sample_rate is not None and not self.sample_rate > 0:
+            raise ValueError(f"sample_rate must be positive Hz or None; got {self.sample_rate}")
         if self.reader_options.get("labels", "required") != "required":
             raise ValueError(f"reader_options labels={self.reader_options['labels']!r}: "
                              "training needs labelled data (labels='required'); unlabelled "

@@ -258,6 +258,14 @@ def test_config_checks():
         DataConfig(val_fraction=0.0)
     with pytest.raises(ValueError, match="leave a training part"):
         DataConfig(val_fraction=0.5, test_fraction=0.5)
+    for bad in ({"normalize": "Window"}, {"balance": "loss "}, {"nan_policy": "Drop"},
+                {"length_policy": "Pad"}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be one of"):
+            DataConfig(**bad)
+    with pytest.raises(ValueError, match="window_stride must be positive"):
+        DataConfig(length_policy="window", window_stride=0)
+    with pytest.raises(ValueError, match="sample_rate must be positive"):
+        DataConfig(sample_rate=-1.0)
 
 
 def test_prediction_inputs_prepare_data_as_in_training(tmp_path, rng):
