@@ -217,42 +217,27 @@ def _first_line(exc: BaseException) -> str:
     return f"{line[:300]} (`python -m cuda.build --verbose` shows the compiler's output)"
 
 
-def load_extension_or_none() -> ModuleType | None:
-    """The built CUDA extension for the visible GPU, building it on first use; None (with one
-    warning that says why) if it cannot be had, so callers fall back to PyTorch."""
+def load_extension_or_none(kind: str = "cuda") -> ModuleType | None:
+    """The built extension of `kind` ("cuda" for the visible GPU, or "cpu"), building it on
+    first use; None (with one warning that says why) if it cannot be had, so callers fall
+    back to PyTorch."""
+    if kind == "cpu":
+        return _load_once("cpu", build_cpu, cpu_capability)
     if "cuda" not in _loaded and not torch.cuda.is_available():
         _loaded["cuda"] = (None, "no CUDA device")
     return _load_once("cuda", build, lambda: "sm_" + gpu_arch().replace(".", ""))
 
 
-def loaded_extension() -> ModuleType | None:
-    """The CUDA extension if an earlier call loaded it; never builds (safe inside
+def loaded_extension(kind: str = "cuda") -> ModuleType | None:
+    """The extension of `kind` if an earlier call loaded it; never builds (safe inside
     torch.compile)."""
-    return _loaded.get("cuda", (None, ""))[0]
+    return _loaded.get(kind, (None, ""))[0]
 
 
-def why_unavailable() -> str:
-    """Why load_extension_or_none() returned None ('' when it did not)."""
-    load_extension_or_none()
-    return _loaded["cuda"][1]
-
-
-def load_cpu_extension_or_none() -> ModuleType | None:
-    """The built CPU extension, building it on first use; None (with a one-line warning that
-    says why) if it cannot be had, so callers fall back to PyTorch."""
-    return _load_once("cpu", build_cpu, cpu_capability)
-
-
-def loaded_cpu_extension() -> ModuleType | None:
-    """The CPU extension if an earlier call loaded it; never builds (safe inside
-    torch.compile)."""
-    return _loaded.get("cpu", (None, ""))[0]
-
-
-def why_cpu_unavailable() -> str:
-    """Why load_cpu_extension_or_none() returned None ('' when it did not)."""
-    load_cpu_extension_or_none()
-    return _loaded["cpu"][1]
+def why_unavailable(kind: str = "cuda") -> str:
+    """Why load_extension_or_none(kind) returned None ('' when it did not)."""
+    load_extension_or_none(kind)
+    return _loaded[kind][1]
 
 
 def _build_and_report(what: str, target: str, build_fn: Callable) -> int:

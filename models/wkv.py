@@ -242,54 +242,38 @@ _CPU_LOOP_MIN_WIDTH = 512
 
 
 def _choose_backend(k: Tensor, needs_grad: bool) -> str:
-    from cuda.build import (
-        load_cpu_extension_or_none,
-        load_extension_or_none,
-        loaded_cpu_extension,
-        loaded_extension,
-        why_cpu_unavailable,
-        why_unavailable,
-    )
+    from cuda.build import load_extension_or_none, loaded_extension, why_unavailable
 
+    kind = "cuda" if k.is_cuda else "cpu"  # the native kernel for k's device
     if torch.compiler.is_compiling():
         # no building or logging inside a traced graph: use what eager code already loaded
-        if k.dtype == torch.float64:
-            return "torch"
-        if k.is_cuda:
-            return "cuda" if loaded_extension() is not None else "torch"
-        return "cpu" if loaded_cpu_extension() is not None else "torch"
-    if not k.is_cuda:
-        if k.dtype != torch.float64 and load_cpu_extension_or_none() is not None:
-            _log_backend_once("cpu", "C++ CPU kernel built and loaded")
-            return "cpu"
-        if k.dtype == torch.float64:
-            why = "float64 inputs on CPU (the C++ kernel is float32)"
-        else:
-            why = f"on CPU, C++ kernel unavailable: {why_cpu_unavailable()}"
-        if not needs_grad and k.shape[0] * k.shape[2] >= _CPU_LOOP_MIN_WIDTH:
-            _log_backend_once("reference", f"{why}; without autograd the step loop is faster")
-            return "reference"
-        _log_backend_once("torch", why)
-        return "torch"
+        usable = k.dtype != torch.float64 and loaded_extension(kind) is not None
+        return kind if usable else "torch"
     if k.dtype == torch.float64:
-        _log_backend_once("torch", "float64 inputs")
-        return "torch"
-    if load_extension_or_none() is None:
-        _log_backend_once("torch", why_unavailable())
-        return "torch"
-    _log_backend_once("cuda", "kernel built and loaded")
-    return "cuda"
+        why = "float64 inputs" + (" on CPU (the C++ kernel is float32)" if kind == "cpu" else "")
+    elif load_extension_or_none(kind) is not None:
+        _log_backend_once(kind, "kernel built and loaded" if kind == "cuda"
+                          else "C++ CPU kernel built and loaded")
+        return kind
+    elif kind == "cuda":
+        why = why_unavailable("cuda")
+    else:
+        why = f"on CPU, C++ kernel unavailable: {why_unavailable('cpu')}"
+    if kind == "cpu" and not needs_grad and k.shape[0] * k.shape[2] >= _CPU_LOOP_MIN_WIDTH:
+        _log_backend_once("reference", f"{why}; without autograd the step loop is faster")
+        return "reference"
+    _log_backend_once("torch", why)
+    return "torch"
 
 
 def prepare_backend(device: torch.device | str) -> str:
     """Build/load the native kernel for `device` now (outside any torch.compile trace: a trace
     can only use a kernel that is already loaded), and return the backend "auto" will pick
     there for float32 inputs. Models call this when they are created."""
-    from cuda.build import load_cpu_extension_or_none, load_extension_or_none
+    from cuda.build import load_extension_or_none
 
-    if torch.device(device).type == "cuda":
-        return "cuda" if load_extension_or_none() is not None else "torch"
-    return "cpu" if load_cpu_extension_or_none() is not None else "torch"
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    return kind if load_extension_or_none(kind) is not None else "torch"
 
 
 def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_finite: bool):

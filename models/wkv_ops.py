@@ -29,36 +29,21 @@ from models.wkv import empty_state, wkv_chunked, wkv_reference_backward
 CHUNK = 16  # must match cuda/wkv_chunk.h: the saved chunk states have one row per CHUNK steps
 
 
-def _extension():
+def _kernels(k: Tensor, required: bool = True):
+    """The kernel library for k's device (the CUDA or the C++ CPU kernel). If it cannot be
+    had: raises with the reason, or returns None when not `required`."""
     from cuda.build import load_extension_or_none, why_unavailable
 
-    module = load_extension_or_none()
+    kind = "cuda" if k.is_cuda else "cpu"
+    module = load_extension_or_none(kind)
     if module is None:
-        raise RuntimeError(f"the WKV CUDA kernel is unavailable: {why_unavailable()}")
+        if not required:
+            return None
+        raise RuntimeError(f"the WKV {kind.upper()} kernel is unavailable: "
+                           f"{why_unavailable(kind)}")
     if module.chunk != CHUNK:
-        raise RuntimeError(f"WKV kernel built with chunk {module.chunk}, Python expects {CHUNK}")
-    return module
-
-
-def _cpu_extension_or_none():
-    from cuda.build import load_cpu_extension_or_none
-
-    module = load_cpu_extension_or_none()
-    if module is not None and module.chunk != CHUNK:
-        raise RuntimeError(
-            f"WKV CPU kernel built with chunk {module.chunk}, Python expects {CHUNK}")
-    return module
-
-
-def _kernels(k: Tensor):
-    """The kernel library for k's device; raises with the reason if it cannot be had."""
-    if k.is_cuda:
-        return _extension()
-    module = _cpu_extension_or_none()
-    if module is None:
-        from cuda.build import why_cpu_unavailable
-
-        raise RuntimeError(f"the WKV CPU kernel is unavailable: {why_cpu_unavailable()}")
+        raise RuntimeError(f"WKV {kind.upper()} kernel built with chunk {module.chunk}, "
+                           f"Python expects {CHUNK}")
     return module
 
 
@@ -68,17 +53,12 @@ def wkv_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y (B, T, C) in k's dtype, final state (B, 3, C) and the state entering every chunk of
     CHUNK steps (B, N, 3, C), float32. state None means empty."""
-    if k.is_cuda:
-        y, state_out, chunk_states = _extension().forward(
+    # on CPU without the C++ kernel: the chunked PyTorch math below
+    kernels = _kernels(k, required=k.is_cuda)
+    if kernels is not None:
+        y, state_out, chunk_states = kernels.forward(
             decay.contiguous(), first.contiguous(), k.contiguous(), v.contiguous(),
             None if state is None else state.contiguous(), sequential,
-        )
-        return y, state_out, chunk_states
-    cpu = _cpu_extension_or_none()
-    if cpu is not None:  # (the CPU kernel has no sequential variant)
-        y, state_out, chunk_states = cpu.forward(
-            decay.contiguous(), first.contiguous(), k.contiguous(), v.contiguous(),
-            None if state is None else state.contiguous(), False,
         )
         return y, state_out, chunk_states
     if state is None:
@@ -114,20 +94,13 @@ def wkv_backward(
     """Gradients (gdecay, gfirst, gk, gv, gstate_in) from gy and the final state's gradient
     gstate (whose p row is ignored: p is a scale, see models/wkv.py). gstate_in is empty when
     state is None."""
-    if k.is_cuda:
-        gdecay, gfirst, gk, gv, gstate_in = _extension().backward(
+    kernels = _kernels(k, required=k.is_cuda)
+    if kernels is not None:
+        return kernels.backward(
             decay.contiguous(), first.contiguous(), k.contiguous(), v.contiguous(), chunk_states,
             state_out, gy.to(k.dtype).contiguous(), gstate.contiguous(), state is not None,
             sequential,
         )
-        return gdecay, gfirst, gk, gv, gstate_in
-    cpu = _cpu_extension_or_none()
-    if cpu is not None:
-        gdecay, gfirst, gk, gv, gstate_in = cpu.backward(
-            decay.contiguous(), first.contiguous(), k.contiguous(), v.contiguous(), chunk_states,
-            state_out, gy.to(k.dtype).contiguous(), gstate.contiguous(), state is not None, False,
-        )
-        return gdecay, gfirst, gk, gv, gstate_in
     # no CPU kernel: its backward written out step by step (autograd is off inside an op)
     f64 = torch.float64
     w = -torch.exp(decay.to(f64))

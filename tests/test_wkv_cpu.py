@@ -18,7 +18,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 @pytest.fixture(scope="module", autouse=True)
 def extension():
     module, *_ = build.build_cpu()  # a compiler is here: a failed build is a failure
-    assert build.load_cpu_extension_or_none() is not None
+    assert build.load_extension_or_none("cpu") is not None
     return module
 
 
@@ -59,7 +59,7 @@ def test_backward_equals_the_step_by_step_backward():
     """Raw kernel outputs against wkv_reference_backward, incl. the p row of the state's
     gradient and a gradient arriving through the final state."""
     decay, first, k, v, s = make_inputs(3, 77, 40, state=True)
-    module = build.load_cpu_extension_or_none()
+    module = build.load_extension_or_none("cpu")
     f32 = [t.float().contiguous() for t in (decay, first, k, v, s)]
     y, s_out, chunks = module.forward(*f32, False)
     gy, gs = torch.randn(3, 77, 40), torch.randn(3, 3, 40)
