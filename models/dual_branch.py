@@ -7,6 +7,7 @@ Read top to bottom: `DualBranchConfig` (nested `RWKVConfig` and `FrequencyConfig
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,16 +15,25 @@ import torch
 from torch import Tensor, nn
 
 from models.frequency import FrequencyBranch, FrequencyConfig
-from models.rwkv import RWKVConfig, RWKVEncoder, optimizer_groups, validate_signal
+from models.rwkv import (
+    RWKVConfig,
+    RWKVEncoder,
+    config_from_dict,
+    optimizer_groups,
+    validate_signal,
+)
 
 
-def _config_from_dict(cls: type, values: dict[str, Any], where: str):
-    """cls(**values), with unknown keys (typos in a YAML file) named in a ValueError."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {where} setting(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+def _branch_config(cls: type, value: Any, where: str):
+    """A branch's config from a config object, a dict of its fields or None (the defaults)."""
+    if value is None:  # also an empty `time:` section in a YAML file
+        return cls()
+    if isinstance(value, Mapping):
+        return config_from_dict(cls, dict(value), f"{where} setting")
+    if not isinstance(value, cls):
+        raise ValueError(f"{where} must be a {cls.__name__}, a dict of its fields or None; "
+                         f"got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -39,10 +49,8 @@ class DualBranchConfig:
     dropout: float = 0.1  # before the final linear layer
 
     def __post_init__(self) -> None:
-        if isinstance(self.time, dict):
-            self.time = _config_from_dict(RWKVConfig, self.time, "time")
-        if isinstance(self.freq, dict):
-            self.freq = _config_from_dict(FrequencyConfig, self.freq, "freq")
+        self.time = _branch_config(RWKVConfig, self.time, "time")
+        self.freq = _branch_config(FrequencyConfig, self.freq, "freq")
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2; got {self.num_classes!r}")
         if self.fusion not in ("concat", "gated"):
@@ -54,6 +62,8 @@ class DualBranchConfig:
                              f"time.input_size = {self.time.input_size}")
         if self.time.return_sequence:
             raise ValueError("time.return_sequence must be False: the classifier pools features")
+        if not isinstance(self.fusion_dim, int) or self.fusion_dim < 1:
+            raise ValueError(f"fusion_dim must be an integer >= 1; got {self.fusion_dim!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
 
@@ -69,7 +79,7 @@ class DualBranchConfig:
     def from_dict(cls, values: dict[str, Any]) -> DualBranchConfig:
         """{"num_classes": 5, "time": {...RWKVConfig fields}, "freq": {...}, "fusion": ...}.
         Unknown keys raise a ValueError naming them."""
-        return _config_from_dict(cls, dict(values), "model")
+        return config_from_dict(cls, dict(values), "model setting")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,9 +132,9 @@ class DualBranchClassifier(nn.Module):
         if isinstance(num_classes, DualBranchConfig):
             config = num_classes
         else:
-            config = DualBranchConfig(num_classes=num_classes, time=time or RWKVConfig(),
-                                      freq=freq or FrequencyConfig(), fusion=fusion,
-                                      branches=branches, fusion_dim=fusion_dim, dropout=dropout)
+            config = DualBranchConfig(num_classes=num_classes, time=time, freq=freq,
+                                      fusion=fusion, branches=branches, fusion_dim=fusion_dim,
+                                      dropout=dropout)
         self.config = config
         widths = []
         self.time_branch = self.freq_branch = None

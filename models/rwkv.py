@@ -11,9 +11,10 @@ L num_layers. The WKV operator itself lives in models/wkv.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -445,14 +446,21 @@ def optimizer_groups(module: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def config_from_dict(cls: type, values: dict[str, Any], what: str):
+    """cls(**values) for a config dataclass, with unknown keys (typos in a call or a YAML file)
+    named in a ValueError: "unknown {what}(s) [...]; known: [...]"."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
 def _config(input_size: int, hidden_size: int, num_layers: int, dropout: float,
             options: dict) -> RWKVConfig:
-    known = set(RWKVConfig.__dataclass_fields__)
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown RWKV option(s) {unknown}; known: {sorted(known)}")
-    return RWKVConfig(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
-                      dropout=dropout, **options)
+    return config_from_dict(RWKVConfig, dict(input_size=input_size, hidden_size=hidden_size,
+                                             num_layers=num_layers, dropout=dropout, **options),
+                            "RWKV option")
 
 
 def create_optimized_rwkv(input_size: int = 1, hidden_size: int = 256, num_layers: int = 6,
@@ -492,6 +500,7 @@ __all__ = [
     "RWKVState",
     "SequentialRWKV",
     "TimeMix",
+    "config_from_dict",
     "create_optimized_rwkv",
     "create_original_rwkv",
     "optimizer_groups",

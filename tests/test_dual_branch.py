@@ -52,6 +52,13 @@ def test_gated_fusion_is_a_convex_mix():
     torch.testing.assert_close(fusion([a, b]), g * pa + (1 - g) * pb)
 
 
+def test_missing_branch_config_means_defaults():
+    """An empty `time:` section in YAML arrives as None: the defaults, as when left out."""
+    config = DualBranchConfig.from_dict({"num_classes": 3, "time": None, "freq": None})
+    assert config == DualBranchConfig(num_classes=3)
+    assert config.time == RWKVConfig() and config.freq == FrequencyConfig()
+
+
 def test_time_only_accepts_any_length():
     model = make("time").eval()
     for T in (1, 3, 100_000):
@@ -80,6 +87,8 @@ def test_built_the_same_from_config_kwargs_and_dict():
     ({"num_classes": 3, "fusion": "sum"}, "fusion"),
     ({"num_classes": 3, "branches": "none"}, "branches"),
     ({"num_classes": 3, "time": {"input_size": 2}}, "1-channel"),
+    ({"num_classes": 3, "time": [16, 2]}, "time must be a RWKVConfig, a dict"),
+    ({"num_classes": 3, "fusion": "gated", "fusion_dim": 0}, "fusion_dim"),
 ])
 def test_bad_config_raises(values, match):
     with pytest.raises(ValueError, match=match):
