@@ -213,7 +213,6 @@ class SignalDataModule(pl.LightningDataModule):
         self.config = config or DataConfig()
         self.save_hyperparameters(asdict(self.config))
         self._ready = False
-        self._stats: dict[int, np.ndarray] = {}  # per-record (mean, std), per source dataset
 
     # -- reading and preprocessing --------------------------------------------------------
 
@@ -246,14 +245,15 @@ class SignalDataModule(pl.LightningDataModule):
         train_idx, val_idx, test_idx = self._split(full, official_test is not None)
         length, _ = plan_windows(full.lengths[train_idx], cfg.length_policy, cfg.length,
                                  cfg.window_stride, full.source)
-        self.train_dataset = self._items(full, train_idx, length, train=True)
-        self.val_dataset = self._items(full, val_idx, length, train=False)
+        stats = self._record_stats(full)
+        self.train_dataset = self._items(full, stats, train_idx, length, train=True)
+        self.val_dataset = self._items(full, stats, val_idx, length, train=False)
         if official_test is not None:
             test_idx = np.arange(len(official_test))
-            self.test_dataset = self._items(official_test, test_idx, length, train=False)
+            self.test_dataset = self._items(official_test, self._record_stats(official_test),
+                                            test_idx, length, train=False)
         else:
-            self.test_dataset = self._items(full, test_idx, length, train=False)
-        self._stats.clear()
+            self.test_dataset = self._items(full, stats, test_idx, length, train=False)
 
         self.class_names = list(full.class_names)
         self.num_classes = len(self.class_names)
@@ -291,8 +291,12 @@ class SignalDataModule(pl.LightningDataModule):
                                            full.source)
         return rest[train_pos], rest[val_pos], test_idx
 
-    def _items(self, dataset: SignalDataset, indices: np.ndarray, length: int,
-               train: bool) -> SignalItems:
+    def _record_stats(self, dataset: SignalDataset) -> np.ndarray | None:
+        """Per-record (mean, std) when normalising per record, else None."""
+        return record_stats(dataset.signals) if self.config.normalize == "record" else None
+
+    def _items(self, dataset: SignalDataset, stats: np.ndarray | None, indices: np.ndarray,
+               length: int, train: bool) -> SignalItems:
         """Items of the records `indices` (the records stay where they are, memmaps too)."""
         cfg = self.config
         items = np.zeros((0, 2), dtype=np.int64)
@@ -300,9 +304,6 @@ class SignalDataModule(pl.LightningDataModule):
             _, items = plan_windows(dataset.lengths[indices], cfg.length_policy, length,
                                     cfg.window_stride, dataset.source)
             items[:, 0] = indices[items[:, 0]]
-        if cfg.normalize == "record" and id(dataset) not in self._stats:
-            self._stats[id(dataset)] = record_stats(dataset.signals)
-        stats = self._stats.get(id(dataset))
         augment = (make_augmentation(cfg.aug_scale, cfg.aug_noise, cfg.aug_shift)
                    if train and cfg.augment else None)
         return SignalItems(dataset.signals, dataset.labels, items, length, cfg.normalize,
@@ -332,7 +333,7 @@ class SignalDataModule(pl.LightningDataModule):
         sampler = None
         if cfg.balance == "sampler":
             labels = self.train_dataset.labels
-            weights = 1.0 / np.bincount(labels, minlength=self.num_classes)[labels]
+            weights = 1.0 / self.class_counts[labels]
             generator = torch.Generator().manual_seed(cfg.seed)
             sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.float64),
                                             len(labels), replacement=True, generator=generator)
