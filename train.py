@@ -56,16 +56,13 @@ log = logging.getLogger("train")
 # ---------------------------------------------------------------------------------- set-up
 
 
-def resolve_hardware(args: argparse.Namespace) -> tuple[bool, str]:
-    """(on_gpu, Lightning precision) for the options; fills CPU/GPU size defaults into args."""
-    if args.accelerator == "gpu" and not torch.cuda.is_available():
+def resolve_device(accelerator: str, precision: str) -> tuple[bool, str]:
+    """(on_gpu, Lightning precision) for --accelerator and --precision, training and predicting
+    alike. A pair that cannot run raises ConfigError (Lightning would swap fp16 for bf16 on CPU)."""
+    if accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("--accelerator gpu: no CUDA GPU is visible")
-    on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and
-                                           torch.cuda.is_available())
-    for key, value in (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    precision = PRECISIONS[args.precision]
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    precision = PRECISIONS[precision]
     if precision == "auto":
         if not on_gpu:
             precision = "32-true"
@@ -73,6 +70,15 @@ def resolve_hardware(args: argparse.Namespace) -> tuple[bool, str]:
             precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     elif precision == "16-mixed" and not on_gpu:
         raise ConfigError("--precision 16-mixed needs a GPU; use bf16-mixed or 32-true on CPU")
+    return on_gpu, precision
+
+
+def resolve_hardware(args: argparse.Namespace) -> tuple[bool, str]:
+    """(on_gpu, Lightning precision) for the options; fills CPU/GPU size defaults into args."""
+    on_gpu, precision = resolve_device(args.accelerator, args.precision)
+    for key, value in (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.sync_batchnorm and not on_gpu:
         raise ConfigError("--sync-batchnorm needs GPUs (PyTorch's SyncBatchNorm is CUDA-only)")
     if args.sync_batchnorm is None:
@@ -359,6 +365,7 @@ def load_checkpoint(path: str | Path) -> SignalClassifierModule:
 def predict(args: argparse.Namespace) -> Path:
     """Write per-window class probabilities of --data to --output (CSV); the label column is
     empty for records without a label."""
+    on_gpu, precision = resolve_device(args.accelerator, args.precision)
     module = load_checkpoint(args.checkpoint)
     names = list(module.class_names)
     if not Path(args.data).exists():
@@ -367,13 +374,6 @@ def predict(args: argparse.Namespace) -> Path:
                                reader_options=dict(args.reader_option or []),
                                window_stride=args.window_stride)
     loader = DataLoader(inputs.items, batch_size=args.batch_size)
-
-    on_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and
-                                           torch.cuda.is_available())
-    precision = PRECISIONS[args.precision]
-    if precision == "auto":
-        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") \
-            if on_gpu else "32-true"
     trainer = pl.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=1, precision=precision,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)

@@ -309,6 +309,8 @@ BAD_OPTIONS = [
     (["--config", "CONFIG:augment: 3"], "augment must be true or false"),
     (["--config", "CONFIG:lr: [1, 2"], "is not valid YAML"),
     (["predict", "--checkpoint", "x.ckpt"], "the following arguments are required: --data"),
+    (["predict", "--checkpoint", "x.ckpt", "--data", "x.npz", "--precision", "16-mixed",
+      "--accelerator", "cpu"], "--precision 16-mixed needs a GPU"),
 ]
 
 
