@@ -46,6 +46,18 @@ def make_inputs(B, T, C, device="cpu", k_range=3.0, decay_shift=0.0, seed=None, 
             None if s is None else s.to(**to))
 
 
+def grads_of(backend, decay, first, k, v, s, gy, through_state=True):
+    """wkv's outputs and the gradients of a loss through y and, with through_state, through
+    the final state as the A, B it represents. s may be None."""
+    ins = [t.clone().requires_grad_() for t in (decay, first, k, v, s) if t is not None]
+    args = ins if s is not None else [*ins, None]
+    y, so = wkv(*args, backend=backend)
+    loss = (y.double() * gy).sum()
+    if through_state:
+        loss = loss + (so[:, :2].double() * so[:, 2:].double().exp()).sum()
+    return (y, so), torch.autograd.grad(loss, ins)
+
+
 def reference(decay, first, k, v, state=None):
     """float64 sequential reference of the public operator."""
     return wkv(decay.double(), first.double(), k.double(), v.double(),

@@ -8,7 +8,7 @@ import torch
 import models.wkv as wkv_module
 from cuda import build
 from models.wkv import wkv, wkv_reference_backward
-from tests.test_wkv import make_inputs, reference, rel
+from tests.test_wkv import grads_of, make_inputs, reference, rel
 
 pytestmark = pytest.mark.skipif(build.find_cxx() is None, reason="no C++ compiler")
 f64 = torch.float64
@@ -20,16 +20,6 @@ def extension():
     module, *_ = build.build_cpu()  # a compiler is here: a failed build is a failure
     assert build.load_extension_or_none("cpu") is not None
     return module
-
-
-def grads_of(backend, decay, first, k, v, s, gy, through_state=True):
-    ins = [t.clone().requires_grad_() for t in (decay, first, k, v, s) if t is not None]
-    args = ins if s is not None else [*ins, None]
-    y, so = wkv(*args, backend=backend)
-    loss = (y.double() * gy).sum()
-    if through_state:  # also through the final state as the A, B it represents
-        loss = loss + (so[:, :2].double() * so[:, 2:].double().exp()).sum()
-    return (y, so), torch.autograd.grad(loss, ins)
 
 
 @pytest.mark.parametrize("with_state", [True, False])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.wkv import wkv
-from tests.test_wkv import make_inputs, reference, rel
+from tests.test_wkv import grads_of, make_inputs, reference, rel
 
 pytestmark = [
     pytest.mark.cuda,
@@ -21,14 +21,6 @@ def extension():
     module, *_ = build()  # a GPU is here: a failed build is a failure, not a skip
     assert load_extension_or_none() is not None
     return module
-
-
-def grads_of(backend, decay, first, k, v, s, gy):
-    ins = [t.clone().requires_grad_() for t in (decay, first, k, v, s)]
-    y, so = wkv(*ins, backend=backend)
-    # loss through y and through the final state as the A, B it represents
-    loss = (y.double() * gy).sum() + (so[:, :2].double() * so[:, 2:].double().exp()).sum()
-    return (y, so), torch.autograd.grad(loss, ins)
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
