@@ -223,10 +223,16 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
 
     resume = None
     version = None
+    resume_weights = None
     if args.resume:
         resume = (find_last_checkpoint(args.output_dir, args.name) if args.resume == "last"
                   else Path(args.resume))
         version = _version_of(resume, args.output_dir, args.name)
+        checkpoint = read_checkpoint(resume)
+        if "optimizer_states" not in checkpoint:
+            raise ConfigError(f"--resume {resume}: the checkpoint holds weights only (no "
+                              "optimizer state), so it cannot continue a run")
+        resume_weights = checkpoint["state_dict"]
     try:
         datamodule = SignalDataModule(data_config(args))
         datamodule.setup("fit")
@@ -264,6 +270,11 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
         )
     except (ValueError, MisconfigurationException) as exc:
         raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+    if resume_weights is not None:
+        difference = state_dict_difference(module, resume_weights)
+        if difference:
+            raise ConfigError(f"--resume {resume}: the checkpoint's model does not fit these "
+                              f"options ({difference}); resume with the options of its run")
     run = Run(datamodule, module, trainer, resume, precision, args.batch_size * world,
               args.lr * scale)
     n_params = sum(p.numel() for p in module.parameters())
@@ -344,8 +355,9 @@ def _write_results(run_dir: Path, test: dict[str, Any], summary: dict[str, Any],
 # ---------------------------------------------------------------------------------- prediction
 
 
-def load_checkpoint(path: str | Path) -> SignalClassifierModule:
-    """A SignalClassifierModule from a train.py checkpoint, loaded with weights_only=True."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A train.py checkpoint's contents, loaded with weights_only=True; ConfigError for a file
+    that is not one (damaged, foreign, or not a dict with hyper_parameters and state_dict)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -355,9 +367,37 @@ def load_checkpoint(path: str | Path) -> SignalClassifierModule:
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise ConfigError(f"cannot load checkpoint {path}: {type(exc).__name__}: {reason}"
                           ) from exc
-    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("hyper_parameters"), dict)
+            and isinstance(ckpt.get("state_dict"), dict)):
         raise ConfigError(f"{path} is not a train.py checkpoint (no hyper_parameters)")
-    module = SignalClassifierModule(**ckpt["hyper_parameters"])
+    return ckpt
+
+
+def state_dict_difference(module: torch.nn.Module, state: dict[str, Any]) -> str | None:
+    """The first way `state` does not fit `module` (a missing or unexpected key, another
+    shape), or None where `module.load_state_dict(state)` will succeed."""
+    own = module.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            return f"no {key}"
+        shape = tuple(getattr(state[key], "shape", ()))
+        if shape != tuple(value.shape):
+            return f"{key} has shape {shape}, the model's {tuple(value.shape)}"
+    unexpected = next((key for key in state if key not in own), None)
+    return None if unexpected is None else f"unexpected {unexpected}"
+
+
+def load_checkpoint(path: str | Path) -> SignalClassifierModule:
+    """A SignalClassifierModule from a train.py checkpoint, loaded with weights_only=True."""
+    ckpt = read_checkpoint(path)
+    try:
+        module = SignalClassifierModule(**ckpt["hyper_parameters"])
+    except (TypeError, ValueError) as exc:  # another program's, or another version's
+        raise ConfigError(f"{path}: its hyper_parameters do not build this train.py's model: "
+                          f"{(str(exc).strip().splitlines() or [''])[0]}") from exc
+    difference = state_dict_difference(module, ckpt["state_dict"])
+    if difference:
+        raise ConfigError(f"{path}: its weights do not fit its hyper_parameters ({difference})")
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
 

@@ -337,3 +337,35 @@ def test_predict_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys) -> No
         train.main(["predict", "--checkpoint", str(bogus), "--data", str(bogus)])
     assert exit_info.value.code == 2
     assert "cannot load checkpoint" in capsys.readouterr().err
+
+
+def test_predict_rejects_checkpoints_of_other_programs(tmp_path, capsys) -> None:
+    tensor_file = tmp_path / "tensor.ckpt"
+    torch.save(torch.zeros(3), tensor_file)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"hyper_parameters": {"hidden": 3}, "state_dict": {}}, foreign)
+    for path, message in ((tensor_file, "is not a train.py checkpoint"),
+                          (foreign, "hyper_parameters do not build this train.py's model")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["predict", "--checkpoint", str(path), "--data", str(path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err) and message in err[-1], err
+
+
+def test_resume_refuses_a_checkpoint_that_cannot_continue(cli_run, tmp_path, capsys) -> None:
+    run_dir, _ = cli_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    weights_only = tmp_path / "weights.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    torch.save({k: v for k, v in checkpoint.items() if k != "optimizer_states"}, weights_only)
+    common = [*TINY, "--epochs", "3", "--output-dir", str(tmp_path / "runs")]
+    for argv, message in (
+            (["--resume", str(last), "--hidden-size", "8"],
+             "the checkpoint's model does not fit these options (model.time_branch."),
+            (["--resume", str(weights_only)], "holds weights only (no optimizer state)")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*common, *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err) and message in err[-1], err
