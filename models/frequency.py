@@ -13,6 +13,8 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
+from models.rwkv import validate_signal
+
 
 @dataclass
 class FrequencyConfig:
@@ -47,14 +49,18 @@ class FrequencyConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"FrequencyConfig.{name} must be an integer >= 1; got {value!r}")
-        if self.hop_length > self.n_fft or not 1 <= (self.win_length or self.n_fft) <= self.n_fft:
+        for name in ("freq_mask_param", "time_mask_param", "num_masks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"FrequencyConfig.{name} must be an integer >= 0; got {value!r}")
+        if self.hop_length > self.n_fft or not 1 <= self.window_length <= self.n_fft:
             raise ValueError(f"FrequencyConfig needs hop_length <= n_fft and win_length <= n_fft; "
                              f"got n_fft={self.n_fft}, hop_length={self.hop_length}, "
                              f"win_length={self.win_length}")
         if self.spectrogram == "mel" and self.n_mels > self.n_fft // 2 + 1:
             raise ValueError(f"FrequencyConfig.n_mels = {self.n_mels} exceeds the "
                              f"{self.n_fft // 2 + 1} STFT bins of n_fft = {self.n_fft}")
-        if not self.channels or min(self.channels) < 1:
+        if not self.channels or not all(isinstance(c, int) and c >= 1 for c in self.channels):
             raise ValueError(f"FrequencyConfig.channels must be positive widths; "
                              f"got {self.channels}")
         if not 0.0 <= self.dropout < 1.0:
@@ -62,6 +68,11 @@ class FrequencyConfig:
         if self.freq_mask_param >= self.n_freq:
             raise ValueError(f"FrequencyConfig.freq_mask_param = {self.freq_mask_param} must be "
                              f"below the {self.n_freq} frequency bins")
+
+    @property
+    def window_length(self) -> int:
+        """The STFT window in samples: win_length, or n_fft when it is None."""
+        return self.n_fft if self.win_length is None else self.win_length
 
     @property
     def n_freq(self) -> int:
@@ -92,13 +103,15 @@ class FrequencyBranch(nn.Module):
     """Spectrogram CNN: (B, T) or (B, T, 1) float signal, T >= n_fft -> (B, out_features).
 
     The spectrogram is computed in fp32 with autocast off (a bf16 FFT loses the quiet bins) on
-    the input's device; SpecAugment masks are applied only in training.
+    the input's device; SpecAugment masks are applied only in training. forward checks the
+    input's shape, length and dtype (ValueError), not its values: NaN/Inf are the caller's to
+    refuse (`DualBranchClassifier` does, once).
     """
 
     def __init__(self, config: FrequencyConfig):
         super().__init__()
         self.config = config
-        win_length = config.win_length or config.n_fft
+        win_length = config.window_length
         if config.spectrogram == "mel":
             self.spectrogram = torchaudio.transforms.MelSpectrogram(
                 sample_rate=config.sample_rate, n_fft=config.n_fft, win_length=win_length,
@@ -157,8 +170,11 @@ class FrequencyBranch(nn.Module):
             return self.freq_norm(spec.squeeze(1))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:
-            x = x.squeeze(-1)
+        # shapes, length and dtype only: the finiteness check syncs with the device, and the
+        # classifier has made it once already
+        x = validate_signal(x, 1, min_length=self.config.n_fft,
+                            why=f"the STFT window n_fft = {self.config.n_fft}",
+                            check_finite=False).squeeze(-1)
         spec = self.log_spectrogram(x).unsqueeze(1)  # (B, 1, F, N)
         if self.training:
             # masks set bins to 0, the mean of the normalised spectrogram

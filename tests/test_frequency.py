@@ -126,6 +126,29 @@ def test_config_validation(bad, match):
         FrequencyConfig(**{**SMALL, **bad})
 
 
+@pytest.mark.parametrize("bad,match", [
+    (dict(win_length=0), "win_length"),
+    (dict(num_masks=-1), "num_masks"),
+    (dict(time_mask_param=-3), "time_mask_param"),
+    (dict(channels=(4.5, 8)), "channels"),
+])
+def test_config_rejects_values_that_used_to_pass_silently(bad, match):
+    with pytest.raises(ValueError, match=match):
+        FrequencyConfig(**{**SMALL, **bad})
+
+
+@pytest.mark.parametrize("x,match", [
+    (torch.randn(2, 64), r"T = 64.*n_fft = 128"),
+    (torch.randn(2, 300, 2), r"1 channel\(s\)"),
+    (torch.randn(300), "got 1 dims"),
+    (torch.ones(2, 300, dtype=torch.long), "floating-point"),
+])
+def test_bad_input_raises_clear_error(x, match):
+    branch = FrequencyBranch(FrequencyConfig(**SMALL)).eval()
+    with pytest.raises(ValueError, match=match):
+        branch(x)
+
+
 def test_channels_from_yaml_list():
     assert FrequencyConfig(channels=[8, 16]).channels == (8, 16)
 
