@@ -254,7 +254,7 @@ def test_yaml_config_is_checked_and_flags_override_it(tmp_path) -> None:
     config.write_text(yaml.safe_dump({
         "data": {"synthetic_signals": 300, "augment": False},
         "model": {"branches": "time", "cnn_channels": [8, 16]},
-        "lr": 0.01, "batch_size": 7, "reader_option": {"channel": "MLII"},
+        "lr": 0.01, "batch_size": 7, "reader_option": {"channel": "MLII"}, "run": None,
     }))
     args = train.parse_args(["--config", str(config), "--lr", "0.5"])
     assert (args.synthetic_signals, args.augment, args.branches) == (300, False, "time")
@@ -288,7 +288,7 @@ def test_help_is_complete(capsys) -> None:
 
 def _config_file(tmp_path: Path, text: str) -> str:
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))  # lone surrogates: raw bytes
     return str(path)
 
 
@@ -308,6 +308,8 @@ BAD_OPTIONS = [
                                            "'batch_size'?)"),
     (["--config", "CONFIG:augment: 3"], "augment must be true or false"),
     (["--config", "CONFIG:lr: [1, 2"], "is not valid YAML"),
+    (["--config", "CONFIG:\udcff\udcfebad"], "is not UTF-8 text (byte 0)"),
+    (["--config"], "argument --config: expected one argument (see train.py --help)"),
     (["predict", "--checkpoint", "x.ckpt"], "the following arguments are required: --data"),
     (["predict", "--checkpoint", "x.ckpt", "--data", "x.npz", "--precision", "16-mixed",
       "--accelerator", "cpu"], "--precision 16-mixed needs a GPU"),

@@ -312,12 +312,14 @@ def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start})") from exc
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path}: expected a mapping of option: value")
     flat: dict[str, Any] = {}
     for key, value in loaded.items():
-        if key in GROUPS and isinstance(value, dict):
-            flat.update(value)
+        if key in GROUPS and (value is None or isinstance(value, dict)):
+            flat.update(value or {})  # an empty section reads as null
         else:
             flat[key] = value
     actions = {a.dest: a for a in parser._actions if a.option_strings}
@@ -352,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse training options: defaults < --config YAML < flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = _Parser(prog=parser.prog, add_help=False)  # `--config` without a file: one line too
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
