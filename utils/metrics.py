@@ -13,15 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are only ever written to files or TensorBoard
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import classification_report  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import classification_report
 
 
 def _as_matrix(confusion: torch.Tensor | np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
@@ -88,7 +83,10 @@ def plot_confusion_matrix(
     shown = rates if normalize else cm
 
     size = min(3.0 + 0.6 * k, 16.0)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=100)
+    # a bare Figure, not pyplot: it renders with Agg, needs no backend set up and leaves no
+    # open figure behind (importing this module changes no global matplotlib state)
+    fig = Figure(figsize=(size, size * 0.85), dpi=100)
+    ax = fig.subplots()
     image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1.0 if normalize else max(cm.max(), 1))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set(
@@ -100,7 +98,8 @@ def plot_confusion_matrix(
         ylabel="true",
         title=title,
     )
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
+    for label in ax.get_xticklabels():
+        label.set(rotation=45, ha="right", rotation_mode="anchor")
     if k <= 30:  # annotations become unreadable beyond this
         threshold = (1.0 if normalize else max(cm.max(), 1)) / 2
         for i in range(k):
@@ -121,11 +120,7 @@ def save_confusion_matrix_png(
     """Write the confusion-matrix figure to `path` as PNG and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_confusion_matrix(confusion, class_names, title=title)
-    try:
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
+    plot_confusion_matrix(confusion, class_names, title=title).savefig(path, format="png")
     return path
 
 
