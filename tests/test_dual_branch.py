@@ -12,7 +12,6 @@ from models.frequency import FrequencyConfig
 from models.rwkv import RWKVConfig
 
 cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 TIME = dict(hidden_size=16, num_layers=2, ffn_mult=2, patch_size=4, bidirectional=True)
 FREQ = dict(n_fft=128, hop_length=32, n_mels=24, channels=[4, 8], freq_mask_param=4,
@@ -168,7 +167,6 @@ def test_learns_a_toy_task():
 
 
 @cuda
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_forward_backward_finite_on_gpu(dtype):
     model = make("both", "gated").cuda().train()
@@ -182,7 +180,6 @@ def test_autocast_forward_backward_finite_on_gpu(dtype):
 
 
 @cuda
-@needs_cuda
 @pytest.mark.parametrize("training", [False, True])
 def test_compile_fullgraph_classifier(training):
     try:

@@ -8,7 +8,6 @@ import torch
 from models.frequency import FrequencyBranch, FrequencyConfig
 
 cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SMALL = dict(n_fft=128, hop_length=32, n_mels=24, channels=(4, 8), freq_mask_param=4,
              time_mask_param=4)
@@ -156,7 +155,6 @@ def test_channels_from_yaml_list():
 
 
 @cuda
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_runs_on_gpu_under_autocast(dtype):
     branch = FrequencyBranch(FrequencyConfig(**SMALL)).cuda().train()

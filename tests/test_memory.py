@@ -24,7 +24,6 @@ from utils.memory import (
 )
 
 cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -203,7 +202,6 @@ def test_callback_logs_every_n_steps_and_reports(caplog):
 
 
 @cuda
-@needs_cuda
 def test_monitor_reads_cuda_memory():
     block = torch.ones(16 * 2**20, device="cuda")  # 64 MiB
     stats = MemoryMonitor("cuda").update()
@@ -214,7 +212,6 @@ def test_monitor_reads_cuda_memory():
 
 
 @cuda
-@needs_cuda
 def test_expandable_segments_take_effect_in_a_fresh_process():
     out = run_python(
         "import torch; from utils.memory import optimize_memory_usage as o; o(); "

@@ -18,7 +18,6 @@ from models.rwkv import (
 )
 
 cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SMALL = dict(hidden_size=16, num_layers=2, ffn_mult=2)
 
@@ -283,7 +282,6 @@ def _cuda_kernel_available() -> bool:
 
 
 @cuda
-@needs_cuda
 def test_cuda_backend_matches_torch_backend():
     if not _cuda_kernel_available():
         pytest.skip("the CUDA WKV kernel is not built")
@@ -305,7 +303,6 @@ def test_cuda_backend_matches_torch_backend():
 
 
 @cuda
-@needs_cuda
 def test_streaming_matches_one_pass_on_cuda():
     model = randomize(create_optimized_rwkv(**SMALL, return_sequence=True)).cuda().eval()
     x = torch.randn(2, 96, 1, device="cuda")
@@ -317,7 +314,6 @@ def test_streaming_matches_one_pass_on_cuda():
 
 
 @cuda
-@needs_cuda
 def test_compile_fullgraph_has_no_graph_breaks():
     if not _cuda_kernel_available():
         pytest.skip("the CUDA WKV kernel is not built")
@@ -332,7 +328,6 @@ def test_compile_fullgraph_has_no_graph_breaks():
 
 
 @cuda
-@needs_cuda
 def test_compile_blocks_option_matches_eager():
     torch._dynamo.reset()
     eager = randomize(create_optimized_rwkv(**SMALL)).cuda()
@@ -343,7 +338,6 @@ def test_compile_blocks_option_matches_eager():
 
 
 @cuda
-@needs_cuda
 def test_reduce_overhead_compile_trains_like_eager():
     # each block replayed as a CUDA graph: recorded on the first steps, replayed after, with
     # the optimizer changing the weights in between
@@ -377,7 +371,6 @@ def test_reduce_overhead_compile_trains_like_eager():
 
 
 @cuda
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_autocast_forward_backward_finite(dtype, checkpointing):

@@ -6,10 +6,7 @@ import torch
 from models.wkv import wkv
 from tests.test_wkv import grads_of, make_inputs, reference, rel
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.cuda  # skipped without a GPU (conftest.py)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 CUDA_BACKENDS = ["cuda", "cuda_sequential"]
 
