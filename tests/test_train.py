@@ -297,6 +297,8 @@ BAD_OPTIONS = [
     (["--lr", "-1"], "--lr: expected a positive number; got -1.0"),
     (["--epochs", "two"], "--epochs: expected an integer >= 1; got 'two'"),
     (["--branches", "spectral"], "invalid choice: 'spectral'"),
+    (["--compile-mode", "fast"], "invalid choice: 'fast'"),
+    (["--config", "CONFIG:model: {compile_mode: fast}"], "invalid choice: 'fast'"),
     (["--val-fraction", "0.6", "--test-fraction", "0.5"], "--val-fraction + --test-fraction"),
     (["--data", "no/such/file.npz"], "--data: no/such/file.npz does not exist"),
     (["--resume", "missing.ckpt"], "--resume: no checkpoint file missing.ckpt"),
