@@ -199,3 +199,44 @@ def test_compile_fullgraph_classifier(training):
         assert model.time_branch.blocks[0].att.time_decay.grad is not None
     else:
         torch.testing.assert_close(out, model(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("branches", ["both", "time", "freq"])
+def test_padding_never_changes_a_prediction(branches):
+    """One series alone and the same series zero-padded in a batch of longer ones (with
+    lengths) give the same logits, whatever its level and gain."""
+    torch.manual_seed(0)
+    model = make(branches, time={**TIME, "stem": "conv", "pooling": "meanmax"})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    short, long = 3 + 2 * torch.randn(1, 200), torch.randn(1, 300)
+    batch = torch.zeros(2, 300)
+    batch[0, :200], batch[1] = short, long
+    with torch.no_grad():
+        together = model(batch, torch.tensor([200, 300]))
+        torch.testing.assert_close(together[0], model(short)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together[1], model(long)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_amplitude_reaches_the_model_only_when_kept():
+    """With instance_norm alone a signal and its scaled copy look the same; keep_amplitude
+    tells them apart (their level and gain are features)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 300)
+    for keep, same in ((False, True), (True, False)):
+        model = make("both", keep_amplitude=keep).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            a, b = model(x), model(5 * x + 1)
+        assert torch.allclose(a, b, atol=1e-4) == same
+
+
+def test_bad_lengths_raise():
+    model = make("time").eval()
+    with pytest.raises(ValueError, match="lengths must be a"):
+        model(torch.randn(2, 300), torch.tensor([300]))
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        model(torch.randn(2, 300), torch.tensor([300, 301]))
