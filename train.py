@@ -61,6 +61,7 @@ from utils.metrics import (
 )
 
 log = logging.getLogger("train")
+MEMBER_SEED_STEP = 1000
 
 
 # ---------------------------------------------------------------------------------- set-up
@@ -423,7 +424,7 @@ def train_cv(args: argparse.Namespace, extra_callbacks: list[Callback] | None = 
 
 def train_ensemble(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
                    folder: Path | None = None) -> dict[str, Any]:
-    """K members with seeds --seed, --seed + 1, ... in DIR/NAME/version_N/member_k (or
+    """K members with seeds --seed + 1000 k in DIR/NAME/version_N/member_k (or
     FOLDER/member_k); the ensemble's test metrics (mean of the members' probabilities) in
     that folder. Returns the summary with the ensemble's test probabilities and labels."""
     _one_process_only(args, "--ensemble")
@@ -434,7 +435,8 @@ def train_ensemble(args: argparse.Namespace, extra_callbacks: list[Callback] | N
     for k in range(args.ensemble):
         member_args = argparse.Namespace(**vars(args))
         member_args.split_seed = getattr(args, "split_seed", args.seed)
-        member_args.seed = args.seed + k
+        # 1000 apart: ensembles of neighbouring --seed values share no member
+        member_args.seed = args.seed + MEMBER_SEED_STEP * k
         print(f"ensemble member {k + 1}/{args.ensemble} (seed {member_args.seed})", flush=True)
         members.append(train_one(member_args, extra_callbacks, (folder, f"member_{k}"),
                                  quiet=True))

@@ -149,8 +149,7 @@ class DualBranchClassifier(nn.Module):
     Build it from a whole `DualBranchConfig` (`DualBranchClassifier(config)`) or from its fields
     (`DualBranchClassifier(5, time={...}, freq={...}, fusion="gated")`); time and freq may be
     `RWKVConfig` / `FrequencyConfig` or dicts of their fields (None: defaults). The input is
-    checked once here (shape, length >= n_fft when the frequency branch is on, finite values);
-    the branches trust it.
+    checked once here (shape, dtype, finite values); the branches trust it.
     """
 
     def __init__(self, num_classes: int | DualBranchConfig = 2,
@@ -193,15 +192,15 @@ class DualBranchClassifier(nn.Module):
 
     @property
     def min_length(self) -> int:
-        """The shortest signal the model accepts."""
-        return self.config.freq.n_fft if self.config.use_freq else 1
+        """The shortest signal the model accepts: one sample (the frequency branch zero-pads
+        a signal shorter than its STFT window)."""
+        return 1
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """x: (B, T) or (B, T, input_size) float; lengths: (B,) int real samples per signal
         (the rest is zero padding), or None. Returns (B, num_classes) logits."""
         cfg = self.config
-        why = f"the STFT window n_fft = {cfg.freq.n_fft}" if cfg.use_freq else ""
-        x = validate_signal(x, cfg.time.input_size, min_length=self.min_length, why=why)
+        x = validate_signal(x, cfg.time.input_size, min_length=self.min_length)
         if lengths is not None:
             lengths = self._check_lengths(lengths, x)
         time_input = freq_input = x

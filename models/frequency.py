@@ -22,7 +22,7 @@ class FrequencyConfig:
 
     spectrogram: str = "mel"  # "mel" | "linear"
     sample_rate: int = 16000  # Hz, places the mel filters (unused by "linear")
-    n_fft: int = 512  # STFT size; also the shortest signal the branch accepts
+    n_fft: int = 512  # STFT size (shorter signals are zero-padded to it)
     hop_length: int = 128
     win_length: int | None = None  # None: n_fft
     n_mels: int = 64
@@ -110,7 +110,8 @@ class ConvStage(nn.Module):
 
 
 class FrequencyBranch(nn.Module):
-    """Spectrogram CNN: (B, T) or (B, T, 1) float signal, T >= n_fft -> (B, out_features).
+    """Spectrogram CNN: (B, T) or (B, T, 1) float signal -> (B, out_features); a signal shorter
+    than n_fft is zero-padded to one window.
 
     The spectrogram is computed in fp32 with autocast off (a bf16 FFT loses the quiet bins) on
     the input's device; SpecAugment masks are applied only in training. forward checks the
@@ -200,9 +201,13 @@ class FrequencyBranch(nn.Module):
         None. Returns (B, out_features); a padded signal gives what it gives alone."""
         # shapes, length and dtype only: the finiteness check syncs with the device, and the
         # classifier has made it once already
-        x = validate_signal(x, 1, min_length=self.config.n_fft,
-                            why=f"the STFT window n_fft = {self.config.n_fft}",
-                            check_finite=False).squeeze(-1)
+        x = validate_signal(x, 1, check_finite=False).squeeze(-1)
+        if x.shape[1] < self.config.n_fft:
+            # shorter than one window: zero-pad to it and keep the real length, which gives
+            # exactly the frames of the zero-padded (constant-mode) STFT of the short signal
+            if lengths is None:
+                lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+            x = nn.functional.pad(x, (0, self.config.n_fft - x.shape[1]))
         spec = self.log_spectrogram(x, lengths).unsqueeze(1)  # (B, 1, F, N)
         if self.training:
             # masks set bins to 0, the mean of the normalised spectrogram

@@ -388,7 +388,7 @@ def test_ensemble_averages_its_members(tmp_path) -> None:
     summary = json.loads((folder / "test_metrics.json").read_text())
     members = [json.loads((folder / f"member_{k}" / "test_metrics.json").read_text())
                for k in range(2)]
-    assert [m["options"]["seed"] for m in members] == [0, 1]
+    assert [m["options"]["seed"] for m in members] == [0, 1000]
     assert summary["ensemble"] == 2 and len(summary["members"]) == 2
     cm = np.array(summary["confusion_matrix"])
     assert cm.sum() == 21 and summary["metrics"]["test/acc"] == pytest.approx(

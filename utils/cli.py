@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorBoard logs, checkpoints and results go to DIR/NAME/version_N")
     g.add_argument("--name", default="dual_branch", help="experiment name under --output-dir")
     g.add_argument("--ensemble", type=_int_at_least(1), default=1, metavar="K",
-                   help="train K models (seeds --seed ... --seed + K - 1) and average their "
+                   help="train K models (seeds --seed + 1000 k) and average their "
                         "class probabilities; predict takes the ensemble's run folder")
     g.add_argument("--resume", metavar="CKPT",
                    help="checkpoint to continue from, or 'last': the newest last.ckpt of "
