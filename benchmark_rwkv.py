@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=[str(d).removeprefix("torch.") for d in BYTES])
     p.add_argument("--backends", nargs="+", choices=BACKENDS,
-                   default=["cuda", "cuda_sequential", "cpu", "torch", "reference"])
+                   default=["cuda", "cpu", "torch", "reference"])
     p.add_argument("--scaling-lengths", type=int, nargs="+")
     p.add_argument("--scaling-hidden", type=int, nargs="+", default=[32, 256])
     p.add_argument("--scaling-batch", type=int, default=8)
