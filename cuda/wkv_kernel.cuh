@@ -388,19 +388,29 @@ __device__ __forceinline__ void store_state3(float* s, int64_t i, int64_t stride
   s[i + 2 * stride] = v.p;
 }
 
-// The row's S steps of x into registers: full rows with every load issued at once and no
-// per-step branch, the tail row (and a lane without channels) apart.
+// body(j) for the row's steps: j = 0 .. len-1 (kReverse: len-1 .. 0). A full row runs
+// without a branch per step; the tail row (and a lane without channels) is guarded apart.
+template <int S, bool kReverse = false, class Body>
+__device__ __forceinline__ void for_steps(int len, const Body& body) {
+  if (len == S) {
+#pragma unroll
+    for (int n = 0; n < S; ++n) body(kReverse ? S - 1 - n : n);
+  } else {
+#pragma unroll
+    for (int n = 0; n < S; ++n) {
+      const int j = kReverse ? S - 1 - n : n;
+      if (j < len) body(j);
+    }
+  }
+}
+
+// The row's S steps of x into registers; a full row issues every load at once, unguarded.
 template <typename T, int V, int S>
 __device__ __forceinline__ void load_rows(const T* x, const Place& pl, int C,
                                           Pack<T, V> (&out)[S]) {
-  if (pl.len == S) {
-#pragma unroll
-    for (int j = 0; j < S; ++j) out[j] = load_pack<T, V>(x + pl.io + static_cast<int64_t>(j) * C);
-  } else {
-#pragma unroll
-    for (int j = 0; j < S; ++j)
-      if (j < pl.len) out[j] = load_pack<T, V>(x + pl.io + static_cast<int64_t>(j) * C);
-  }
+  for_steps<S>(pl.len, [&](int j) {
+    out[j] = load_pack<T, V>(x + pl.io + static_cast<int64_t>(j) * C);
+  });
 }
 
 __device__ __forceinline__ int next_tile(int* counter, int& shared_tile) {
@@ -461,15 +471,12 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_forward_kernel(ForwardArgs<T>
     State s[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) s[i] = kIdentity;
+    for_steps<S>(pl.len, [&](int j) {
 #pragma unroll
-    for (int j = 0; j < S; ++j) {
-      if (j < pl.len) {
-#pragma unroll
-        for (int i = 0; i < V; ++i)
-          step_state(s[i], w[i], bounded_k(static_cast<float>(kk[j].x[i])),
-                     static_cast<float>(vv[j].x[i]));
-      }
-    }
+      for (int i = 0; i < V; ++i)
+        step_state(s[i], w[i], bounded_k(static_cast<float>(kk[j].x[i])),
+                   static_cast<float>(vv[j].x[i]));
+    });
     scan_rows<Sh, false>(sh, pl, d.T, w, s);
   }
   const bool holds_aggregate = pl.row == Sh::R - 1 && pl.active;  // writes the tile's states
@@ -530,21 +537,18 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_forward_kernel(ForwardArgs<T>
   if (!pl.active) return;
   Pack<T, V> rr[S];
   if (kGate) load_rows(args.r, pl, d.C, rr);  // late: it is needed only now
+  for_steps<S>(pl.len, [&](int j) {
+    float out[V];
 #pragma unroll
-  for (int j = 0; j < S; ++j) {
-    if (j < pl.len) {
-      float out[V];
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float kt = bounded_k(static_cast<float>(kk[j].x[i]));
-        const float vt = static_cast<float>(vv[j].x[i]);
-        out[i] = step_output(entering[i], u[i], kt, vt);
-        if (kGate) out[i] *= gate_of(static_cast<float>(rr[j].x[i])).s;
-        step_state(entering[i], w[i], kt, vt);
-      }
-      store_pack<T, V>(args.y + pl.io + static_cast<int64_t>(j) * d.C, out);
+    for (int i = 0; i < V; ++i) {
+      const float kt = bounded_k(static_cast<float>(kk[j].x[i]));
+      const float vt = static_cast<float>(vv[j].x[i]);
+      out[i] = step_output(entering[i], u[i], kt, vt);
+      if (kGate) out[i] *= gate_of(static_cast<float>(rr[j].x[i])).s;
+      step_state(entering[i], w[i], kt, vt);
     }
-  }
+    store_pack<T, V>(args.y + pl.io + static_cast<int64_t>(j) * d.C, out);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -604,15 +608,12 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<
     State s[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) s[i] = kIdentity;
+    for_steps<S>(pl.len, [&](int j) {
 #pragma unroll
-    for (int j = 0; j < S; ++j) {
-      if (j < pl.len) {
-#pragma unroll
-        for (int i = 0; i < V; ++i)
-          step_state(s[i], w[i], bounded_k(static_cast<float>(kk[j].x[i])),
-                     static_cast<float>(vv[j].x[i]));
-      }
-    }
+      for (int i = 0; i < V; ++i)
+        step_state(s[i], w[i], bounded_k(static_cast<float>(kk[j].x[i])),
+                   static_cast<float>(vv[j].x[i]));
+    });
     scan_rows<Sh, false>(sh, pl, d.T, w, s);
   }
   const float fwd_before = static_cast<float>(steps_before<Sh, false>(pl, d.T));
@@ -621,13 +622,11 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<
     State s = pl.active ? load_state3(args.saved, state_at(d, pl.b, pl.n, pl.c0 + i), cs)
                         : kIdentity;
     combine(s, rows_before<Sh, false>(sh, pl, i), fwd_before * w[i]);
-#pragma unroll
-    for (int j = 0; j < S; ++j) {
+    for_steps<S>(pl.len, [&](int j) {
       fs[j][i] = s;
-      if (j < pl.len)
-        step_state(s, w[i], bounded_k(static_cast<float>(kk[j].x[i])),
-                   static_cast<float>(vv[j].x[i]));
-    }
+      step_state(s, w[i], bounded_k(static_cast<float>(kk[j].x[i])),
+                 static_cast<float>(vv[j].x[i]));
+    });
   }
 
   // Walks the row backwards on gradient state R (which leaves at the row's start). With
@@ -637,48 +636,45 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<
   for (int i = 0; i < V; ++i) sw[i] = su[i] = 0.f;
   auto walk = [&](State (&R)[V], auto write) {
     constexpr bool kWrite = decltype(write)::value;
+    for_steps<S, true>(pl.len, [&](int j) {
+      float gk_out[V], gv_out[V], gr_out[V];
 #pragma unroll
-    for (int j = S - 1; j >= 0; --j) {
-      if (j < pl.len) {
-        float gk_out[V], gv_out[V], gr_out[V];
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const float kraw = static_cast<float>(kk[j].x[i]), kt = bounded_k(kraw);
-          const float vt = static_cast<float>(vv[j].x[i]);
-          float gyt = static_cast<float>(gg[j].x[i]);
-          const State& s = fs[j][i];
-          const ExpPair e = exp_pair(s.p, u[i] + kt);
-          const float inv_d = __fdividef(1.f, e.ex * s.b + e.ey);  // D_t = d e^q, d >= 1
-          const float y = (e.ex * s.a + e.ey * vt) * inv_d;
-          if (kGate) {
-            const Gate gate = gate_of(static_cast<float>(rr[j].x[i]));
-            gr_out[i] = gyt * y * gate.ds;
-            gyt *= gate.s;
-          }
-          const float g = gyt * inv_d;  // gy_t / D_t = g e^{-q}
-          if (kWrite) {
-            // e^{k_t} R <= 1: R's terms are e^{(s-t-1)w}/D_s and D_s holds e^{(s-1-t)w + k_t}
-            const float ek = __expf(kt + R[i].p);
-            const float bonus = e.ey * g;  // e^{u+k_t} gy_t / D_t
-            // a k beyond kMaxK was read as kMaxK: no gradient reaches it (as through a clamp)
-            gk_out[i] = kraw > kMaxK ? 0.f : (R[i].a * vt + R[i].b) * ek + bonus * (vt - y);
-            gv_out[i] = R[i].a * ek + bonus;
-            su[i] += bonus * (vt - y);
-            sw[i] += (R[i].a * s.a + R[i].b * s.b) * __expf(w[i] + s.p + R[i].p);
-          }
-          const ExpPair f = exp_pair(R[i].p + w[i], -e.m);
-          R[i].a = f.ex * R[i].a + f.ey * g;
-          R[i].b = f.ex * R[i].b - f.ey * g * y;
-          R[i].p = f.m;
+      for (int i = 0; i < V; ++i) {
+        const float kraw = static_cast<float>(kk[j].x[i]), kt = bounded_k(kraw);
+        const float vt = static_cast<float>(vv[j].x[i]);
+        float gyt = static_cast<float>(gg[j].x[i]);
+        const State& s = fs[j][i];
+        const ExpPair e = exp_pair(s.p, u[i] + kt);
+        const float inv_d = __fdividef(1.f, e.ex * s.b + e.ey);  // D_t = d e^q, d >= 1
+        const float y = (e.ex * s.a + e.ey * vt) * inv_d;
+        if (kGate) {
+          const Gate gate = gate_of(static_cast<float>(rr[j].x[i]));
+          gr_out[i] = gyt * y * gate.ds;
+          gyt *= gate.s;
         }
+        const float g = gyt * inv_d;  // gy_t / D_t = g e^{-q}
         if (kWrite) {
-          const int64_t at = pl.io + static_cast<int64_t>(j) * d.C;
-          store_pack<T, V>(args.gk + at, gk_out);
-          store_pack<T, V>(args.gv + at, gv_out);
-          if (kGate) store_pack<T, V>(args.gr + at, gr_out);
+          // e^{k_t} R <= 1: R's terms are e^{(s-t-1)w}/D_s and D_s holds e^{(s-1-t)w + k_t}
+          const float ek = __expf(kt + R[i].p);
+          const float bonus = e.ey * g;  // e^{u+k_t} gy_t / D_t
+          // a k beyond kMaxK was read as kMaxK: no gradient reaches it (as through a clamp)
+          gk_out[i] = kraw > kMaxK ? 0.f : (R[i].a * vt + R[i].b) * ek + bonus * (vt - y);
+          gv_out[i] = R[i].a * ek + bonus;
+          su[i] += bonus * (vt - y);
+          sw[i] += (R[i].a * s.a + R[i].b * s.b) * __expf(w[i] + s.p + R[i].p);
         }
+        const ExpPair f = exp_pair(R[i].p + w[i], -e.m);
+        R[i].a = f.ex * R[i].a + f.ey * g;
+        R[i].b = f.ex * R[i].b - f.ey * g * y;
+        R[i].p = f.m;
       }
-    }
+      if (kWrite) {
+        const int64_t at = pl.io + static_cast<int64_t>(j) * d.C;
+        store_pack<T, V>(args.gk + at, gk_out);
+        store_pack<T, V>(args.gv + at, gv_out);
+        if (kGate) store_pack<T, V>(args.gr + at, gr_out);
+      }
+    });
   };
 
   // the row's gradient summary from the empty gradient state, then the scan in reverse time
