@@ -415,12 +415,6 @@ class RWKVEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size)
         self.gradient_checkpointing = config.gradient_checkpointing
-        if config.wkv_backend in ("auto", "cuda", "cuda_sequential") and torch.cuda.is_available():
-            # build or load the kernel now, outside any torch.compile trace (a trace can only
-            # use a kernel that is already loaded)
-            prepare_backend("cuda")
-        if config.wkv_backend in ("auto", "cpu"):
-            prepare_backend("cpu")  # likewise the C++ CPU kernel (a no-op once loaded)
         if config.compile_blocks:
             for block in self.blocks:
                 # in place: parameter names and state_dict stay the same
@@ -462,6 +456,10 @@ class RWKVEncoder(nn.Module):
         for this chunk, except mean pooling covers every chunk so far."""
         cfg = self.config
         x = validate_signal(x, cfg.input_size, check_finite=cfg.check_input_finite)
+        if cfg.wkv_backend in ("auto", "cuda", "cpu") and not torch.compiler.is_compiling():
+            # build or load the kernel at the first eager call, outside any torch.compile trace
+            # (a trace can only use a kernel that is already loaded); a lookup afterwards
+            prepare_backend(x.device)
         if state is not None:
             self._check_state(state, x.shape[0])
             if lengths is not None:

@@ -182,7 +182,7 @@ def test_autocast_forward_backward_finite_on_gpu(dtype):
 @pytest.mark.parametrize("training", [False, True])
 def test_compile_fullgraph_classifier(training):
     try:
-        from cuda.build import load_extension_or_none
+        from models.wkv_build import load_extension_or_none
     except ImportError:
         load_extension_or_none = None
     if load_extension_or_none is None or load_extension_or_none() is None:

@@ -275,7 +275,7 @@ def test_bf16_autocast_on_cpu_is_finite():
 
 def _cuda_kernel_available() -> bool:
     try:
-        from cuda.build import load_extension_or_none
+        from models.wkv_build import load_extension_or_none
     except ImportError:
         return False
     return load_extension_or_none() is not None
