@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from data.datamodule import DataConfig, SignalDataModule, prediction_inputs
 from data.formats import UNLABELLED, DataError
-from models.defaults import DataFacts, auto_model, auto_train_steps
+from models.defaults import DataFacts, auto_ensemble, auto_model, auto_train_steps
 from models.lightning_module import SignalClassifierModule
 from utils.cli import (
     CPU_DEFAULTS,
@@ -253,9 +253,11 @@ class Run:
 
 
 def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
-           log_dir: tuple[Path, str] | None = None) -> Run:
+           log_dir: tuple[Path, str] | None = None,
+           datamodule: SignalDataModule | None = None) -> Run:
     """Data, Trainer and module for the options. Bad values raise ConfigError/DataError.
-    log_dir: (folder, name) to log into (an ensemble member's), else --output-dir/--name."""
+    log_dir: (folder, name) to log into (an ensemble member's), else --output-dir/--name;
+    datamodule: one already set up for these options (an ensemble's members share one)."""
     # first: the CUDA allocator settings only take effect before CUDA initialises
     memory_settings = optimize_memory_usage()
     on_gpu, precision = resolve_hardware(args)
@@ -281,8 +283,8 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
                               "optimizer state), so it cannot continue a run")
         resume_weights = checkpoint["state_dict"]
     try:
-        datamodule = SignalDataModule(data_config(args))
-        datamodule.setup("fit")
+        if datamodule is None:
+            datamodule = prepare_data(args)
         auto = fill_data_defaults(args, datamodule)
         if log_dir is None:
             logger = TensorBoardLogger(args.output_dir, name=args.name, version=version,
@@ -350,9 +352,33 @@ def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = Non
     averaged. Returns the summary of train_one (or of the ensemble)."""
     if args.cv:
         return train_cv(args, extra_callbacks)
+    datamodule = None
+    if args.ensemble is None:  # automatic: by the size of the training part
+        resolve_hardware(args)  # the data module needs the hardware defaults (workers)
+        datamodule = prepare_data(args)
+        args.ensemble = choose_ensemble(args, len(datamodule.train_dataset))
     if args.ensemble == 1:
-        return train_one(args, extra_callbacks)
-    return train_ensemble(args, extra_callbacks)
+        return train_one(args, extra_callbacks, datamodule=datamodule)
+    return train_ensemble(args, extra_callbacks, datamodule=datamodule)
+
+
+def prepare_data(args: argparse.Namespace) -> SignalDataModule:
+    """The data module for the options, set up (read, split); ConfigError for bad values."""
+    try:
+        datamodule = SignalDataModule(data_config(args))
+        datamodule.setup("fit")
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+    return datamodule
+
+
+def choose_ensemble(args: argparse.Namespace, train_items: int) -> int:
+    """--ensemble's automatic value: auto_ensemble's, or 1 where an ensemble cannot run
+    (several processes, or resuming one run)."""
+    one_process = args.devices in ("auto", 1, "1") and args.num_nodes == 1
+    return auto_ensemble(train_items) if one_process and not args.resume else 1
 
 
 def claim_run_folder(output_dir: str, name: str) -> Path:
@@ -395,10 +421,16 @@ def train_cv(args: argparse.Namespace, extra_callbacks: list[Callback] | None = 
     for k in range(args.cv):
         fold_args = argparse.Namespace(**vars(args), cv_fold=k)
         print(f"cross-validation fold {k + 1}/{args.cv}", flush=True)
-        if args.ensemble > 1:
-            result = train_ensemble(fold_args, extra_callbacks, folder / f"fold_{k}")
+        resolve_hardware(fold_args)
+        fold_data = prepare_data(fold_args)
+        if fold_args.ensemble is None:
+            fold_args.ensemble = choose_ensemble(fold_args, len(fold_data.train_dataset))
+        if fold_args.ensemble > 1:
+            result = train_ensemble(fold_args, extra_callbacks, folder / f"fold_{k}",
+                                    fold_data)
         else:
-            result = train_one(fold_args, extra_callbacks, (folder, f"fold_{k}"), quiet=True)
+            result = train_one(fold_args, extra_callbacks, (folder, f"fold_{k}"), quiet=True,
+                               datamodule=fold_data)
         if result.get("probabilities") is None:
             raise ConfigError(f"fold {k} has no test items; use fewer --cv folds")
         probabilities.append(result.pop("probabilities"))
@@ -423,7 +455,8 @@ def train_cv(args: argparse.Namespace, extra_callbacks: list[Callback] | None = 
 
 
 def train_ensemble(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
-                   folder: Path | None = None) -> dict[str, Any]:
+                   folder: Path | None = None,
+                   datamodule: SignalDataModule | None = None) -> dict[str, Any]:
     """K members with seeds --seed + 1000 k in DIR/NAME/version_N/member_k (or
     FOLDER/member_k); the ensemble's test metrics (mean of the members' probabilities) in
     that folder. Returns the summary with the ensemble's test probabilities and labels."""
@@ -439,7 +472,7 @@ def train_ensemble(args: argparse.Namespace, extra_callbacks: list[Callback] | N
         member_args.seed = args.seed + MEMBER_SEED_STEP * k
         print(f"ensemble member {k + 1}/{args.ensemble} (seed {member_args.seed})", flush=True)
         members.append(train_one(member_args, extra_callbacks, (folder, f"member_{k}"),
-                                 quiet=True))
+                                 quiet=True, datamodule=datamodule))
     probabilities = [m.pop("probabilities") for m in members]
     labels = members[0].pop("labels")
     for m in members[1:]:
@@ -474,12 +507,13 @@ def evaluate_probabilities(probabilities: torch.Tensor, labels: torch.Tensor,
 
 
 def train_one(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
-              log_dir: tuple[Path, str] | None = None, quiet: bool = False) -> dict[str, Any]:
+              log_dir: tuple[Path, str] | None = None, quiet: bool = False,
+              datamodule: SignalDataModule | None = None) -> dict[str, Any]:
     """Fit, then test the best checkpoint (or, without a validation split, the last
     weights); rank 0 writes the results. Returns a summary (test metrics, checkpoints, run
     folder, and the test probabilities for an ensemble) on every rank."""
     started = time.perf_counter()
-    run = set_up(args, extra_callbacks, log_dir)
+    run = set_up(args, extra_callbacks, log_dir, datamodule)
     trainer, module = run.trainer, run.module
     trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.resume, weights_only=True)
     print(f"rank {trainer.global_rank}/{trainer.world_size}: trained on "

@@ -21,6 +21,10 @@ MIN_N_FFT, MAX_N_FFT = 8, 256
 # CNN stage; below it the small model generalises better from a few dozen series.
 LARGE_DATA_ITEMS = 2000
 MIN_TRAIN_STEPS, MAX_TRAIN_STEPS, BUDGET_EPOCHS = 1000, 10000, 20
+# Below this many training items a run is an ensemble of ENSEMBLE_SIZE models: one model's
+# test accuracy on a few dozen series swings by several points with its seed, the mean of a
+# few models' probabilities much less, and each costs only a minute or two there.
+ENSEMBLE_BELOW_ITEMS, ENSEMBLE_SIZE = 1000, 3
 
 
 @dataclass(frozen=True)
@@ -73,4 +77,9 @@ def auto_train_steps(train_items: int, batch_size: int) -> int:
     return int(min(MAX_TRAIN_STEPS, max(MIN_TRAIN_STEPS, BUDGET_EPOCHS * per_epoch)))
 
 
-__all__ = ["DataFacts", "auto_model", "auto_train_steps", "stft_size"]
+def auto_ensemble(train_items: int) -> int:
+    """Models in a run: ENSEMBLE_SIZE below ENSEMBLE_BELOW_ITEMS training items, else 1."""
+    return ENSEMBLE_SIZE if train_items < ENSEMBLE_BELOW_ITEMS else 1
+
+
+__all__ = ["DataFacts", "auto_ensemble", "auto_model", "auto_train_steps", "stft_size"]

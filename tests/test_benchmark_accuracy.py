@@ -65,7 +65,10 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     result = json.loads((out / "accuracy.json").read_text())
     [row] = result["datasets"]  # --quick: the first set, one seed
     assert row["dataset"] == "Other" and len(row["runs"]) == 1
-    assert 0.0 <= row["mean"] <= 1.0 and row["runs"][0]["global_step"] == 3
+    assert 0.0 <= row["mean"] <= 1.0
+    run = row["runs"][0]  # 24 training series: an ensemble of 3 by default, 3 steps each
+    assert run["ensemble"] == 3 and run["global_step"] == 9
+    assert len(run["member_accuracies"]) == 3 and row["single_model_mean"] is not None
     assert row["one_nn_ed"] is not None
     table = (out / "accuracy.md").read_text()
     assert "| Other |" in table and "MiniRocket" in table

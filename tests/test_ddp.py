@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # 2-rank evaluation must discard DistributedSampler's padding to match.
 COMMON = ["--synthetic-signals", "175", "--length", "512", "--epochs", "2", "--patience", "0",
           "--branches", "time", "--stem", "patch", "--hidden-size", "16", "--num-layers", "1",
-          "--dropout", "0", "--mixup", "0", "--val-fraction", "0.15",
+          "--dropout", "0", "--mixup", "0", "--val-fraction", "0.15", "--ensemble", "1",
           "--no-augment", "--no-progress-bar", "--accelerator", "cpu", "--strategy", "ddp"]
 RANK_LINE = re.compile(r"rank (\d)/(\d): trained on (\d+) samples this session, global step "
                        r"(\d+), parameter checksum (\S+)")

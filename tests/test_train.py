@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--synthetic-signals", "140", "--length", "512", "--batch-size", "16",
         "--hidden-size", "16", "--num-layers", "1", "--cnn-channels", "4", "8",
         "--n-fft", "64", "--hop-length", "32", "--n-mels", "16", "--no-progress-bar",
-        "--val-fraction", "0.15"]
+        "--val-fraction", "0.15", "--ensemble", "1"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -424,3 +424,14 @@ def test_cross_validation_tests_every_record_once(tmp_path) -> None:
         np.mean(summary["fold_metrics"]["test/acc"]))
     assert np.array(summary["confusion_matrix"]).sum() == 42  # every record tested once
     assert run_cli([*TINY, "--cv", "1"], tmp_path).returncode == 2
+
+
+def test_small_data_trains_an_ensemble_by_default(tmp_path) -> None:
+    assert TINY[-2:] == ["--ensemble", "1"]
+    args = TINY[:-2]
+    result = run_cli([*args, "--max-steps", "2", "--synthetic-signals", "28"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "runs" / "dual_branch" / "version_0"
+    assert sorted(p.name for p in folder.glob("member_*")) == ["member_0", "member_1",
+                                                                "member_2"]
+    assert json.loads((folder / "test_metrics.json").read_text())["ensemble"] == 3

@@ -287,9 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="runs", metavar="DIR",
                    help="TensorBoard logs, checkpoints and results go to DIR/NAME/version_N")
     g.add_argument("--name", default="dual_branch", help="experiment name under --output-dir")
-    g.add_argument("--ensemble", type=_int_at_least(1), default=1, metavar="K",
+    g.add_argument("--ensemble", type=_int_at_least(1), metavar="K",
                    help="train K models (seeds --seed + 1000 k) and average their "
-                        "class probabilities; predict takes the ensemble's run folder")
+                        "class probabilities (default: 3 below 1000 training items, else 1); "
+                        "predict takes the ensemble's run folder")
     g.add_argument("--resume", metavar="CKPT",
                    help="checkpoint to continue from, or 'last': the newest last.ckpt of "
                         "--output-dir/--name")

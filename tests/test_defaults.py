@@ -1,0 +1,37 @@
+"""models/defaults.py: the rules that size the model and the run from the data."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.defaults import DataFacts, auto_ensemble, auto_model, auto_train_steps, stft_size
+from models.frequency import FrequencyConfig
+
+
+@pytest.mark.parametrize("length,n_fft", [(1, 8), (24, 8), (100, 16), (150, 32), (275, 64),
+                                          (3750, 256), (10**6, 256)])
+def test_stft_size_follows_the_length(length, n_fft):
+    assert stft_size(length) == n_fft
+
+
+@pytest.mark.parametrize("items,length,rate", [(36, 251, None), (67, 24, None),
+                                               (1400, 3750, 125.0), (50_000, 16384, 25600.0)])
+def test_auto_model_builds_a_valid_frequency_branch(items, length, rate):
+    auto = auto_model(DataFacts(items, length, rate, 3))
+    assert auto["patch_size"] == -(-length // 512)  # at most 512 recurrent steps
+    assert auto["spectrogram"] == ("mel" if rate is not None and auto["n_fft"] >= 128
+                                   else "linear")  # no mel filters without a rate
+    n_mels = min(auto["n_mels"], auto["n_fft"] // 2 + 1)
+    FrequencyConfig(spectrogram=auto["spectrogram"], n_fft=auto["n_fft"],
+                    hop_length=auto["hop_length"], n_mels=n_mels,
+                    freq_mask_param=auto["freq_mask_param"],
+                    time_mask_param=auto["time_mask_param"])  # raises if inconsistent
+    large = items >= 2000
+    assert (auto["hidden_size"], auto["num_layers"]) == ((128, 4) if large else (64, 2))
+
+
+def test_budget_and_ensemble_follow_the_training_size():
+    assert auto_train_steps(36, 9) == 1000  # 4 steps an epoch: the floor
+    assert auto_train_steps(8000, 32) == 5000  # 20 epochs
+    assert auto_train_steps(10**6, 32) == 10000  # the ceiling
+    assert auto_ensemble(36) == 3 and auto_ensemble(999) == 3 and auto_ensemble(1000) == 1
