@@ -6,7 +6,6 @@ import logging
 import warnings
 
 import numpy as np
-import pyedflib
 import pytest
 
 from data.formats import (
@@ -23,12 +22,16 @@ from data.formats import (
     read_wfdb,
 )
 
-with warnings.catch_warnings():  # wfdb 4.3 calls pandas 3.1 with a deprecated keyword
-    warnings.filterwarnings("ignore", message="The inplace keyword")
-    import wfdb
-
 # wfdb 4.3 calls pandas with a keyword pandas 3.1 deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword")
+
+
+def import_wfdb():
+    """wfdb, or skip the calling test where it is not installed (an optional dependency:
+    requirements-formats.txt), so this file collects everywhere."""
+    with warnings.catch_warnings():  # wfdb 4.3 calls pandas 3.1 with a deprecated keyword
+        warnings.filterwarnings("ignore", message="The inplace keyword")
+        return pytest.importorskip("wfdb")
 
 
 @pytest.fixture
@@ -215,6 +218,7 @@ def test_explicit_test_file_with_unknown_label(tmp_path):
 
 
 def write_wfdb(directory, name, signal, fs, samples, symbols, notes, channels=("MLII", "V5")):
+    wfdb = import_wfdb()
     p_signal = np.column_stack([signal] + [signal * 0.5] * (len(channels) - 1))
     wfdb.wrsamp(name, fs=fs, units=["mV"] * len(channels), sig_name=list(channels),
                 p_signal=p_signal, fmt=["16"] * len(channels), write_dir=str(directory))
@@ -280,6 +284,7 @@ def test_wfdb_errors(tmp_path, rng):
 
 
 def write_edf(path, signals, fs, labels, annotations=()):
+    pyedflib = pytest.importorskip("pyedflib")
     headers = pyedflib.highlevel.make_signal_headers(labels, sample_frequency=fs,
                                                      physical_min=-500, physical_max=500)
     writer = pyedflib.EdfWriter(str(path), len(labels), file_type=pyedflib.FILETYPE_EDFPLUS)
