@@ -674,3 +674,33 @@ def test_a_format_that_does_not_fit_the_file_says_what_it_is(tmp_path):
     np.savez(tmp_path / "z.npz", X=np.zeros((2, 3)), y=[0, 1])
     with pytest.raises(DataError, match="it is a NumPy .npz file; expected format='npz'"):
         read_dataset(tmp_path / "z.npz", format="npy")
+
+
+def test_wfdb_record_name_form_and_skipped_records(tmp_path, rng, caplog):
+    from data.formats import source_exists
+
+    signal = rng.standard_normal(3000)
+    for name in ("100", "101"):
+        write_wfdb(tmp_path, name, signal, 100, [0, 2000], ["+"] * 2, ["(N", "(AFIB"])
+    assert source_exists(tmp_path / "100") and not source_exists(tmp_path / "999")
+    assert len(read_dataset(tmp_path / "100", window_seconds=10)) == 3  # records/100
+    write_wfdb(tmp_path, "102", signal, 100, [0], ["+"], ["(N"])
+    (tmp_path / "102.atr").unlink()
+    (tmp_path / "RECORDS").write_text("100\n101\n102\n")
+    with caplog.at_level(logging.WARNING):
+        ds = read_dataset(tmp_path, window_seconds=10)
+    assert set(ds.groups) == {"100", "101"}
+    assert "RECORDS lists 1 record(s) without a .atr annotation, skipped: 102" in caplog.text
+
+
+def test_links_that_loop_are_refused_by_name(tmp_path, rng):
+    write_wfdb(tmp_path, "100", rng.standard_normal(3000), 100, [0], ["+"], ["(N"])
+    write_wfdb(tmp_path, "101", rng.standard_normal(3000), 100, [0], ["+"], ["(AFIB"])
+    (tmp_path / "101.atr").unlink()
+    (tmp_path / "101.atr").symlink_to(tmp_path / "101.atr")  # a link to itself
+    with pytest.raises(DataError, match="is a symbolic link that loops") as err:
+        read_dataset(tmp_path, window_seconds=10)  # not a silent drop of record 101
+    assert err.value.path.endswith("101.atr")
+    (tmp_path / "gone.edf").symlink_to(tmp_path / "nowhere.edf")
+    with pytest.raises(DataError, match="is a symbolic link that points to nothing"):
+        read_edf(tmp_path / "gone.edf")
