@@ -294,7 +294,7 @@ def _config_file(tmp_path: Path, text: str) -> str:
 
 BAD_OPTIONS = [
     (["--batch-size", "0"], "--batch-size: expected an integer >= 1; got 0"),
-    (["--lr", "-1"], "--lr: expected a positive number; got -1.0"),
+    (["--lr", "-1"], "--lr: expected a positive finite number; got -1.0"),
     (["--epochs", "two"], "--epochs: expected an integer >= 1; got 'two'"),
     (["--branches", "spectral"], "invalid choice: 'spectral'"),
     (["--compile-mode", "fast"], "invalid choice: 'fast'"),
@@ -312,6 +312,15 @@ BAD_OPTIONS = [
     (["--config", "CONFIG:lr: [1, 2"], "is not valid YAML"),
     (["--config", "CONFIG:\udcff\udcfebad"], "is not UTF-8 text (byte 0)"),
     (["--config"], "argument --config: expected one argument (see train.py --help)"),
+    (["--seed", "-1"], "--seed: expected an integer in [0, 4294967295]; got -1"),
+    (["--seed", "4294967296"], "--seed: expected an integer in [0, 4294967295]; got 4294967296"),
+    (["--lr", "inf"], "--lr: expected a positive finite number; got inf"),
+    (["--sample-rate", "inf"], "--sample-rate: expected a positive finite number; got inf"),
+    (["--name", "../../x"], "--name: expected a plain folder name inside --output-dir"),
+    (["--name", "/tmp/x"], "--name: expected a plain folder name inside --output-dir"),
+    (["--reader-option", "window_seconds=[1"], "window_seconds='[1' is not a valid YAML value"),
+    (["--reader-option", "x=!!python/object/apply:os.system [echo]"],
+     "YAML tags like '!!python/...' are not allowed"),
     (["predict", "--checkpoint", "x.ckpt"], "the following arguments are required: --data"),
     (["predict", "--checkpoint", "x.ckpt", "--data", "x.npz", "--precision", "16-mixed",
       "--accelerator", "cpu"], "--precision 16-mixed needs a GPU"),
@@ -373,3 +382,9 @@ def test_resume_refuses_a_checkpoint_that_cannot_continue(cli_run, tmp_path, cap
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert "Traceback" not in "\n".join(err) and message in err[-1], err
+
+
+def test_wfdb_record_names_are_accepted_as_data(tmp_path) -> None:
+    (tmp_path / "100.hea").write_text("100 1 360 3600\n")
+    args = train.parse_args(["--data", str(tmp_path / "100")])  # records/100, as documented
+    assert args.data == str(tmp_path / "100")
