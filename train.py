@@ -147,9 +147,12 @@ class EpochSummary(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
 
-    @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on every rank: reading callback_metrics computes the epoch's synced metrics, a
+        # collective that a rank-0-only read leaves the other ranks out of (DDP then hangs)
         metrics = trainer.callback_metrics
+        if not trainer.is_global_zero:
+            return
         values = " ".join(f"{k.replace('_epoch', '')} {float(metrics[k]):.4g}"
                           for k in self.KEYS if k in metrics)
         total = "?" if trainer.max_epochs in (None, -1) else trainer.max_epochs
