@@ -36,8 +36,10 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from data.datamodule import DataConfig, SignalDataModule, prediction_inputs
-from data.formats import UNLABELLED, DataError
+from data.formats import UNLABELLED, DataError, source_exists
 from models.lightning_module import SignalClassifierModule
+from utils.checkpoint_io import AtomicCheckpointIO, atomic_open, write_failure
+from utils.checks import check_before_training, check_options, check_steps_per_process
 from utils.cli import (
     CPU_DEFAULTS,
     GPU_DEFAULTS,
@@ -47,8 +49,17 @@ from utils.cli import (
     build_predict_parser,
     parse_args,
 )
+from utils.guards import NonFiniteGuard, TrainingFailed
 from utils.memory import MemoryMonitorCallback, optimize_memory_usage
 from utils.metrics import save_confusion_matrix_png, to_plain, write_json
+from utils.run_dir import (
+    check_prediction_output,
+    claim_run_folder,
+    find_last_checkpoint,
+    is_launching_process,
+    lock_run_folder,
+    release_run_folder,
+)
 
 log = logging.getLogger("train")
 
@@ -119,15 +130,6 @@ def model_settings(args: argparse.Namespace, sample_rate: float | None) -> dict[
             **masks,
         },
     }
-
-
-def find_last_checkpoint(output_dir: str, name: str) -> Path:
-    """The newest DIR/NAME/version_*/checkpoints/last*.ckpt."""
-    found = sorted(Path(output_dir, name).glob("version_*/checkpoints/last*.ckpt"),
-                   key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ConfigError(f"--resume last: no last.ckpt under {Path(output_dir, name)}")
-    return found[-1]
 
 
 def _version_of(checkpoint: Path, output_dir: str, name: str) -> str | None:
@@ -215,6 +217,7 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
     # first: the CUDA allocator settings only take effect before CUDA initialises
     memory_settings = optimize_memory_usage()
     on_gpu, precision = resolve_hardware(args)
+    check_options(args, on_gpu)  # output folder, devices, --length vs memory: before any work
     pl.seed_everything(args.seed, workers=True, verbose=False)
     if on_gpu:
         # Build the CUDA WKV extension here, before Lightning starts the other ranks; they find
@@ -231,17 +234,26 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
         resume = (find_last_checkpoint(args.output_dir, args.name) if args.resume == "last"
                   else Path(args.resume))
         version = _version_of(resume, args.output_dir, args.name)
+        if version is not None and is_launching_process():  # refused if a live run holds it
+            lock_run_folder(Path(args.output_dir, args.name, version))
         checkpoint = read_checkpoint(resume)
         if "optimizer_states" not in checkpoint:
             raise ConfigError(f"--resume {resume}: the checkpoint holds weights only (no "
                               "optimizer state), so it cannot continue a run")
         resume_weights = checkpoint["state_dict"]
+    run_folder = None
     try:
         datamodule = SignalDataModule(data_config(args))
         datamodule.setup("fit")
+        check_before_training(args, datamodule, model_settings(args, datamodule.sample_rate),
+                              on_gpu, precision)
+        if version is None and is_launching_process():  # the other ranks use rank 0's folder
+            run_folder = claim_run_folder(args.output_dir, args.name)
+            version = run_folder.name
         logger = TensorBoardLogger(args.output_dir, name=args.name, version=version,
                                    default_hp_metric=False)
         steps_per_epoch = max(1, len(datamodule.train_dataset) // args.batch_size)
+        nonfinite_guard = NonFiniteGuard(hint=f"; lower --lr (now {args.lr:g}) or check the data")
         trainer = pl.Trainer(
             accelerator="gpu" if on_gpu else "cpu",
             devices=args.devices,
@@ -254,11 +266,14 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
             accumulate_grad_batches=args.accumulate,
             sync_batchnorm=args.sync_batchnorm,
             logger=logger,
-            callbacks=build_callbacks(args) + list(extra_callbacks or []),
+            callbacks=build_callbacks(args) + [nonfinite_guard] + list(extra_callbacks or []),
+            plugins=[AtomicCheckpointIO()],  # checkpoints whole or absent, even on a full disk
             log_every_n_steps=min(50, steps_per_epoch),
             enable_progress_bar=args.progress_bar,
             num_sanity_val_steps=0,
         )
+        check_steps_per_process(len(datamodule.train_dataset), args.batch_size,
+                                trainer.world_size)
         world = trainer.world_size * trainer.accumulate_grad_batches
         scale = {"none": 1.0, "linear": float(world), "sqrt": world**0.5}[args.lr_scaling]
         class_weights = datamodule.class_weights
@@ -271,13 +286,18 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
             min_lr_ratio=args.min_lr_ratio, label_smoothing=args.label_smoothing,
             data=to_plain(datamodule.trained_settings()),
         )
-    except (ValueError, MisconfigurationException) as exc:
-        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
-    if resume_weights is not None:
-        difference = state_dict_difference(module, resume_weights)
-        if difference:
-            raise ConfigError(f"--resume {resume}: the checkpoint's model does not fit these "
-                              f"options ({difference}); resume with the options of its run")
+        if resume_weights is not None:
+            difference = state_dict_difference(module, resume_weights)
+            if difference:
+                raise ConfigError(f"--resume {resume}: the checkpoint's model does not fit "
+                                  f"these options ({difference}); resume with the options of "
+                                  "its run")
+    except BaseException as exc:
+        if run_folder is not None:  # a run refused at set-up leaves no empty folder behind
+            release_run_folder(run_folder, remove_if_empty=True)
+        if isinstance(exc, (ValueError, MisconfigurationException)):
+            raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+        raise
     run = Run(datamodule, module, trainer, resume, precision, args.batch_size * world,
               args.lr * scale)
     n_params = sum(p.numel() for p in module.parameters())
@@ -301,6 +321,10 @@ def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = Non
     run = set_up(args, extra_callbacks)
     trainer, module = run.trainer, run.module
     trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.resume, weights_only=True)
+    if trainer.global_step == 0:
+        raise TrainingFailed(f"no training step was taken ({len(run.datamodule.train_dataset)} "
+                             f"training items, batch {args.batch_size}, {trainer.world_size} "
+                             f"process(es)); nothing was tested, see {trainer.log_dir}")
     print(f"rank {trainer.global_rank}/{trainer.world_size}: trained on "
           f"{module.samples_trained} samples this session, global step {trainer.global_step}, "
           f"parameter checksum {_checksum(module):.9e}", flush=True)
@@ -324,7 +348,10 @@ def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = Non
         "run_dir": str(run_dir),
     }
     if trainer.is_global_zero:
-        _write_results(run_dir, module.test_results, summary, args)
+        try:
+            _write_results(run_dir, module.test_results, summary, args)
+        except OSError as exc:  # a full disk, a folder removed under the run
+            raise write_failure(exc, Path(exc.filename or run_dir), atomic=False) from exc
     return summary
 
 
@@ -409,10 +436,12 @@ def predict(args: argparse.Namespace) -> Path:
     """Write per-window class probabilities of --data to --output (CSV); the label column is
     empty for records without a label."""
     on_gpu, precision = resolve_device(args.accelerator, args.precision)
+    if not source_exists(args.data):
+        raise ConfigError(f"--data: {args.data} does not exist")
+    # before predicting: a result that cannot be written, or that replaces an input, is lost
+    check_prediction_output(args.output, [Path(args.data), Path(args.checkpoint)])
     module = load_checkpoint(args.checkpoint)
     names = list(module.class_names)
-    if not Path(args.data).exists():
-        raise ConfigError(f"--data: {args.data} does not exist")
     inputs = prediction_inputs(args.data, module.hparams.data, names, format=args.format,
                                reader_options=dict(args.reader_option or []),
                                window_stride=args.window_stride)
@@ -423,8 +452,18 @@ def predict(args: argparse.Namespace) -> Path:
     probs = torch.cat(trainer.predict(module, loader)).float().numpy()
 
     dataset, output = inputs.dataset, Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as f:
+    try:
+        _write_predictions(output, inputs, probs, names)
+    except OSError as exc:
+        raise write_failure(exc, output) from exc
+    print(f"wrote {len(inputs.windows)} rows ({len(dataset)} signals) to {output}")
+    return output
+
+
+def _write_predictions(output: Path, inputs: Any, probs: Any, names: list[str]) -> None:
+    """The prediction CSV, written whole or not at all (an older file stays until then)."""
+    dataset = inputs.dataset
+    with atomic_open(output, "w") as f:
         writer = csv.writer(f)
         writer.writerow(["record", "group", "start", "end", "label", "predicted",
                          *[f"p_{n}" for n in names]])
@@ -434,8 +473,6 @@ def predict(args: argparse.Namespace) -> Path:
             writer.writerow([record, group, start, end,
                              "" if label == UNLABELLED else names[label],
                              names[int(p.argmax())], *[f"{v:.6f}" for v in p]])
-    print(f"wrote {len(inputs.windows)} rows ({len(dataset)} signals) to {output}")
-    return output
 
 
 # ---------------------------------------------------------------------------------- entry
@@ -459,6 +496,17 @@ def main(argv: list[str] | None = None, extra_callbacks: list[Callback] | None =
     except (ConfigError, DataError, MisconfigurationException, FileNotFoundError) as exc:
         # bad options or data: one line, not a traceback
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except TrainingFailed as exc:  # the run went wrong: status 1, apart from bad input
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:  # outside fit (Lightning handles Ctrl-C during it)
+        parser.exit(130, f"{parser.prog}: interrupted (Ctrl-C)\n")
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        reason = (str(exc).strip().splitlines() or ["out of memory"])[0]
+        parser.exit(1, f"{parser.prog}: error: out of memory ({reason[:200]}); pass a smaller "
+                       "--batch-size or --length, or --gradient-checkpointing\n")
+    except OSError as exc:  # the machine's, not the code's: a disk, a permission, a device
+        where = f" ({exc.filename})" if exc.filename else ""
+        parser.exit(1, f"{parser.prog}: error: {exc.strerror or exc}{where}\n")
     return 0
 
 
