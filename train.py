@@ -146,6 +146,11 @@ class EpochSummary(Callback):
 
     KEYS = ("train/loss_epoch", "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1")
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a run resumed from a mid-epoch checkpoint (--max-steps, kill -9) starts without
+        # on_train_epoch_start for that epoch
+        self._started = time.perf_counter()
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
 

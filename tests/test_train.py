@@ -248,6 +248,10 @@ def test_max_steps_may_stop_mid_epoch(tmp_path) -> None:
     last = torch.load(tmp_path / "runs/dual_branch/version_0/checkpoints/last.ckpt",
                       weights_only=True)
     assert last["global_step"] == 3
+    # resuming that mid-epoch checkpoint: no epoch start hook runs for the rest of the epoch
+    result = run_cli([*TINY, "--max-steps", "8", "--resume", "last"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "epoch 2/" in result.stdout
 
 
 def test_yaml_config_is_checked_and_flags_override_it(tmp_path) -> None:
