@@ -626,12 +626,15 @@ def test_large_integer_labels_stay_apart(tmp_path):
     assert read_dataset(tmp_path / "big.csv").labels.tolist() == [0, 1, 2, 0, 1, 2]
 
 
-def test_text_labels_stay_text():
+def test_text_labels_stay_text(tmp_path):
     # float() reads these as numbers; in a label column they are names
     labels, names = encode_labels(["1_000", "10", "1_000", "\u0661"], "f.csv", "label")
     assert names == ["10", "1_000", "\u0661"] and labels.tolist() == [1, 0, 1, 2]
     labels, names = encode_labels(["AFIB", "N", "N"], "f.npz", "y")
     assert names == ["AFIB", "N"] and labels.tolist() == [0, 1, 1]
+    np.savez(tmp_path / "codes.npz", X=np.zeros((4, 3)), y=np.array(["007", "7", "N", "7.0"]))
+    ds = read_dataset(tmp_path / "codes.npz")  # leading zeros: an identifier, not 7
+    assert ds.class_names == ["007", "7", "N"] and ds.labels.tolist() == [0, 1, 2, 1]
 
 
 def test_utf8_bom_is_not_part_of_the_first_cell(tmp_path):
@@ -674,6 +677,9 @@ def test_a_format_that_does_not_fit_the_file_says_what_it_is(tmp_path):
     np.savez(tmp_path / "z.npz", X=np.zeros((2, 3)), y=[0, 1])
     with pytest.raises(DataError, match="it is a NumPy .npz file; expected format='npz'"):
         read_dataset(tmp_path / "z.npz", format="npy")
+    with pytest.raises(DataError, match=r"is a \.csv file, not a WFDB record") as err:
+        read_dataset(tmp_path / "d.csv", format="wfdb")
+    assert err.value.field == "format"
 
 
 def test_wfdb_record_name_form_and_skipped_records(tmp_path, rng, caplog):

@@ -102,17 +102,18 @@ class SignalDataset:
 # A number as files write one: ASCII digits, optional sign, point and exponent. float() also
 # takes '1_000', 'infinity' and non-ASCII digits, which are text in a label column.
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_LEADING_ZERO = re.compile(r"[+-]?0[0-9]")  # '007', '-01': codes, not numbers
 _NON_FINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
 
 
 def _label_key(label: object) -> str:
     """Identity of a label: whole numbers by exact value ('1', '1.0', '1e0' and 1 are one
     label, shown as '1'; 10**17 and 10**17 + 1 stay two), anything else as text, exactly,
-    after stripping whitespace."""
+    after stripping whitespace. Leading zeros mark an identifier: '007' and '7' are two."""
     if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
         return str(int(label))
     text = str(label).strip()
-    if not _NUMBER.fullmatch(text):
+    if not _NUMBER.fullmatch(text) or _LEADING_ZERO.match(text):
         return text
     # Decimal, not float: a float has 53 bits, so float keys merge integers above 2**53
     value = decimal.Decimal(text)

@@ -144,6 +144,10 @@ def _wfdb_records(path: Path, annotation: str, labels: str) -> list[Path]:
             raise DataError(path, annotation, f"no record with a .{annotation} annotation file; "
                                               "expected .hea/.dat records with annotations")
         return records
+    if path.is_file() and path.suffix.lower() not in (".hea", ".dat", f".{annotation}"):
+        raise DataError(path, "format", f"is a {path.suffix or 'plain'} file, not a WFDB record "
+                                        "(NAME.hea with its signal files); expected the reader "
+                                        "for its format")
     record = path.with_suffix("") if path.suffix.lower() in (".hea", ".dat", f".{annotation}") \
         else path
     for ext in ("hea", annotation) if need else ("hea",):
