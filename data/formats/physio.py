@@ -208,13 +208,14 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
     skipped: those without a label are UNLABELLED. labels='none': no annotation is read.
     """
     path = Path(path)
-    wfdb = _optional_package("wfdb", path)
     check_label_mode(labels, path)
     if label_source not in ("rhythm", "beat"):
         raise DataError(path, "label_source", f"is {label_source!r}; expected 'rhythm'/'beat'")
     group_regex = _compile_group_pattern(group_pattern, path)
     windows, raw, groups, rates = [], [], [], set()
-    for record in _wfdb_records(path, annotation, labels):
+    records = _wfdb_records(path, annotation, labels)  # file problems first, then the package
+    wfdb = _optional_package("wfdb", path)
+    for record in records:
         header = record.with_name(record.name + ".hea")
         ann_path = record.with_name(f"{record.name}.{annotation}")
         annotated = labels != "none" and ann_path.exists()
