@@ -3,6 +3,7 @@ sequence-length scaling, peers (cuDNN LSTM, SDPA Transformer) and the full class
 
     python benchmark_rwkv.py                       # everything, GPU sizes (B=8, T=3750, 6x256)
     python benchmark_rwkv.py --quick               # CPU-friendly sizes
+    python benchmark_rwkv.py --op-table --json op.json   # only the WKV op table (~2 min, GPU)
     python benchmark_rwkv.py --sections model op --json out.json --plot scaling.png
 
 Timing: CUDA events after warm-up, median of repeats (perf_counter on CPU). A size that does
@@ -22,9 +23,10 @@ from torch import nn
 
 from models.dual_branch import DualBranchClassifier
 from models.rwkv import create_optimized_rwkv, create_original_rwkv
-from models.wkv import BACKENDS, prepare_backend
+from models.wkv import BACKENDS, prepare_backend, wkv
 from utils.benchmarking import (
     BYTES,
+    OpResult,
     as_dicts,
     bench_op,
     fmt,
@@ -187,28 +189,66 @@ def model_section(args, device) -> dict:
 
 def _runs_on(backend: str, device: torch.device) -> bool:
     """Whether a WKV backend takes tensors on `device` (the native kernels are per device)."""
-    if backend.startswith("cuda"):
+    if backend == "cuda":
         return device.type == "cuda"
     return backend != "cpu" or device.type == "cpu"
 
 
-def op_section(args, device, tb_s) -> list:
+def host_us_per_call(device, calls: int = 200) -> dict:
+    """Host time of one eager call of the native op on a tiny input (1 x 16 x 32): the calls
+    are issued back to back and the GPU waited for once, so with kernels this small the time
+    is the host's (Python checks, dispatcher, autograd, allocation, launches)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    leaves = [torch.randn(*shape, generator=g, device=device).requires_grad_()
+              for shape in ((32,), (32,), (1, 16, 32), (1, 16, 32))]
+
+    def fwd():
+        with torch.no_grad():
+            wkv(*leaves, check_finite=False)
+
+    def fwd_bwd():
+        y, _ = wkv(*leaves, check_finite=False)
+        torch.autograd.grad(y.sum(), leaves)
+
+    out = {}
+    for name, fn in (("fwd_us", fwd), ("fwd_bwd_us", fwd_bwd)):
+        for _ in range(20):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - start) / calls * 1e6
+    return out
+
+
+def op_section(args, device, tb_s) -> dict:
     print(f"\n## WKV operator, C={args.hidden} (floor at {tb_s:.2f} TB/s measured copy rate)")
     results = []
-    for batch, steps in args.op_sizes:
-        for dtype in args.op_dtypes:
-            for backend in args.backends:
-                if not _runs_on(backend, device):
-                    continue
-                if backend == "reference" and batch * steps > 8 * 4096:
-                    continue
-                slow = backend == "reference" or (backend == "torch" and device.type == "cpu")
-                r = bench_op(backend, dtype, batch, steps, args.hidden, device, tb_s,
-                             repeat=3 if slow else 30, budget_s=30 if slow else 10)
-                results.append(r)
-                print(format_op_table([r]).splitlines()[-1], flush=True)
+    runs = [(b, t, d, False) for b, t in args.op_sizes for d in args.op_dtypes]
+    runs += [(b, t, d, True) for b, t in args.op_gated_sizes for d in args.op_dtypes]
+    for batch, steps, dtype, gated in runs:
+        for backend in args.backends:
+            if not _runs_on(backend, device):
+                continue
+            if backend == "reference" and batch * steps > 8 * 4096:
+                continue
+            slow = backend == "reference" or (backend == "torch" and device.type == "cpu")
+            r = bench_op(backend, dtype, batch, steps, args.hidden, device, tb_s,
+                         repeat=3 if slow else args.op_repeat, budget_s=30 if slow else 10,
+                         gated=gated)
+            results.append(r)
+            print(format_op_table([r]).splitlines()[-1], flush=True)
     print(format_op_table(results))
-    return as_dicts(results)
+    host = {}
+    if any(_runs_on(b, device) and b in ("cuda", "cpu") for b in args.backends):
+        host = host_us_per_call(device)
+        print(f"host time per eager call (1 x 16 x 32, auto backend): forward "
+              f"{host['fwd_us']:.1f} us, forward+backward {host['fwd_bwd_us']:.1f} us")
+    return {"rows": as_dicts(results), "host_us_per_call": host}
 
 
 def scaling_section(args, device, tb_s) -> list:
@@ -390,11 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="autocast dtype for model sections (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--op-table", action="store_true",
+                   help="only the WKV operator table: the cuda backend, float32/bfloat16/float16, "
+                        "B = 1 and 8, T = 16 (host time), 3750, 65536 and 2^20 at C = 256, and "
+                        "the gated variant at 8 x 3750; about 2 minutes on an H200")
     p.add_argument("--op-sizes", type=parse_size, nargs="+", help="BxT sizes for the op table")
+    p.add_argument("--op-gated-sizes", type=parse_size, nargs="*", default=[],
+                   help="BxT sizes timed again with the fused output gate r")
     p.add_argument("--op-dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=[str(d).removeprefix("torch.") for d in BYTES])
+    p.add_argument("--op-repeat", type=int, default=30, help="timed calls per op-table entry")
     p.add_argument("--backends", nargs="+", choices=BACKENDS,
-                   default=["cuda", "cuda_sequential", "cpu", "torch", "reference"])
+                   default=["cuda", "cpu", "torch", "reference"])
     p.add_argument("--scaling-lengths", type=int, nargs="+")
     p.add_argument("--scaling-hidden", type=int, nargs="+", default=[32, 256])
     p.add_argument("--scaling-batch", type=int, default=8)
@@ -426,6 +473,12 @@ def main(argv=None) -> int:
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
     gpu = device.type == "cuda"
+    if args.op_table:
+        args.sections, args.backends, args.hidden = ["op"], ["cuda"], args.hidden or 256
+        args.op_sizes = args.op_sizes or [(b, t) for t in (16, 3750, 65536, 2**20)
+                                          for b in (1, 8)]
+        args.op_gated_sizes = args.op_gated_sizes or [(8, 3750)]
+        args.op_dtypes = ["float32", "bfloat16", "float16"]
     small = args.quick or not gpu
     args.batch_size = args.batch_size or (2 if small else 8)
     args.seq_len = args.seq_len or (512 if small else 3750)
@@ -448,6 +501,7 @@ def main(argv=None) -> int:
     report = {"device": name, "torch": torch.__version__, "bandwidth_tb_s": tb_s,
               "config": {k: v for k, v in vars(args).items() if k not in ("amp", "op_dtypes")}}
     report["config"]["op_sizes"] = [list(s) for s in args.op_sizes]
+    report["config"]["op_gated_sizes"] = [list(s) for s in args.op_gated_sizes]
     sections = {
         "model": lambda: model_section(args, device),
         "op": lambda: op_section(args, device, tb_s),
@@ -462,6 +516,9 @@ def main(argv=None) -> int:
                 json.dump(report, fh, indent=1, default=str)
     if "scaling" in report and args.plot:
         plot_scaling(report["scaling"], args.plot)
+    if "op" in report and len(args.sections) > 1:  # the op table again, last, for the log tail
+        print("\n## WKV operator (summary)")
+        print(format_op_table([OpResult.from_dict(r) for r in report["op"]["rows"]]))
     return 0
 
 

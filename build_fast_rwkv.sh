@@ -39,7 +39,7 @@ echo "Python: $python"
 
 if (( install )); then
   # Only the dependencies: the project runs from this folder (its packages are named models,
-  # data, utils and cuda, too generic to install into an environment).
+  # data and utils, too generic to install into an environment).
   requirements=(-r requirements.txt -r requirements-formats.txt)
   (( dev )) && requirements+=(-r requirements-dev.txt)
   start=$(date +%s)
@@ -49,10 +49,10 @@ if (( install )); then
   echo "Dependencies installed in $(( $(date +%s) - start )) s"
 fi
 
-# The CPU kernel needs a C++ compiler; the CUDA kernel needs CUDA_HOME (cuda/build.py finds
-# /usr/local/cuda or the nvcc on PATH).
+# The CPU kernel needs a C++ compiler; the CUDA kernel needs CUDA_HOME (models/wkv_build.py
+# finds /usr/local/cuda or the nvcc on PATH).
 if (( check )); then
-  "$python" -m cuda.build --check
+  "$python" -m models.wkv_build --check
 else
-  "$python" -m cuda.build
+  "$python" -m models.wkv_build
 fi

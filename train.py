@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from data.datamodule import DataConfig, SignalDataModule, prediction_inputs
 from data.formats import UNLABELLED, DataError, source_exists
+from models.defaults import DataFacts, auto_model, auto_train_steps
 from models.lightning_module import SignalClassifierModule
 from utils.checkpoint_io import AtomicCheckpointIO, atomic_open, write_failure
 from utils.checks import check_before_training, check_options, check_steps_per_process
@@ -51,7 +53,15 @@ from utils.cli import (
 )
 from utils.guards import NonFiniteGuard, TrainingFailed
 from utils.memory import MemoryMonitorCallback, optimize_memory_usage
-from utils.metrics import save_confusion_matrix_png, to_plain, write_json
+from utils.metrics import (
+    bootstrap_intervals,
+    classification_report_from_confusion,
+    confusion_from_predictions,
+    metrics_from_predictions,
+    save_confusion_matrix_png,
+    to_plain,
+    write_json,
+)
 from utils.run_dir import (
     check_prediction_output,
     claim_run_folder,
@@ -62,6 +72,7 @@ from utils.run_dir import (
 )
 
 log = logging.getLogger("train")
+MEMBER_SEED_STEP = 1000
 
 
 # ---------------------------------------------------------------------------------- set-up
@@ -105,20 +116,49 @@ def data_config(args: argparse.Namespace) -> DataConfig:
         length=args.length, length_policy=args.length_policy, window_stride=args.window_stride,
         normalize=args.normalize, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, balance=args.balance, augment=args.augment,
-        batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+        batch_size=args.batch_size, num_workers=args.num_workers,
+        # an ensemble's members differ in their training seed only: one split for all
+        seed=getattr(args, "split_seed", args.seed),
+        cv_folds=args.cv, cv_fold=getattr(args, "cv_fold", 0),
     )
 
 
-def model_settings(args: argparse.Namespace, sample_rate: float | None) -> dict[str, Any]:
+def fill_data_defaults(args: argparse.Namespace, datamodule: SignalDataModule) -> dict:
+    """Fill the options left unset (None) from the data (models/defaults.py); returns the
+    automatic settings, explicit options already winning over them."""
+    facts = DataFacts(len(datamodule.train_dataset), datamodule.signal_length,
+                      datamodule.sample_rate, datamodule.num_classes)
+    auto = auto_model(facts)
+    if args.n_fft is not None:  # an explicit STFT size moves the settings that follow it
+        n_freq = args.n_fft // 2 + 1
+        auto.update(hop_length=max(1, args.n_fft // 4),
+                    freq_mask_param=min(auto["freq_mask_param"], n_freq // 4))
+    for key in ("hidden_size", "num_layers", "patch_size", "cnn_channels", "spectrogram",
+                "n_fft", "hop_length", "n_mels"):
+        if getattr(args, key) is None:
+            setattr(args, key, auto[key])
+    if args.epochs is None and args.max_steps is None:
+        args.max_steps = auto_train_steps(facts.train_items, datamodule.batch_size)
+    return auto
+
+
+def model_settings(args: argparse.Namespace, sample_rate: float | None,
+                   auto: dict[str, Any]) -> dict[str, Any]:
     """The `DualBranchConfig` fields (as a plain dict) the options describe."""
-    masks = {} if args.spec_augment else {"freq_mask_param": 0, "time_mask_param": 0}
+    n_freq = args.n_mels if args.spectrogram == "mel" else args.n_fft // 2 + 1
+    masks = ({"freq_mask_param": min(auto["freq_mask_param"], max(0, n_freq - 1)),
+              "time_mask_param": auto["time_mask_param"]} if args.spec_augment
+             else {"freq_mask_param": 0, "time_mask_param": 0})
     return {
         "branches": args.branches,
         "fusion": args.fusion,
         "dropout": args.dropout,
+        "instance_norm": args.instance_norm,
+        "keep_amplitude": args.keep_amplitude and args.instance_norm,
         "time": {
             "hidden_size": args.hidden_size, "num_layers": args.num_layers,
-            "patch_size": args.patch_size, "bidirectional": args.bidirectional,
+            "patch_size": args.patch_size, "stem": args.stem, "pooling": args.pooling,
+            "bidirectional": args.bidirectional,
             "dropout": args.rwkv_dropout, "gradient_checkpointing": args.gradient_checkpointing,
             "compile_blocks": args.compile, "compile_mode": args.compile_mode,
             "wkv_backend": args.wkv_backend,
@@ -167,20 +207,25 @@ class EpochSummary(Callback):
               f"({time.perf_counter() - self._started:.1f} s)", flush=True)
 
 
-def build_callbacks(args: argparse.Namespace) -> list[Callback]:
+def build_callbacks(args: argparse.Namespace, validation: bool) -> list[Callback]:
+    """Checkpoints (best by --monitor when there is a validation split; last always), learning
+    rate, memory, the epoch summary, early stopping and the progress bar."""
     mode = "min" if args.monitor == "val/loss" else "max"
     short = args.monitor.split("/")[-1]
-    callbacks: list[Callback] = [
-        ModelCheckpoint(monitor=args.monitor, mode=mode, save_top_k=1,
-                        filename=f"best-epoch={{epoch:03d}}-{short}={{{args.monitor}:.4f}}",
-                        auto_insert_metric_name=False),
+    callbacks: list[Callback] = []
+    if validation:
+        callbacks.append(ModelCheckpoint(
+            monitor=args.monitor, mode=mode, save_top_k=1,
+            filename=f"best-epoch={{epoch:03d}}-{short}={{{args.monitor}:.4f}}",
+            auto_insert_metric_name=False))
+    callbacks += [
         # every epoch's end, for --resume (save_last=True only writes when the best changes)
         ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
         MemoryMonitorCallback(every_n_steps=args.memory_log_every),
         EpochSummary(),
     ]
-    if args.patience > 0:
+    if args.patience > 0 and validation:
         # checked after each validation, not at the training epoch's end: a --max-steps run
         # that stops mid-epoch skips that epoch's validation and has nothing to check
         callbacks.append(EarlyStopping(monitor=args.monitor, mode=mode, patience=args.patience,
@@ -217,8 +262,10 @@ class Run:
     lr: float
 
 
-def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None) -> Run:
-    """Data, Trainer and module for the options. Bad values raise ConfigError/DataError."""
+def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
+           log_dir: tuple[Path, str] | None = None) -> Run:
+    """Data, Trainer and module for the options. Bad values raise ConfigError/DataError.
+    log_dir: (folder, name) to log into (an ensemble member's), else --output-dir/--name."""
     # first: the CUDA allocator settings only take effect before CUDA initialises
     memory_settings = optimize_memory_usage()
     on_gpu, precision = resolve_hardware(args)
@@ -250,14 +297,20 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
     try:
         datamodule = SignalDataModule(data_config(args))
         datamodule.setup("fit")
-        check_before_training(args, datamodule, model_settings(args, datamodule.sample_rate),
-                              on_gpu, precision)
-        if version is None and is_launching_process():  # the other ranks use rank 0's folder
-            run_folder = claim_run_folder(args.output_dir, args.name)
-            version = run_folder.name
-        logger = TensorBoardLogger(args.output_dir, name=args.name, version=version,
-                                   default_hp_metric=False)
-        steps_per_epoch = max(1, len(datamodule.train_dataset) // args.batch_size)
+        auto = fill_data_defaults(args, datamodule)
+        batch_size = datamodule.batch_size
+        check_before_training(args, datamodule, model_settings(args, datamodule.sample_rate, auto),
+                              batch_size, on_gpu, precision)
+        if log_dir is None:
+            if version is None and is_launching_process():  # other ranks use rank 0's folder
+                run_folder = claim_run_folder(args.output_dir, args.name)
+                version = run_folder.name
+            logger = TensorBoardLogger(args.output_dir, name=args.name, version=version,
+                                       default_hp_metric=False)
+        else:  # an ensemble member: FOLDER/NAME, no version level
+            logger = TensorBoardLogger(log_dir[0], name=log_dir[1], version="",
+                                       default_hp_metric=False)
+        steps_per_epoch = max(1, len(datamodule.train_dataset) // batch_size)
         nonfinite_guard = NonFiniteGuard(hint=f"; lower --lr (now {args.lr:g}) or check the data")
         trainer = pl.Trainer(
             accelerator="gpu" if on_gpu else "cpu",
@@ -271,25 +324,25 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
             accumulate_grad_batches=args.accumulate,
             sync_batchnorm=args.sync_batchnorm,
             logger=logger,
-            callbacks=build_callbacks(args) + [nonfinite_guard] + list(extra_callbacks or []),
+            callbacks=build_callbacks(args, datamodule.has_validation) + [nonfinite_guard]
+            + list(extra_callbacks or []),
             plugins=[AtomicCheckpointIO()],  # checkpoints whole or absent, even on a full disk
             log_every_n_steps=min(50, steps_per_epoch),
             enable_progress_bar=args.progress_bar,
             num_sanity_val_steps=0,
         )
-        check_steps_per_process(len(datamodule.train_dataset), args.batch_size,
-                                trainer.world_size)
+        check_steps_per_process(len(datamodule.train_dataset), batch_size, trainer.world_size)
         world = trainer.world_size * trainer.accumulate_grad_batches
         scale = {"none": 1.0, "linear": float(world), "sqrt": world**0.5}[args.lr_scaling]
         class_weights = datamodule.class_weights
         module = SignalClassifierModule(
-            model=model_settings(args, datamodule.sample_rate),
+            model=model_settings(args, datamodule.sample_rate, auto),
             num_classes=datamodule.num_classes,
             class_names=datamodule.class_names,
             class_weights=None if class_weights is None else class_weights.tolist(),
             lr=args.lr * scale, weight_decay=args.weight_decay, warmup=args.warmup,
             min_lr_ratio=args.min_lr_ratio, label_smoothing=args.label_smoothing,
-            data=to_plain(datamodule.trained_settings()),
+            mixup=args.mixup, data=to_plain(datamodule.trained_settings()),
         )
         if resume_weights is not None:
             difference = state_dict_difference(module, resume_weights)
@@ -303,12 +356,12 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
         if isinstance(exc, (ValueError, MisconfigurationException)):
             raise ConfigError(str(exc).strip().splitlines()[0]) from exc
         raise
-    run = Run(datamodule, module, trainer, resume, precision, args.batch_size * world,
+    run = Run(datamodule, module, trainer, resume, precision, batch_size * world,
               args.lr * scale)
     n_params = sum(p.numel() for p in module.parameters())
     rank_zero_only(print)(
         f"model: branches={args.branches}, {n_params / 1e6:.3f} M parameters; "
-        f"precision {precision}; {trainer.world_size} process(es) x batch {args.batch_size} x "
+        f"precision {precision}; {trainer.world_size} process(es) x batch {batch_size} x "
         f"accumulate {trainer.accumulate_grad_batches} = effective batch {run.effective_batch}, "
         f"lr {run.lr:.3g} (scaling {args.lr_scaling})\n"
         f"memory settings: {memory_settings}\n"
@@ -320,29 +373,145 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
 
 def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None
           ) -> dict[str, Any]:
-    """Fit, then test the best checkpoint; rank 0 writes the results. Returns a summary
-    (test metrics, checkpoints, run folder) on every rank."""
+    """Fit and test one model, or with --ensemble K, K models whose test probabilities are
+    averaged. Returns the summary of train_one (or of the ensemble)."""
+    if args.cv:
+        return train_cv(args, extra_callbacks)
+    if args.ensemble == 1:
+        return train_one(args, extra_callbacks)
+    return train_ensemble(args, extra_callbacks)
+
+
+def _one_process_only(args: argparse.Namespace, option: str) -> None:
+    if args.resume:
+        raise ConfigError(f"--resume continues one run; it cannot be combined with {option}")
+    if args.devices not in ("auto", 1, "1") or args.num_nodes != 1:
+        raise ConfigError(f"{option} trains its runs one after another in one process; "
+                          "use --devices 1")
+
+
+def train_cv(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None
+             ) -> dict[str, Any]:
+    """--cv K: K runs, fold k of K stratified (and grouped) folds as the test part of run k,
+    in DIR/NAME/version_N/fold_k; per-fold metrics, their mean and sd, and the metrics of
+    all folds' predictions pooled (every record tested once) in DIR/NAME/version_N."""
+    _one_process_only(args, "--cv")
+    if args.test_data:
+        raise ConfigError("--cv splits --data itself into folds; drop --test-data (an "
+                          "official test set is for one final test, not for folds)")
     started = time.perf_counter()
-    run = set_up(args, extra_callbacks)
+    folder = claim_run_folder(args.output_dir, args.name)
+    folds, probabilities, labels = [], [], []
+    for k in range(args.cv):
+        fold_args = argparse.Namespace(**vars(args), cv_fold=k)
+        print(f"cross-validation fold {k + 1}/{args.cv}", flush=True)
+        if args.ensemble > 1:
+            result = train_ensemble(fold_args, extra_callbacks, folder / f"fold_{k}")
+        else:
+            result = train_one(fold_args, extra_callbacks, (folder, f"fold_{k}"), quiet=True)
+        if result.get("probabilities") is None:
+            raise ConfigError(f"fold {k} has no test items; use fewer --cv folds")
+        probabilities.append(result.pop("probabilities"))
+        labels.append(result.pop("labels"))
+        folds.append(result)
+    names = folds[0]["class_names"]
+    keys = [k for k in folds[0]["metrics"] if k in ("test/acc", "test/balanced_acc",
+                                                   "test/macro_f1", "test/kappa")]
+    per_fold = {k: [float(f["metrics"][k]) for f in folds] for k in keys}
+    summary = {
+        "cv_folds": args.cv,
+        "fold_metrics": per_fold,
+        "fold_mean": {k: float(np.mean(v)) for k, v in per_fold.items()},
+        "fold_sd": {k: float(np.std(v, ddof=1)) for k, v in per_fold.items()},
+        "folds": folds,
+        "seconds": time.perf_counter() - started,
+        "run_dir": str(folder),
+        **evaluate_probabilities(torch.cat(probabilities), torch.cat(labels), names),
+    }
+    _write_results(folder, summary, args)
+    return summary
+
+
+def train_ensemble(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
+                   folder: Path | None = None) -> dict[str, Any]:
+    """K members with seeds --seed + 1000 k in DIR/NAME/version_N/member_k (or
+    FOLDER/member_k); the ensemble's test metrics (mean of the members' probabilities) in
+    that folder. Returns the summary with the ensemble's test probabilities and labels."""
+    _one_process_only(args, "--ensemble")
+    started = time.perf_counter()
+    nested = folder is not None
+    folder = folder or claim_run_folder(args.output_dir, args.name)
+    members = []
+    for k in range(args.ensemble):
+        member_args = argparse.Namespace(**vars(args))
+        member_args.split_seed = getattr(args, "split_seed", args.seed)
+        # 1000 apart: ensembles of neighbouring --seed values share no member
+        member_args.seed = args.seed + MEMBER_SEED_STEP * k
+        print(f"ensemble member {k + 1}/{args.ensemble} (seed {member_args.seed})", flush=True)
+        members.append(train_one(member_args, extra_callbacks, (folder, f"member_{k}"),
+                                 quiet=True))
+    probabilities = [m.pop("probabilities") for m in members]
+    labels = members[0].pop("labels")
+    for m in members[1:]:
+        m.pop("labels")
+    summary = {
+        "ensemble": args.ensemble,
+        "members": members,
+        "seconds": time.perf_counter() - started,
+        "run_dir": str(folder),
+    }
+    mean = None
+    if probabilities[0] is not None and labels is not None:
+        mean = torch.stack(probabilities).mean(0)
+        summary.update(evaluate_probabilities(mean, labels, members[0]["class_names"]))
+    _write_results(folder, summary, args, quiet=nested)
+    return {**summary, "probabilities": mean, "labels": labels}
+
+
+def evaluate_probabilities(probabilities: torch.Tensor, labels: torch.Tensor,
+                           class_names: list[str]) -> dict[str, Any]:
+    """Test metrics, bootstrap 95% intervals, report and confusion matrix of (N, K) class
+    probabilities against (N,) labels."""
+    predicted = probabilities.argmax(-1).numpy()
+    truth = labels.numpy()
+    k = len(class_names)
+    confusion = confusion_from_predictions(truth, predicted, k)
+    text, report = classification_report_from_confusion(confusion, class_names)
+    return {"metrics": metrics_from_predictions(truth, predicted, k),
+            "confidence_95": bootstrap_intervals(truth, predicted, k),
+            "report": report, "report_text": text, "confusion_matrix": confusion.tolist(),
+            "class_names": list(class_names)}
+
+
+def train_one(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
+              log_dir: tuple[Path, str] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Fit, then test the best checkpoint (or, without a validation split, the last
+    weights); rank 0 writes the results. Returns a summary (test metrics, checkpoints, run
+    folder, and the test probabilities for an ensemble) on every rank."""
+    started = time.perf_counter()
+    run = set_up(args, extra_callbacks, log_dir)
     trainer, module = run.trainer, run.module
     trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.resume, weights_only=True)
     if trainer.global_step == 0:
         raise TrainingFailed(f"no training step was taken ({len(run.datamodule.train_dataset)} "
-                             f"training items, batch {args.batch_size}, {trainer.world_size} "
+                             f"training items, batch {run.datamodule.batch_size}, "
+                             f"{trainer.world_size} "
                              f"process(es)); nothing was tested, see {trainer.log_dir}")
     print(f"rank {trainer.global_rank}/{trainer.world_size}: trained on "
           f"{module.samples_trained} samples this session, global step {trainer.global_step}, "
           f"parameter checksum {_checksum(module):.9e}", flush=True)
 
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None else ""
+    monitored = [c for c in trainer.checkpoint_callbacks if c.monitor is not None]
+    best = monitored[0].best_model_path if monitored else ""
+    last = next((c for c in trainer.checkpoint_callbacks if c.monitor is None), None)
     test_results = trainer.test(module, datamodule=run.datamodule, ckpt_path=best or None,
                                 weights_only=True, verbose=False)
     run_dir = Path(trainer.log_dir or args.output_dir)
+    test = module.test_results
     summary = {
         "metrics": to_plain(test_results[0] if test_results else {}),
         "best_checkpoint": best,
-        "last_checkpoint": str(Path(checkpoint.dirpath, "last.ckpt")) if checkpoint else "",
+        "last_checkpoint": str(Path(last.dirpath, "last.ckpt")) if last else "",
         "epochs_completed": trainer.current_epoch,
         "global_step": trainer.global_step,
         "effective_batch_size": run.effective_batch,
@@ -351,38 +520,60 @@ def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = Non
         "world_size": trainer.world_size,
         "seconds": time.perf_counter() - started,
         "run_dir": str(run_dir),
+        "validation_split": run.datamodule.has_validation,
+        "report": test.get("report", {}),
+        "report_text": test.get("report_text", ""),
+        "confusion_matrix": test.get("confusion_matrix"),
+        "class_names": test.get("class_names"),
     }
+    probabilities, labels = test.get("probabilities"), test.get("labels")
+    if trainer.world_size == 1 and probabilities is not None and labels is not None:
+        # every test item is on this one rank: the intervals cover the whole test set
+        summary["confidence_95"] = bootstrap_intervals(
+            labels.numpy(), probabilities.argmax(-1).numpy(), len(test["class_names"]))
     if trainer.is_global_zero:
         try:
-            _write_results(run_dir, module.test_results, summary, args)
+            _write_results(run_dir, summary, args, quiet=quiet)
         except OSError as exc:  # a full disk, a folder removed under the run
             raise write_failure(exc, Path(exc.filename or run_dir), atomic=False) from exc
+    if log_dir is not None:  # an ensemble member: the ensemble averages these
+        summary.update(probabilities=probabilities, labels=labels)
     return summary
 
 
-def _write_results(run_dir: Path, test: dict[str, Any], summary: dict[str, Any],
-                   args: argparse.Namespace) -> None:
+def _write_results(run_dir: Path, summary: dict[str, Any], args: argparse.Namespace,
+                   quiet: bool = False) -> None:
+    """test_metrics.json, classification_report.txt, confusion_matrix.png and config.yaml in
+    run_dir; the summary printed unless quiet."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    payload = {**summary, "report": test.get("report", {}),
-               "confusion_matrix": test.get("confusion_matrix"),
-               "class_names": test.get("class_names"),
-               "options": vars(args)}
+    text = summary.pop("report_text", "")
+    payload = {**summary, "options": vars(args)}
     write_json(run_dir / "test_metrics.json", payload)
-    (run_dir / "classification_report.txt").write_text(test.get("report_text", "") + "\n")
-    if test.get("confusion_matrix") is not None:
-        save_confusion_matrix_png(test["confusion_matrix"], test["class_names"],
+    (run_dir / "classification_report.txt").write_text(text + "\n")
+    if summary.get("confusion_matrix") is not None:
+        save_confusion_matrix_png(summary["confusion_matrix"], summary["class_names"],
                                   run_dir / "confusion_matrix.png", title="test confusion matrix")
     with open(run_dir / "config.yaml", "w") as f:
         yaml.safe_dump(to_plain({k: v for k, v in vars(args).items() if k != "config"}), f,
                        sort_keys=False)
-    metrics = summary["metrics"]
-    lines = ["", "Test results:"]
-    lines += [f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}"
-              for k, v in metrics.items()]
-    lines += ["", test.get("report_text", ""),
-              "best checkpoint: " + (summary["best_checkpoint"]
-                                     or "none (no validation ran): tested the last weights"),
-              f"results: {run_dir / 'test_metrics.json'}, {run_dir / 'confusion_matrix.png'}",
+    if quiet:
+        return
+    metrics = summary.get("metrics", {})
+    intervals = summary.get("confidence_95", {})
+    lines = ["", "Test results" + (f" (ensemble of {summary['ensemble']})"
+                                   if "ensemble" in summary else "") + ":"]
+    for key, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        if key in intervals:
+            low, high = intervals[key]
+            shown += f"  (95% CI {low:.4f} - {high:.4f})"
+        lines.append(f"  {key:<22} {shown}")
+    lines += ["", text]
+    if "best_checkpoint" in summary:
+        why = "no validation ran" if summary["validation_split"] else "no validation split"
+        lines.append("best checkpoint: " + (summary["best_checkpoint"]
+                                            or f"none ({why}): tested the last weights"))
+    lines += [f"results: {run_dir / 'test_metrics.json'}, {run_dir / 'confusion_matrix.png'}",
               f"time: {summary['seconds']:.0f} s"]
     print("\n".join(lines), flush=True)
 
@@ -437,16 +628,45 @@ def load_checkpoint(path: str | Path) -> SignalClassifierModule:
     return module.eval()
 
 
+def model_checkpoints(path: str | Path) -> list[Path]:
+    """The checkpoint files `predict --checkpoint` names: a file itself; a run folder's best
+    (else last) checkpoint; an ensemble run folder's, one per member."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint: {path} does not exist")
+
+    def chosen(run: Path) -> Path | None:
+        best = sorted((run / "checkpoints").glob("best-*.ckpt"))
+        last = run / "checkpoints" / "last.ckpt"
+        return best[-1] if best else (last if last.is_file() else None)
+
+    members = sorted(path.glob("member_*"), key=lambda p: int(p.name.split("_")[1])
+                     if p.name.split("_")[1].isdigit() else -1)
+    found = [chosen(m) for m in members] if members else [chosen(path)]
+    if not found or None in found:
+        raise ConfigError(f"--checkpoint: {path} holds no train.py checkpoint (expected "
+                          "checkpoints/last.ckpt, or member_*/checkpoints/ of an ensemble)")
+    return found
+
+
 def predict(args: argparse.Namespace) -> Path:
     """Write per-window class probabilities of --data to --output (CSV); the label column is
     empty for records without a label."""
     on_gpu, precision = resolve_device(args.accelerator, args.precision)
+    checkpoints = model_checkpoints(args.checkpoint)
     if not source_exists(args.data):
         raise ConfigError(f"--data: {args.data} does not exist")
     # before predicting: a result that cannot be written, or that replaces an input, is lost
-    check_prediction_output(args.output, [Path(args.data), Path(args.checkpoint)])
-    module = load_checkpoint(args.checkpoint)
+    check_prediction_output(args.output, [Path(args.data), *checkpoints])
+    modules = [load_checkpoint(path) for path in checkpoints]
+    module = modules[0]
     names = list(module.class_names)
+    for other in modules[1:]:
+        if list(other.class_names) != names or other.hparams.data != module.hparams.data:
+            raise ConfigError(f"--checkpoint {args.checkpoint}: its members were not trained "
+                              "on the same data (class names or data settings differ)")
     inputs = prediction_inputs(args.data, module.hparams.data, names, format=args.format,
                                reader_options=dict(args.reader_option or []),
                                window_stride=args.window_stride)
@@ -454,7 +674,9 @@ def predict(args: argparse.Namespace) -> Path:
     trainer = pl.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=1, precision=precision,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
-    probs = torch.cat(trainer.predict(module, loader)).float().numpy()
+    # an ensemble: the mean of its members' probabilities, as in its test metrics
+    probs = torch.stack([torch.cat(trainer.predict(m, loader)).float()
+                         for m in modules]).mean(0).numpy()
 
     dataset, output = inputs.dataset, Path(args.output)
     try:

@@ -1,7 +1,6 @@
-// The WKV operator on the CPU: forward and backward, the same math, state convention and
-// gradient convention as models/wkv.py (`wkv_reference`, `wkv_reference_backward`), and the
-// same boundary as the CUDA kernel (wkv_op.cpp), so models/wkv_ops.py calls both alike (there
-// is no one-thread-per-channel variant here: `sequential` must be false).
+// The WKV operator on the CPU: forward and backward with the math, state convention and
+// gradient convention of models/wkv.py (`wkv_reference`, `wkv_reference_backward`), registered
+// as the CPU kernel of rwkv_signal::wkv and rwkv_signal::wkv_backward (schema: wkv_op.cpp).
 //
 // Work is split over (batch, block of kLanes channels) with at::parallel_for, so it follows
 // torch.set_num_threads. Inside a block, time is the outer loop and the channels the inner
@@ -10,22 +9,28 @@
 // Numbers: float32 state (a, b, p) with the running-max scale p, as the CUDA kernel; bfloat16
 // and float16 inputs are widened to float32 at the boundary (their conversions have branches
 // that keep the loops from vectorising) and the outputs rounded back. The gradients of decay
-// and first are sums over B*T terms, accumulated in double. The forward saves the state entering every kChunk steps; the backward recomputes the
-// states of one chunk from it into a small scratch buffer, so memory is O(B*T*C/kChunk) and
-// nothing depends on a maximum T.
-#include <torch/extension.h>
-
+// and first are sums over B*T terms, accumulated in double. The forward saves the state
+// entering every kSave steps; the backward recomputes the states of one such stretch from it
+// into a small scratch buffer, so memory is O(B*T*C/kSave) and nothing depends on a maximum T.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <optional>
+#include <tuple>
+
+#include "wkv_common.h"
 
 namespace {
 
-constexpr int64_t kChunk = 16;  // steps per saved state (as the CUDA kernel's chunk_states)
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kSave = wkv::kSaveSteps;  // steps per saved state
 constexpr int64_t kLanes = 32;  // channels per work item: the width of the vectorised loops
 
 // e^x in float32 as plain arithmetic, so that loops calling it vectorise: a call to expf does
@@ -52,39 +57,55 @@ inline float exp_vec(float x) {
   return x < kLo ? 0.0f : poly * scale;
 }
 
+// k as the kernels read it (wkv_common.h); a NaN stays NaN
+inline float bounded_k(float k) { return k > wkv::kMaxK ? wkv::kMaxK : k; }
+
+// sigmoid without overflow: e^{-|x|} <= 1
+inline float sigmoid(float x) {
+  const float e = exp_vec(-std::abs(x));
+  const float s = 1.0f / (1.0f + e);
+  return x >= 0 ? s : e * s;
+}
+
 struct Dims {
-  int64_t B, T, C, N;  // N = number of chunks
+  int64_t B, T, C, N;  // N = number of saved states
   int64_t blocks;      // channel blocks per batch row
 };
 
-Dims dims_of(const at::Tensor& k) {
+Dims dims_of(const Tensor& k) {
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
-  return {B, T, C, (T + kChunk - 1) / kChunk, (C + kLanes - 1) / kLanes};
+  return {B, T, C, (T + kSave - 1) / kSave, (C + kLanes - 1) / kLanes};
 }
 
 // One (batch row, channel block): y for every step, the final state, and the state entering
-// every chunk. a, b, p enter holding the initial state.
+// every kSave steps. a, b, p enter holding the initial state. With kGate, y = sigmoid(r) * wkv.
+template <bool kGate>
 void forward_block(const Dims& d, int64_t n, const float* __restrict__ w,
                    const float* __restrict__ u, const float* __restrict__ k,
-                   const float* __restrict__ v, float* __restrict__ y,
-                   float* __restrict__ chunks, float* __restrict__ a, float* __restrict__ b,
-                   float* __restrict__ p) {
+                   const float* __restrict__ v, const float* __restrict__ r,
+                   float* __restrict__ y, float* __restrict__ saved, float* __restrict__ a,
+                   float* __restrict__ b, float* __restrict__ p) {
   for (int64_t t = 0; t < d.T; ++t) {
     const int64_t row = t * d.C;
-    if (t % kChunk == 0) {
-      float* saved = chunks + (t / kChunk) * 3 * d.C;
-      std::copy(a, a + n, saved);
-      std::copy(b, b + n, saved + d.C);
-      std::copy(p, p + n, saved + 2 * d.C);
+    if (t % kSave == 0) {
+      float* to = saved + (t / kSave) * 3 * d.C;
+      std::copy(a, a + n, to);
+      std::copy(b, b + n, to + d.C);
+      std::copy(p, p + n, to + 2 * d.C);
     }
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) {
-      const float kt = k[row + c], vt = v[row + c];
+      const float kt = bounded_k(k[row + c]), vt = v[row + c];
       // output: q = max(p, u + k); one of the two factors is e^0 = 1
       const float ww = u[c] + kt, gap = p[c] - ww;
       const float e = exp_vec(-std::abs(gap));
       const float e1 = gap >= 0 ? 1.0f : e, e2 = gap >= 0 ? e : 1.0f;
-      y[row + c] = ((e1 * a[c] + e2 * vt) / (e1 * b[c] + e2));
+      const float out = (e1 * a[c] + e2 * vt) / (e1 * b[c] + e2);
+      if constexpr (kGate) {
+        y[row + c] = out * sigmoid(r[row + c]);
+      } else {
+        y[row + c] = out;
+      }
       // state: q = max(p + w, k)
       const float pw = p[c] + w[c], gap2 = pw - kt;
       const float f = exp_vec(-std::abs(gap2));
@@ -96,27 +117,30 @@ void forward_block(const Dims& d, int64_t n, const float* __restrict__ w,
   }
 }
 
-// One (batch row, channel block) of wkv_reference_backward, chunk by chunk in reverse time.
-// r, s, rho enter holding the final state's gradient; gw, gu accumulate over the row.
+// One (batch row, channel block) of wkv_reference_backward, kSave steps at a time in reverse.
+// rs, ss, rho enter holding the final state's gradient; gw, gu accumulate over the row. With
+// kGate the incoming gradient of wkv is gy * sigmoid(r), and gr = gy * wkv * sigmoid'(r).
+template <bool kGate>
 void backward_block(const Dims& d, int64_t n, const float* __restrict__ w,
                     const float* __restrict__ u, const float* __restrict__ k,
-                    const float* __restrict__ v, const float* __restrict__ gy,
-                    const float* __restrict__ chunks, float* __restrict__ gk,
-                    float* __restrict__ gv, float* __restrict__ r, float* __restrict__ s,
-                    float* __restrict__ rho, double* __restrict__ gw, double* __restrict__ gu) {
-  // states entering each step of one chunk: [step][a|b|p][lane]
-  float sa[kChunk][kLanes], sb[kChunk][kLanes], sp[kChunk][kLanes];
-  for (int64_t chunk = d.N - 1; chunk >= 0; --chunk) {
-    const int64_t t0 = chunk * kChunk, len = std::min(kChunk, d.T - t0);
-    const float* saved = chunks + chunk * 3 * d.C;
-    std::copy(saved, saved + n, sa[0]);
-    std::copy(saved + d.C, saved + d.C + n, sb[0]);
-    std::copy(saved + 2 * d.C, saved + 2 * d.C + n, sp[0]);
+                    const float* __restrict__ v, const float* __restrict__ r,
+                    const float* __restrict__ gy, const float* __restrict__ saved,
+                    float* __restrict__ gk, float* __restrict__ gv, float* __restrict__ gr,
+                    float* __restrict__ rs, float* __restrict__ ss, float* __restrict__ rho,
+                    double* __restrict__ gw, double* __restrict__ gu) {
+  // states entering each step of one stretch: [step][lane]
+  float sa[kSave][kLanes], sb[kSave][kLanes], sp[kSave][kLanes];
+  for (int64_t piece = d.N - 1; piece >= 0; --piece) {
+    const int64_t t0 = piece * kSave, len = std::min(kSave, d.T - t0);
+    const float* from = saved + piece * 3 * d.C;
+    std::copy(from, from + n, sa[0]);
+    std::copy(from + d.C, from + d.C + n, sb[0]);
+    std::copy(from + 2 * d.C, from + 2 * d.C + n, sp[0]);
     for (int64_t j = 0; j + 1 < len; ++j) {
       const int64_t row = (t0 + j) * d.C;
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) {
-        const float kt = k[row + c], vt = v[row + c];
+        const float kt = bounded_k(k[row + c]), vt = v[row + c];
         const float pw = sp[j][c] + w[c], gap = pw - kt;
         const float f = exp_vec(-std::abs(gap));
         const float f1 = gap >= 0 ? 1.0f : f, f2 = gap >= 0 ? f : 1.0f;
@@ -129,7 +153,7 @@ void backward_block(const Dims& d, int64_t n, const float* __restrict__ w,
       const int64_t row = (t0 + j) * d.C;
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) {
-        const float kt = k[row + c], vt = v[row + c];
+        const float kraw = k[row + c], kt = bounded_k(kraw), vt = v[row + c];
         const float a = sa[j][c], b = sb[j][c], p = sp[j][c];
         const float ww = u[c] + kt, gap = p - ww;
         const float e = exp_vec(-std::abs(gap));
@@ -137,53 +161,61 @@ void backward_block(const Dims& d, int64_t n, const float* __restrict__ w,
         const float q = gap >= 0 ? p : ww;
         const float den = e1 * b + e2;  // D_t = den e^q
         const float yt = (e1 * a + e2 * vt) / den;
-        const float g = gy[row + c] / den;
+        float gyt = gy[row + c];
+        if constexpr (kGate) {
+          const float sig = sigmoid(r[row + c]);
+          gr[row + c] = gyt * yt * sig * (1.0f - sig);
+          gyt *= sig;
+        }
+        const float g = gyt / den;
         const float ek = exp_vec(kt + rho[c]);
         const float bonus = e2 * g;
-        gk[row + c] = ((r[c] * vt + s[c]) * ek + bonus * (vt - yt));
-        gv[row + c] = (r[c] * ek + bonus);
+        // a k beyond kMaxK was read as kMaxK: no gradient reaches it (as through a clamp)
+        gk[row + c] = kraw > wkv::kMaxK ? 0.0f : (rs[c] * vt + ss[c]) * ek + bonus * (vt - yt);
+        gv[row + c] = rs[c] * ek + bonus;
         gu[c] += static_cast<double>(bonus * (vt - yt));
-        gw[c] += static_cast<double>((r[c] * a + s[c] * b) * exp_vec(w[c] + p + rho[c]));
+        gw[c] += static_cast<double>((rs[c] * a + ss[c] * b) * exp_vec(w[c] + p + rho[c]));
         // rho <- max(rho + w, -q); one of the two factors is 1
         const float rw = rho[c] + w[c], gap2 = rw + q;
         const float f = exp_vec(-std::abs(gap2));
         const float f1 = gap2 >= 0 ? 1.0f : f, f2 = gap2 >= 0 ? f : 1.0f;
-        r[c] = f1 * r[c] + f2 * g;
-        s[c] = f1 * s[c] - f2 * g * yt;
+        rs[c] = f1 * rs[c] + f2 * g;
+        ss[c] = f1 * ss[c] - f2 * g * yt;
         rho[c] = gap2 >= 0 ? rw : -q;
       }
     }
   }
 }
 
-void check_common(const at::Tensor& decay, const at::Tensor& u, const at::Tensor& k,
-                  const at::Tensor& v) {
-  TORCH_CHECK(k.device().is_cpu() && k.dim() == 3 && k.is_contiguous(),
-              "wkv_cpu: k must be a contiguous (B, T, C) CPU tensor");
+void check_io(const Tensor& k, const Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.sizes() == k.sizes() && x.scalar_type() == k.scalar_type(),
+              "wkv_cpu: ", name, " must be a CPU tensor of k's shape and dtype");
+}
+
+void check_float(const Tensor& x, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.sizes() == shape,
+              "wkv_cpu: ", name, " must be float32 of shape ", shape, ", got ", x.sizes());
+}
+
+void check_common(const Tensor& decay, const Tensor& u, const Tensor& k, const Tensor& v,
+                  const OptTensor& r) {
+  TORCH_CHECK(k.device().is_cpu() && k.dim() == 3, "wkv_cpu: k must be a (B, T, C) CPU tensor");
   TORCH_CHECK(k.size(0) > 0 && k.size(1) > 0 && k.size(2) > 0, "wkv_cpu: B, T, C must be >= 1");
   const auto dtype = k.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "wkv_cpu: k must be float32, bfloat16 or float16");
-  TORCH_CHECK(v.device().is_cpu() && v.is_contiguous() && v.sizes() == k.sizes() &&
-                  v.scalar_type() == dtype,
-              "wkv_cpu: v must be a contiguous CPU tensor of k's shape and dtype");
-  for (const auto* x : {&decay, &u}) {
-    TORCH_CHECK(x->device().is_cpu() && x->is_contiguous() && x->scalar_type() == at::kFloat &&
-                    x->sizes() == at::IntArrayRef{k.size(2)},
-                "wkv_cpu: decay and first must be contiguous float32 (C,)");
-  }
+  check_io(k, v, "v");
+  if (r) check_io(k, *r, "r");
+  check_float(decay, {k.size(2)}, "decay");
+  check_float(u, {k.size(2)}, "first");
 }
 
-void check_float(const at::Tensor& x, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.scalar_type() == at::kFloat &&
-                  x.sizes() == shape,
-              "wkv_cpu: ", name, " must be contiguous float32 of shape ", shape, ", got ",
-              x.sizes());
+Tensor as_float(const Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
+// w = -e^decay, with decay read as at most kMaxDecay
+Tensor decay_to_w(const Tensor& decay) {
+  return -decay.contiguous().clamp_max(wkv::kMaxDecay).exp();
 }
-
-at::Tensor minus_exp(const at::Tensor& decay) { return -decay.exp(); }  // w = -e^decay
-
-at::Tensor as_float(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
 
 // body(batch row, first channel, channels in the block, offset of [row, 0, first channel])
 // for every block, spread over torch's intra-op threads
@@ -197,92 +229,107 @@ void for_each_block(const Dims& d, const F& body) {
   });
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& decay, const at::Tensor& u, const at::Tensor& k,
-                                const at::Tensor& v, const std::optional<at::Tensor>& state,
-                                bool sequential) {
-  TORCH_CHECK(!sequential, "wkv_cpu: there is no sequential CPU kernel");
-  check_common(decay, u, k, v);
+std::tuple<Tensor, Tensor, Tensor> wkv_forward_cpu(const Tensor& decay, const Tensor& first,
+                                                   const Tensor& k, const Tensor& v,
+                                                   const OptTensor& state, const OptTensor& r) {
+  check_common(decay, first, k, v, r);
   const Dims d = dims_of(k);
-  at::Tensor state_out;
-  if (state.has_value()) {
+  Tensor state_out;
+  if (state) {
     check_float(*state, {d.B, 3, d.C}, "state");
-    state_out = state->clone();
+    state_out = state->contiguous().clone();
+    state_out.select(1, 2).clamp_min_(wkv::kEmptyP);  // p = -inf would give inf - inf
   } else {
     state_out = at::zeros({d.B, 3, d.C}, k.options().dtype(at::kFloat));
-    state_out.select(1, 2).fill_(-1e38f);
+    state_out.select(1, 2).fill_(wkv::kEmptyP);
   }
-  const at::Tensor k32 = as_float(k), v32 = as_float(v), w = minus_exp(decay);
+  const Tensor k32 = as_float(k), v32 = as_float(v), w = decay_to_w(decay);
+  const Tensor u = first.contiguous(), r32 = r ? as_float(*r) : Tensor();
   auto y = at::empty_like(k32);
-  auto chunks = at::empty({d.B, d.N, 3, d.C}, k32.options());
+  auto saved = at::empty({d.B, d.N, 3, d.C}, k32.options());
   const float *pw = w.data_ptr<float>(), *pu = u.data_ptr<float>();
   const float *pk = k32.data_ptr<float>(), *pv = v32.data_ptr<float>();
+  const float* pr = r ? r32.data_ptr<float>() : nullptr;
   float *py = y.data_ptr<float>(), *ps = state_out.data_ptr<float>();
-  float* pc = chunks.data_ptr<float>();
+  float* psaved = saved.data_ptr<float>();
   for_each_block(d, [&](int64_t bi, int64_t c0, int64_t n, int64_t io) {
     float* s = ps + bi * 3 * d.C + c0;
-    forward_block(d, n, pw + c0, pu + c0, pk + io, pv + io, py + io,
-                  pc + bi * d.N * 3 * d.C + c0, s, s + d.C, s + 2 * d.C);
+    float* to = psaved + bi * d.N * 3 * d.C + c0;
+    if (pr != nullptr) {
+      forward_block<true>(d, n, pw + c0, pu + c0, pk + io, pv + io, pr + io, py + io, to, s,
+                          s + d.C, s + 2 * d.C);
+    } else {
+      forward_block<false>(d, n, pw + c0, pu + c0, pk + io, pv + io, nullptr, py + io, to, s,
+                           s + d.C, s + 2 * d.C);
+    }
   });
-  return {y.to(k.scalar_type()), state_out, chunks};
+  return {y.to(k.scalar_type()), state_out, saved};
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& decay, const at::Tensor& u,
-                                 const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& chunks, const at::Tensor& state_out,
-                                 const at::Tensor& gy, const std::optional<at::Tensor>& gstate_out,
-                                 bool has_state, bool sequential) {
-  TORCH_CHECK(!sequential, "wkv_cpu: there is no sequential CPU kernel");
-  check_common(decay, u, k, v);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward_cpu(
+    const Tensor& decay, const Tensor& first, const Tensor& k, const Tensor& v,
+    const OptTensor& state, const OptTensor& r, const Tensor& saved, const Tensor& state_out,
+    const Tensor& gy, const OptTensor& gstate) {
+  check_common(decay, first, k, v, r);
   const Dims d = dims_of(k);
-  check_float(chunks, {d.B, d.N, 3, d.C}, "chunk_states");
+  check_float(saved, {d.B, d.N, 3, d.C}, "saved");
   check_float(state_out, {d.B, 3, d.C}, "state_out");
   TORCH_CHECK(gy.device().is_cpu() && gy.sizes() == k.sizes(),
               "wkv_cpu: gy must be a CPU tensor of k's shape");
   // the gradient state (r, s, rho) starts from the final state's gradient: dL/dA_T = g_a e^-p_T
-  at::Tensor grad = at::zeros({d.B, 3, d.C}, k.options().dtype(at::kFloat));
-  if (gstate_out.has_value()) {
-    check_float(*gstate_out, {d.B, 3, d.C}, "gstate_out");
-    grad.narrow(1, 0, 2).copy_(gstate_out->narrow(1, 0, 2));
+  Tensor grad = at::zeros({d.B, 3, d.C}, k.options().dtype(at::kFloat));
+  if (gstate) {
+    check_float(*gstate, {d.B, 3, d.C}, "gstate");
+    grad.narrow(1, 0, 2).copy_(gstate->narrow(1, 0, 2));
   }
   grad.select(1, 2).copy_(-state_out.select(1, 2));
-  const at::Tensor k32 = as_float(k), v32 = as_float(v), gy32 = as_float(gy);
-  const at::Tensor w = minus_exp(decay);
+  const Tensor k32 = as_float(k), v32 = as_float(v), gy32 = as_float(gy);
+  const Tensor r32 = r ? as_float(*r) : Tensor(), saved32 = saved.contiguous();
+  const Tensor w = decay_to_w(decay), u = first.contiguous();
   auto gk = at::empty_like(k32), gv = at::empty_like(v32);
+  auto gr = r ? at::empty_like(k32) : at::empty({0}, k32.options());
   auto gw = at::zeros({d.B, d.C}, k32.options().dtype(at::kDouble));
   auto gu = at::zeros({d.B, d.C}, k32.options().dtype(at::kDouble));
   const float *pw = w.data_ptr<float>(), *pu = u.data_ptr<float>();
   const float *pk = k32.data_ptr<float>(), *pv = v32.data_ptr<float>();
-  const float *pgy = gy32.data_ptr<float>(), *pc = chunks.data_ptr<float>();
+  const float *pgy = gy32.data_ptr<float>(), *psaved = saved32.data_ptr<float>();
+  const float* pr = r ? r32.data_ptr<float>() : nullptr;
   float *pgk = gk.data_ptr<float>(), *pgv = gv.data_ptr<float>(), *pg = grad.data_ptr<float>();
+  float* pgr = r ? gr.data_ptr<float>() : nullptr;
   double *pgw = gw.data_ptr<double>(), *pgu = gu.data_ptr<double>();
   for_each_block(d, [&](int64_t bi, int64_t c0, int64_t n, int64_t io) {
     float* g = pg + bi * 3 * d.C + c0;
-    backward_block(d, n, pw + c0, pu + c0, pk + io, pv + io, pgy + io,
-                   pc + bi * d.N * 3 * d.C + c0, pgk + io, pgv + io, g, g + d.C, g + 2 * d.C,
-                   pgw + bi * d.C + c0, pgu + bi * d.C + c0);
+    const float* from = psaved + bi * d.N * 3 * d.C + c0;
+    if (pr != nullptr) {
+      backward_block<true>(d, n, pw + c0, pu + c0, pk + io, pv + io, pr + io, pgy + io, from,
+                           pgk + io, pgv + io, pgr + io, g, g + d.C, g + 2 * d.C,
+                           pgw + bi * d.C + c0, pgu + bi * d.C + c0);
+    } else {
+      backward_block<false>(d, n, pw + c0, pu + c0, pk + io, pv + io, nullptr, pgy + io, from,
+                            pgk + io, pgv + io, nullptr, g, g + d.C, g + 2 * d.C,
+                            pgw + bi * d.C + c0, pgu + bi * d.C + c0);
+    }
   });
-  auto gdecay = (gw.sum(0) * w.to(at::kDouble)).to(at::kFloat);  // dw/ddecay = w
+  // dL/ddecay = dL/dw * w; a decay beyond kMaxDecay was read as kMaxDecay: no gradient
+  auto gdecay = at::where(decay > wkv::kMaxDecay, 0.0, gw.sum(0) * w.to(at::kDouble))
+                    .to(at::kFloat);
   auto gfirst = gu.sum(0).to(at::kFloat);
-  at::Tensor gstate_in = at::empty({0}, k32.options());
-  if (has_state) {
+  Tensor gstate_in = at::empty({0}, k32.options());
+  if (state) {
     // dL/da0 = r e^{rho + p0}, likewise b; p0's gradient through A = a0 e^p0 and B = b0 e^p0
-    const auto initial = chunks.select(1, 0);
+    const auto initial = saved32.select(1, 0);
     const auto a0 = initial.select(1, 0), b0 = initial.select(1, 1), p0 = initial.select(1, 2);
     const auto scale = (grad.select(1, 2) + p0).exp();
     const auto ga = grad.select(1, 0) * scale, gb = grad.select(1, 1) * scale;
     gstate_in = at::stack({ga, gb, ga * a0 + gb * b0}, 1);
   }
-  return {gdecay, gfirst, gk.to(k.scalar_type()), gv.to(k.scalar_type()), gstate_in};
+  const auto dtype = k.scalar_type();
+  return {gdecay, gfirst, gk.to(dtype), gv.to(dtype), gstate_in, gr.to(dtype)};
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "RWKV-4 WKV forward/backward on the CPU (at::parallel_for over batch x channels)";
-  m.def("forward", &forward,
-        "y, state_out, chunk_states = forward(decay, first, k, v, state or None, sequential)");
-  m.def("backward", &backward,
-        "gdecay, gfirst, gk, gv, gstate_in = backward(decay, first, k, v, chunk_states, "
-        "state_out, gy, gstate_out or None, has_state, sequential)");
-  m.attr("chunk") = kChunk;
+TORCH_LIBRARY_IMPL(rwkv_signal, CPU, m) {
+  m.impl("wkv", &wkv_forward_cpu);
+  m.impl("wkv_backward", &wkv_backward_cpu);
 }

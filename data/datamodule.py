@@ -1,13 +1,16 @@
 """`SignalDataModule`: files or the synthetic set -> train/val/test DataLoaders; and
 `prediction_inputs`: a file -> model inputs prepared as the training data was.
 
-Batches are (x, y): x (B, L) float32, y (B,) int64, with L = `signal_length` after setup.
+Batches are (x, y, n): x (B, L) float32, y (B,) int64 and n (B,) int64, the real samples of
+each input (the rest is zero padding, which the model leaves out), with L = `signal_length`.
 
 setup() runs once: read (with the official test set when there is one), resample, filter,
 split records (stratified, and grouped by record/subject when groups exist), then serve items
-under the length policy (data/transforms.py), normalised per record or per window, augmented in
-training only. The official test set is never used for validation or statistics. Training
-reads files with labels='required'; prediction with labels='optional' (y = -1 where unknown).
+under the length policy (data/transforms.py), normalised (by default with the training set's
+mean and std, which keeps the signals' relative amplitude: the model z-normalises each signal
+itself and keeps its level and gain as features), augmented in training only. The official
+test set is never used for validation or statistics. Training reads files with
+labels='required'; prediction with labels='optional' (y = -1 where unknown).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from data.formats import NAN_POLICIES, DataError, SignalDataset, read_dataset, read_train_test
@@ -40,7 +43,11 @@ from data.transforms import (
 
 log = logging.getLogger(__name__)
 
-NORMALIZATIONS = ("window", "record", "none")
+NORMALIZATIONS = ("dataset", "window", "record", "none")
+# Below this many training records a validation split costs more (data the model never
+# learns from) than it gives (a best-epoch choice from a handful of items): train on all of
+# them for the step budget and keep the last weights.
+MIN_RECORDS_FOR_VALIDATION = 1000
 BALANCE_MODES = ("none", "loss", "sampler")
 
 
@@ -60,36 +67,47 @@ class DataConfig:
     window_stride: int | None = None  # for 'window'; None = length (no overlap)
     bandpass: tuple[float, float] | None = None  # Hz; low 0 = low-pass
     notch: float | None = None  # Hz, e.g. 50 or 60 mains
-    normalize: Literal["window", "record", "none"] = "window"
+    # "dataset": (x - mean) / std with the training set's statistics (one pair for all);
+    # "window"/"record": z-normalise each model input / each record; "none"
+    normalize: Literal["dataset", "window", "record", "none"] = "dataset"
     nan_policy: Literal["raise", "drop", "interpolate"] = "raise"
-    val_fraction: float = 0.15
+    # None: 0.1 from MIN_RECORDS_FOR_VALIDATION training records on, else no validation
+    val_fraction: float | None = None
     test_fraction: float = 0.15  # only used when the source has no official test set
     balance: Literal["none", "loss", "sampler"] = "none"
     augment: bool = True
     aug_scale: tuple[float, float] | None = (0.8, 1.25)
     aug_noise: float = 0.05
     aug_shift: float = 0.0  # circular shift, fraction of L; 0 keeps event positions
-    batch_size: int = 32
+    batch_size: int | None = None  # None: a quarter of the training items, 4 to 32
     num_workers: int = 0
     pin_memory: bool | None = None  # None: when CUDA is available
     persistent_workers: bool = True  # only with num_workers > 0
     seed: int = 0
+    # cross-validation of a source without an official test set: cv_folds stratified (and
+    # grouped) folds, fold cv_fold is the test part; 0: a single --test-fraction split
+    cv_folds: int = 0
+    cv_fold: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1) and test_fraction in [0, 1); got "
+        val = self.val_fraction or 0.0
+        if not 0 <= val < 1 or not 0 <= self.test_fraction < 1:
+            raise ValueError(f"val_fraction and test_fraction must be in [0, 1); got "
                              f"{self.val_fraction}, {self.test_fraction}")
-        if self.val_fraction + self.test_fraction >= 1:
+        if val + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave a training part")
         if self.length is not None and self.length < 1:
             raise ValueError(f"length must be positive; got {self.length}")
-        if self.batch_size < 1 or self.num_workers < 0:
+        if (self.batch_size is not None and self.batch_size < 1) or self.num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
         # a misspelt choice would otherwise fall through silently (normalize='Window': none)
         for name, choices in (("length_policy", LENGTH_POLICIES), ("normalize", NORMALIZATIONS),
                               ("nan_policy", NAN_POLICIES), ("balance", BALANCE_MODES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}; got {getattr(self, name)!r}")
+        if self.cv_folds == 1 or self.cv_folds < 0 or not 0 <= self.cv_fold < max(self.cv_folds, 1):
+            raise ValueError(f"cv_folds must be 0 or >= 2 and 0 <= cv_fold < cv_folds; got "
+                             f"{self.cv_folds}, {self.cv_fold}")
         if self.window_stride is not None and self.window_stride < 1:  # 0 would mean 'length'
             raise ValueError(f"window_stride must be positive or None; got {self.window_stride}")
         if self.sample_rate is not None and not self.sample_rate > 0:
@@ -101,8 +119,8 @@ class DataConfig:
 
 
 class SignalItems(Dataset):
-    """Items (record, start) of a record collection -> (x (L,) float32, y () int64); y is -1
-    for a record without a label.
+    """Items (record, start) of a record collection -> (x (L,) float32, y () int64, n () int64):
+    n real samples, then zero padding up to L; y is -1 for a record without a label.
 
     start -1: crop position chosen per load (random if random_crop, else centred). A memmap
     is pickled as its file description, so spawned workers re-open it instead of copying it.
@@ -110,10 +128,12 @@ class SignalItems(Dataset):
 
     def __init__(self, signals, record_labels: np.ndarray, items: np.ndarray, length: int,
                  normalize: str, record_stats: np.ndarray | None = None,
-                 random_crop: bool = False, transform: torch.nn.Module | None = None):
+                 random_crop: bool = False, transform: torch.nn.Module | None = None,
+                 dataset_stats: tuple[float, float] | None = None):
         self.signals, self.record_labels, self.items = signals, record_labels, items
         self.length, self.normalize, self.record_stats = length, normalize, record_stats
         self.random_crop, self.transform = random_crop, transform
+        self.dataset_stats = dataset_stats
 
     @property
     def labels(self) -> np.ndarray:
@@ -123,7 +143,7 @@ class SignalItems(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         record, start = (int(v) for v in self.items[index])
         signal = self.signals[record]
         extra = len(signal) - self.length
@@ -137,10 +157,16 @@ class SignalItems(Dataset):
         elif self.normalize == "record":
             mean, std = self.record_stats[record]
             x = (x - mean) / std
+        elif self.normalize == "dataset":
+            mean, std = self.dataset_stats
+            x = (x - mean) / std
+        real = min(len(x), self.length)
         x = torch.from_numpy(np.ascontiguousarray(fit_length(x, self.length)))
         if self.transform is not None:
             x = self.transform(x)
-        return x, torch.tensor(self.record_labels[record], dtype=torch.int64)
+            x[real:] = 0  # noise must not fill the padding the model leaves out
+        return (x, torch.tensor(self.record_labels[record], dtype=torch.int64),
+                torch.tensor(real, dtype=torch.int64))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -158,6 +184,19 @@ class SignalItems(Dataset):
             _, name, dtype, shape, offset = signals
             state["signals"] = np.memmap(name, dtype=dtype, mode="r", shape=shape, offset=offset)
         self.__dict__.update(state)
+
+
+def dataset_stats(signals, records: np.ndarray) -> tuple[float, float]:
+    """Mean and std (at least 1e-12) of every sample of `records`, one record in RAM at a
+    time (float64 sums: a long recording's float32 sum loses its tail)."""
+    total = total_sq = count = 0.0
+    for r in records:
+        s = np.asarray(signals[r], dtype=np.float64)
+        total, total_sq, count = total + s.sum(), total_sq + np.square(s).sum(), count + s.size
+    if count == 0:
+        return 0.0, 1.0
+    mean = total / count
+    return float(mean), float(max(np.sqrt(max(total_sq / count - mean * mean, 0.0)), 1e-12))
 
 
 def record_stats(signals) -> np.ndarray:
@@ -197,6 +236,32 @@ def split_indices(labels: np.ndarray, groups: np.ndarray | None, fraction: float
         warnings.simplefilter("ignore", UserWarning)
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         kept, held = next(splitter.split(index, labels, codes))
+    return np.sort(kept), np.sort(held)
+
+
+def cv_fold_indices(labels: np.ndarray, groups: np.ndarray | None, folds: int, fold: int,
+                    seed: int, source: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) record indices of fold `fold` of `folds` stratified folds; with
+    groups, no group is on both sides. The same seed gives the same folds for every fold
+    number, so the K runs of a cross-validation cover every record exactly once."""
+    index = np.arange(len(labels))
+    if groups is None:
+        counts = np.bincount(labels[labels >= 0])
+        smallest = int(counts[counts > 0].min()) if len(counts) else 0
+        if smallest < folds:
+            log.warning("%s: the smallest class has %d records, fewer than %d folds: some "
+                        "folds miss it", source, smallest, folds)
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        codes = None
+    else:
+        codes = np.unique(groups, return_inverse=True)[1]
+        if codes.max() + 1 < folds:
+            raise DataError(source, "groups", f"has {codes.max() + 1} records/subjects, too few "
+                                              f"for {folds} folds; expected at least {folds}")
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # 'least populated class' warnings: reported above
+        warnings.simplefilter("ignore", UserWarning)
+        kept, held = list(splitter.split(index, labels, codes))[fold]
     return np.sort(kept), np.sort(held)
 
 
@@ -242,9 +307,12 @@ class SignalDataModule(pl.LightningDataModule):
         full = self._preprocess(full)
         if official_test is not None:
             official_test = self._preprocess(official_test)
+        self.val_fraction = self._val_fraction(len(full), official_test is not None)
         train_idx, val_idx, test_idx = self._split(full, official_test is not None)
         length, _ = plan_windows(full.lengths[train_idx], cfg.length_policy, cfg.length,
                                  cfg.window_stride, full.source)
+        self.dataset_stats = (dataset_stats(full.signals, train_idx)
+                              if cfg.normalize == "dataset" else None)
         stats = self._record_stats(full)
         self.train_dataset = self._items(full, stats, train_idx, length, train=True)
         self.val_dataset = self._items(full, stats, val_idx, length, train=False)
@@ -262,18 +330,36 @@ class SignalDataModule(pl.LightningDataModule):
         self.has_official_test = official_test is not None
         self.class_counts = np.bincount(self.train_dataset.labels, minlength=self.num_classes)
         self.class_weights = self._class_weights() if cfg.balance == "loss" else None
+        self.batch_size = cfg.batch_size or auto_batch_size(len(self.train_dataset))
         self._ready = True
-        log.info("data: %s, %d classes, L=%d, rate=%s Hz, items train/val/test = %d/%d/%d%s",
+        log.info("data: %s, %d classes, L=%d, rate=%s Hz, items train/val/test = %d/%d/%d%s%s",
                  full.source, self.num_classes, length, self.sample_rate,
                  len(self.train_dataset), len(self.val_dataset), len(self.test_dataset),
-                 " (official test set)" if self.has_official_test else "")
+                 " (official test set)" if self.has_official_test else "",
+                 "" if len(self.val_dataset) else
+                 " (no validation split: the last weights are kept)")
+
+    @property
+    def has_validation(self) -> bool:
+        """True when a validation split exists (after setup())."""
+        return len(self.val_dataset) > 0
+
+    def _val_fraction(self, records: int, has_test: bool) -> float:
+        """DataConfig.val_fraction, or for None the automatic choice by training records."""
+        cfg = self.config
+        if cfg.val_fraction is not None:
+            return cfg.val_fraction
+        test_share = 1.0 / cfg.cv_folds if cfg.cv_folds else cfg.test_fraction
+        train_records = records if has_test else records * (1 - test_share)
+        return 0.1 if train_records >= MIN_RECORDS_FOR_VALIDATION else 0.0
 
     def trained_settings(self) -> dict[str, Any]:
         """What prediction needs to prepare new data as this data was (after setup()): the
         DataConfig fields plus signal_length (L) and trained_sample_rate (Hz after resampling,
         or None). train.py stores it in checkpoints; `prediction_inputs` reads it back."""
         return {**asdict(self.config), "signal_length": self.signal_length,
-                "trained_sample_rate": self.sample_rate}
+                "trained_sample_rate": self.sample_rate,
+                "dataset_stats": None if self.dataset_stats is None else list(self.dataset_stats)}
 
     def _split(self, full: SignalDataset,
                has_test: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -281,13 +367,17 @@ class SignalDataModule(pl.LightningDataModule):
         cfg = self.config
         if has_test:  # validation comes from the training file only
             rest, test_idx, test_share = np.arange(len(full)), None, 0.0
+        elif cfg.cv_folds:
+            rest, test_idx = cv_fold_indices(full.labels, full.groups, cfg.cv_folds,
+                                             cfg.cv_fold, cfg.seed, full.source)
+            test_share = 1.0 / cfg.cv_folds
         else:
             rest, test_idx = split_indices(full.labels, full.groups, cfg.test_fraction,
                                            cfg.seed, full.source)
             test_share = cfg.test_fraction
         groups = None if full.groups is None else full.groups[rest]
         train_pos, val_pos = split_indices(full.labels[rest], groups,
-                                           cfg.val_fraction / (1 - test_share), cfg.seed,
+                                           self.val_fraction / (1 - test_share), cfg.seed,
                                            full.source)
         return rest[train_pos], rest[val_pos], test_idx
 
@@ -307,7 +397,8 @@ class SignalDataModule(pl.LightningDataModule):
         augment = (make_augmentation(cfg.aug_scale, cfg.aug_noise, cfg.aug_shift)
                    if train and cfg.augment else None)
         return SignalItems(dataset.signals, dataset.labels, items, length, cfg.normalize,
-                           stats, random_crop=train, transform=augment)
+                           stats, random_crop=train, transform=augment,
+                           dataset_stats=self.dataset_stats)
 
     def _class_weights(self) -> torch.Tensor:
         """'balanced' weights N / (C * n_c) of the training items; 0 for an absent class."""
@@ -324,7 +415,7 @@ class SignalDataModule(pl.LightningDataModule):
                 drop_last: bool = False) -> DataLoader:
         cfg = self.config
         pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
-        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, sampler=sampler,
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
                           drop_last=drop_last, num_workers=cfg.num_workers, pin_memory=pin,
                           persistent_workers=cfg.persistent_workers and cfg.num_workers > 0)
 
@@ -339,13 +430,20 @@ class SignalDataModule(pl.LightningDataModule):
                                             len(labels), replacement=True, generator=generator)
         # drop_last: a last batch of one item breaks BatchNorm in training
         return self._loader(self.train_dataset, shuffle=sampler is None, sampler=sampler,
-                            drop_last=len(self.train_dataset) > cfg.batch_size)
+                            drop_last=len(self.train_dataset) > self.batch_size)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+    def val_dataloader(self) -> DataLoader | list:
+        # no validation split: an empty list, which Lightning reads as "skip validation"
+        return self._loader(self.val_dataset, shuffle=False) if self.has_validation else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, shuffle=False)
+
+
+def auto_batch_size(items: int) -> int:
+    """A quarter of the training items, at least 4 and at most 32: several optimizer steps
+    per epoch on a few dozen series, and the usual batch on large sets."""
+    return max(4, min(32, items // 4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,5 +508,8 @@ def prediction_inputs(path: str | Path, trained: Mapping[str, Any], class_names:
     windows = prediction_windows(dataset.lengths, length, stride)
     normalize = trained.get("normalize", "window")
     stats = record_stats(dataset.signals) if normalize == "record" else None
+    pair = trained.get("dataset_stats")
     return PredictionInputs(dataset, SignalItems(dataset.signals, dataset.labels, windows,
-                                                 length, normalize, stats))
+                                                 length, normalize, stats,
+                                                 dataset_stats=None if pair is None
+                                                 else tuple(pair)))

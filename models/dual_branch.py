@@ -47,6 +47,13 @@ class DualBranchConfig:
     branches: str = "both"  # "both" | "time" | "freq"
     fusion_dim: int = 256  # width both branches are projected to by "gated" fusion
     dropout: float = 0.1  # before the final linear layer
+    # z-normalise each signal inside the model (over its real samples): the branches see its
+    # shape whatever its level and gain
+    instance_norm: bool = True
+    # ...and keep what that erases: the signal as given (the data module scales it by the
+    # training set's statistics, not per signal) as a second time-branch channel, and its
+    # mean and log std as features beside the branches' (some classes differ in amplitude)
+    keep_amplitude: bool = True
 
     def __post_init__(self) -> None:
         self.time = _branch_config(RWKVConfig, self.time, "time")
@@ -66,6 +73,11 @@ class DualBranchConfig:
             raise ValueError(f"fusion_dim must be an integer >= 1; got {self.fusion_dim!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        if self.keep_amplitude and not self.instance_norm:
+            raise ValueError("keep_amplitude needs instance_norm: without it nothing is erased")
+        if self.instance_norm and self.time.input_size != 1:
+            raise ValueError("instance_norm takes 1-channel signals; "
+                             f"time.input_size = {self.time.input_size}")
 
     @property
     def use_time(self) -> bool:
@@ -114,14 +126,30 @@ class Fusion(nn.Module):
         return g * a + (1 - g) * b
 
 
+AMPLITUDE_FEATURES = 16  # width of the embedded (mean, log std) of each signal
+
+
+def signal_statistics(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mean and std (at least 1e-6) of each signal over its real samples: (B, T) -> (B, 1) x2."""
+    if mask is None:
+        return x.mean(1, keepdim=True), x.std(1, correction=0, keepdim=True).clamp_min(1e-6)
+    count = mask.sum(1, keepdim=True).clamp_min(1)
+    mean = (x * mask).sum(1, keepdim=True) / count
+    var = (((x - mean) * mask) ** 2).sum(1, keepdim=True) / count
+    return mean, var.sqrt().clamp_min(1e-6)
+
+
 class DualBranchClassifier(nn.Module):
     """(B, T) or (B, T, 1) float signal -> (B, num_classes) logits.
+
+    forward(x, lengths) takes a zero-padded batch of signals of `lengths` (B,) samples; each
+    gives the logits it gives alone (the branches, the normalisation and the pooling all
+    leave the padding out).
 
     Build it from a whole `DualBranchConfig` (`DualBranchClassifier(config)`) or from its fields
     (`DualBranchClassifier(5, time={...}, freq={...}, fusion="gated")`); time and freq may be
     `RWKVConfig` / `FrequencyConfig` or dicts of their fields (None: defaults). The input is
-    checked once here (shape, length >= n_fft when the frequency branch is on, finite values);
-    the branches trust it.
+    checked once here (shape, dtype, finite values); the branches trust it.
     """
 
     def __init__(self, num_classes: int | DualBranchConfig = 2,
@@ -140,15 +168,22 @@ class DualBranchClassifier(nn.Module):
         self.time_branch = self.freq_branch = None
         if config.use_time:
             # this class checks finiteness itself: one device sync per forward, not two
-            self.time_branch = RWKVEncoder(dataclasses.replace(config.time,
-                                                               check_input_finite=False))
+            channels = 2 if config.keep_amplitude else config.time.input_size
+            self.time_branch = RWKVEncoder(dataclasses.replace(
+                config.time, check_input_finite=False, input_size=channels))
             widths.append(self.time_branch.out_features)
         if config.use_freq:
             self.freq_branch = FrequencyBranch(config.freq)
             widths.append(self.freq_branch.out_features)
         self.fusion = Fusion(widths, config.fusion, config.fusion_dim)
+        self.amplitude = None
+        width = self.fusion.out_features
+        if config.keep_amplitude:
+            self.amplitude = nn.Sequential(nn.Linear(2, AMPLITUDE_FEATURES), nn.ReLU(),
+                                           nn.LayerNorm(AMPLITUDE_FEATURES))
+            width += AMPLITUDE_FEATURES
         self.drop = nn.Dropout(config.dropout)
-        self.head = nn.Linear(self.fusion.out_features, config.num_classes)
+        self.head = nn.Linear(width, config.num_classes)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DualBranchClassifier:
@@ -157,19 +192,51 @@ class DualBranchClassifier(nn.Module):
 
     @property
     def min_length(self) -> int:
-        """The shortest signal the model accepts."""
-        return self.config.freq.n_fft if self.config.use_freq else 1
+        """The shortest signal the model accepts: one sample (the frequency branch zero-pads
+        a signal shorter than its STFT window)."""
+        return 1
 
-    def forward(self, x: Tensor) -> Tensor:
-        channels = self.config.time.input_size
-        why = f"the STFT window n_fft = {self.config.freq.n_fft}" if self.config.use_freq else ""
-        x = validate_signal(x, channels, min_length=self.min_length, why=why)
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """x: (B, T) or (B, T, input_size) float; lengths: (B,) int real samples per signal
+        (the rest is zero padding), or None. Returns (B, num_classes) logits."""
+        cfg = self.config
+        x = validate_signal(x, cfg.time.input_size, min_length=self.min_length)
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, x)
+        time_input = freq_input = x
+        extra = []
+        if cfg.instance_norm:
+            signal = x.squeeze(-1).float()  # (B, T)
+            mask = None
+            if lengths is not None:
+                mask = (torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(1)).float()
+            mean, std = signal_statistics(signal, mask)
+            shape = (signal - mean) / std
+            time_input = freq_input = shape if mask is None else shape * mask
+            if cfg.keep_amplitude:
+                time_input = torch.stack((time_input, signal), -1)  # signal is 0 in padding
+                extra.append(self.amplitude(torch.cat((mean, std.log()), -1)))
         features = []
         if self.time_branch is not None:
-            features.append(self.time_branch(x))
+            features.append(self.time_branch(time_input, lengths=lengths))
         if self.freq_branch is not None:
-            features.append(self.freq_branch(x))
-        return self.head(self.drop(self.fusion(features)))
+            features.append(self.freq_branch(freq_input, lengths))
+        fused = self.fusion(features)
+        if extra:
+            fused = torch.cat((fused, *extra), -1)
+        return self.head(self.drop(fused))
+
+    def _check_lengths(self, lengths: Tensor, x: Tensor) -> Tensor:
+        if not isinstance(lengths, Tensor) or lengths.shape != (x.shape[0],):
+            raise ValueError(f"lengths must be a ({x.shape[0]},) tensor of sample counts; "
+                             f"got {getattr(lengths, 'shape', type(lengths).__name__)}")
+        lengths = lengths.to(device=x.device, dtype=torch.long)
+        if not torch.compiler.is_compiling():
+            low, high = int(lengths.min()), int(lengths.max())
+            if low < self.min_length or high > x.shape[1]:
+                raise ValueError(f"lengths must lie in [{self.min_length}, T = {x.shape[1]}]; "
+                                 f"got {low}..{high}")
+        return lengths
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Checkpoint every RWKV block (the frequency CNN is small and is left alone)."""

@@ -22,7 +22,7 @@ class FrequencyConfig:
 
     spectrogram: str = "mel"  # "mel" | "linear"
     sample_rate: int = 16000  # Hz, places the mel filters (unused by "linear")
-    n_fft: int = 512  # STFT size; also the shortest signal the branch accepts
+    n_fft: int = 512  # STFT size (shorter signals are zero-padded to it)
     hop_length: int = 128
     win_length: int | None = None  # None: n_fft
     n_mels: int = 64
@@ -86,7 +86,11 @@ class FrequencyConfig:
 
 class ConvStage(nn.Module):
     """Conv3x3 -> BatchNorm -> ReLU -> 2x2 average pooling: (B, c_in, F, N) -> (B, c_out,
-    ceil(F/2), ceil(N/2)). ceil_mode keeps a dimension of 1 alive on short records."""
+    ceil(F/2), ceil(N/2)). ceil_mode keeps a dimension of 1 alive on short records.
+
+    forward(x, mask) also takes and returns the (B, N) mask of real frames: padding frames
+    are zeroed before the convolution (they look like its zero padding) and left out of the
+    pooling averages, so a padded record gives what it gives alone."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -95,12 +99,19 @@ class ConvStage(nn.Module):
         self.act = nn.ReLU()
         self.pool = nn.AvgPool2d(2, ceil_mode=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.act(self.norm(self.conv(x))))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if mask is None:
+            return self.pool(self.act(self.norm(self.conv(x)))), None
+        m = mask[:, None, None, :].to(x.dtype)  # (B, 1, 1, N)
+        h = self.act(self.norm(self.conv(x * m))) * m
+        count = self.pool(m.expand(-1, 1, h.shape[2], -1))
+        pooled = self.pool(h) / count.clamp_min(1e-6)
+        return pooled * (count > 0), count[:, 0, 0] > 0
 
 
 class FrequencyBranch(nn.Module):
-    """Spectrogram CNN: (B, T) or (B, T, 1) float signal, T >= n_fft -> (B, out_features).
+    """Spectrogram CNN: (B, T) or (B, T, 1) float signal -> (B, out_features); a signal shorter
+    than n_fft is zero-padded to one window.
 
     The spectrogram is computed in fp32 with autocast off (a bf16 FFT loses the quiet bins) on
     the input's device; SpecAugment masks are applied only in training. forward checks the
@@ -112,16 +123,19 @@ class FrequencyBranch(nn.Module):
         super().__init__()
         self.config = config
         win_length = config.window_length
+        # zero (not reflect) padding at the ends: a signal padded inside a batch then has the
+        # very frames it has alone, which the length masks below rely on
         if config.spectrogram == "mel":
             self.spectrogram = torchaudio.transforms.MelSpectrogram(
                 sample_rate=config.sample_rate, n_fft=config.n_fft, win_length=win_length,
                 hop_length=config.hop_length, f_min=config.f_min, f_max=config.f_max,
-                n_mels=config.n_mels, power=2.0)
+                n_mels=config.n_mels, power=2.0, pad_mode="constant")
         else:
             self.spectrogram = torchaudio.transforms.Spectrogram(
                 n_fft=config.n_fft, win_length=win_length, hop_length=config.hop_length,
-                power=2.0)
-        self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=config.top_db)
+                power=2.0, pad_mode="constant")
+        # dB without a floor: log_spectrogram floors each record at its own max - top_db
+        self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=None)
         # normalise each frequency bin on its own: dB levels differ by tens of dB between low
         # and high bins, and a shared scale would let the loudest bins dominate the CNN
         if config.freq_norm == "batch":
@@ -161,30 +175,57 @@ class FrequencyBranch(nn.Module):
             spec = self.spectrogram.mel_scale(spec)
         return spec.unsqueeze(1)
 
-    def log_spectrogram(self, x: Tensor) -> Tensor:
-        """(B, T) signal -> (B, F, N) normalised dB spectrogram, float32."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            # the 4D (B, 1, F, N) layout makes top_db a per-record floor; on a 3D (B, F, N)
-            # batch torchaudio would take one max over the whole batch
-            spec = self.to_db(self.power_spectrogram(x.float()))
-            return self.freq_norm(spec.squeeze(1))
+    def frame_mask(self, lengths: Tensor, frames: int) -> Tensor:
+        """(B,) signal lengths -> (B, N) float mask of the frames centred on a real sample."""
+        real = 1 + lengths // self.config.hop_length
+        return (torch.arange(frames, device=lengths.device) < real.unsqueeze(1)).float()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def log_spectrogram(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """(B, T) signal -> (B, F, N) normalised dB spectrogram, float32; with lengths, the
+        frames past each signal's end are 0 (the normalised mean)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spec = self.to_db(self.power_spectrogram(x.float())).squeeze(1)  # (B, F, N)
+            mask = None if lengths is None else self.frame_mask(lengths, spec.shape[-1])
+            if self.config.top_db is not None:
+                # floor each record at its own max (over its real frames): a loud neighbour
+                # in the batch must not change a quiet record
+                peak = spec if mask is None else spec.masked_fill(mask.unsqueeze(1) == 0,
+                                                                  -torch.inf)
+                floor = peak.amax(dim=(1, 2), keepdim=True) - self.config.top_db
+                spec = torch.maximum(spec, floor)
+            spec = self.freq_norm(spec)
+            return spec if mask is None else spec * mask.unsqueeze(1)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """x: (B, T) or (B, T, 1); lengths: (B,) real samples of each zero-padded signal, or
+        None. Returns (B, out_features); a padded signal gives what it gives alone."""
         # shapes, length and dtype only: the finiteness check syncs with the device, and the
         # classifier has made it once already
-        x = validate_signal(x, 1, min_length=self.config.n_fft,
-                            why=f"the STFT window n_fft = {self.config.n_fft}",
-                            check_finite=False).squeeze(-1)
-        spec = self.log_spectrogram(x).unsqueeze(1)  # (B, 1, F, N)
+        x = validate_signal(x, 1, check_finite=False).squeeze(-1)
+        if x.shape[1] < self.config.n_fft:
+            # shorter than one window: zero-pad to it and keep the real length, which gives
+            # exactly the frames of the zero-padded (constant-mode) STFT of the short signal
+            if lengths is None:
+                lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+            x = nn.functional.pad(x, (0, self.config.n_fft - x.shape[1]))
+        spec = self.log_spectrogram(x, lengths).unsqueeze(1)  # (B, 1, F, N)
         if self.training:
             # masks set bins to 0, the mean of the normalised spectrogram
             for mask in (*self.freq_masks, *self.time_masks):
                 spec = mask(spec)
-        h = self.cnn(spec)  # (B, C, F', N')
+        mask = None if lengths is None else self.frame_mask(lengths, spec.shape[-1])
+        h = spec
+        for stage in self.cnn:
+            h, mask = stage(h, mask)  # (B, C, F', N'), (B, N')
         # mean over frequency, then max + mean over time: brief events (max) and sustained
         # patterns (mean) both survive pooling
         h = h.mean(2)
-        return self.drop(h.amax(-1) + h.mean(-1))
+        if mask is None:
+            return self.drop(h.amax(-1) + h.mean(-1))
+        m = mask.unsqueeze(1)
+        peak = h.masked_fill(m == 0, torch.finfo(h.dtype).min).amax(-1)
+        mean = (h * m).sum(-1) / m.sum(-1).clamp_min(1)
+        return self.drop(peak + mean)
 
 
 __all__ = ["ConvStage", "FrequencyBranch", "FrequencyConfig"]

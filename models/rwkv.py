@@ -24,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from models.wkv import BACKENDS, empty_state, prepare_backend, wkv
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+POOLINGS = ("mean", "last", "meanmax")
+STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -36,8 +38,15 @@ class RWKVConfig:
     ffn_mult: int = 4  # channel-mix hidden width = ffn_mult * C (RWKV-4 uses 4)
     dropout: float = 0.0  # residual dropout after each time mix and channel mix
     patch_size: int = 1  # strided-conv stem: T samples -> ceil(T / patch_size) steps
+    # "patch": non-overlapping patches -> Linear (streams exactly); "conv": a multi-scale
+    # convolution (Inception-style kernels) at full resolution, then mean over each patch:
+    # local shape detectors the recurrence alone learns slowly from little data (no streaming)
+    stem: str = "patch"
+    stem_kernels: tuple[int, ...] = (9, 19, 39)  # "conv" stem kernel sizes (odd)
     bidirectional: bool = False  # add a time-reversed WKV scan to every block (no streaming)
-    pooling: str = "mean"  # "mean" | "last": per-step features -> (B, C)
+    # per-step features -> (B, C): "mean", "last", or "meanmax" (mean and max side by side,
+    # (B, 2C): a brief event survives the max where a mean would dilute it)
+    pooling: str = "mean"
     return_sequence: bool = False  # forward returns (B, T', C) per-step features, not pooled
     gradient_checkpointing: bool = False  # recompute each block's activations in backward
     compile_blocks: bool = False  # torch.compile every block (GPU; slow to start on CPU)
@@ -54,8 +63,19 @@ class RWKVConfig:
                 raise ValueError(f"RWKVConfig.{name} must be an integer >= 1; got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RWKVConfig.dropout must be in [0, 1); got {self.dropout!r}")
-        if self.pooling not in ("mean", "last"):
-            raise ValueError(f"RWKVConfig.pooling must be 'mean' or 'last'; got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"RWKVConfig.pooling must be one of {POOLINGS}; "
+                             f"got {self.pooling!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"RWKVConfig.stem must be one of {STEMS}; got {self.stem!r}")
+        self.stem_kernels = tuple(self.stem_kernels)  # YAML gives lists
+        if not self.stem_kernels or not all(isinstance(k, int) and k >= 1 and k % 2 == 1
+                                            for k in self.stem_kernels):
+            raise ValueError(f"RWKVConfig.stem_kernels must be odd positive sizes; "
+                             f"got {self.stem_kernels!r}")
+        if self.stem == "conv" and self.hidden_size < len(self.stem_kernels) + 1:
+            raise ValueError(f"RWKVConfig.hidden_size = {self.hidden_size} is too narrow for a "
+                             f"conv stem of {len(self.stem_kernels)} kernels")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"RWKVConfig.compile_mode must be one of {COMPILE_MODES}; "
                              f"got {self.compile_mode!r}")
@@ -174,6 +194,100 @@ class PatchEmbedding(nn.Module):
         return self.proj(x.reshape(bsz, (steps + pad) // self.patch_size, -1))
 
 
+class ConvStem(nn.Module):
+    """Multi-scale convolution stem: (B, T, input_size) -> (B, ceil(T / patch_size), C).
+
+    One Inception-style layer at full resolution: a 1x1 bottleneck-free set of convolutions
+    with `stem_kernels` sizes (9, 19, 39 samples) plus a max-pool -> 1x1 path, concatenated to
+    C channels, BatchNorm, ReLU; then the mean over each patch of `patch_size` samples. With
+    `lengths`, samples past a signal's end are zeroed before the convolution and patches are
+    averaged over real samples only, so a padded signal gives exactly what it gives alone.
+    """
+
+    def __init__(self, config: RWKVConfig):
+        super().__init__()
+        C, c_in = config.hidden_size, config.input_size
+        kernels = config.stem_kernels
+        width = C // (len(kernels) + 1)
+        self.patch_size = config.patch_size
+        self.convs = nn.ModuleList(nn.Conv1d(c_in, width, k, padding=k // 2, bias=False)
+                                   for k in kernels)
+        self.pool_conv = nn.Conv1d(c_in, C - width * len(kernels), 1, bias=False)
+        self.norm = nn.BatchNorm1d(C)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B, T, input_size); mask: (B, T) 1 for real samples, 0 for padding, or None."""
+        h = x.transpose(1, 2)  # (B, input_size, T)
+        if mask is not None:
+            h = h * mask.unsqueeze(1).to(h.dtype)
+        branches = [conv(h) for conv in self.convs]
+        branches.append(self.pool_conv(_max3(h, mask)))
+        h = F.relu(self.norm(torch.cat(branches, 1)))
+        if self.patch_size > 1:
+            h = _patch_mean(h, mask, self.patch_size)
+        elif mask is not None:
+            h = h * mask.unsqueeze(1).to(h.dtype)
+        return h.transpose(1, 2)
+
+
+def _max3(h: Tensor, mask: Tensor | None) -> Tensor:
+    """Max over each sample and its two neighbours, (B, C, T) -> (B, C, T), where a missing
+    neighbour (past either end, or padding) does not count: max_pool1d(3, 1, padding=1)
+    computed so a padded signal gives what it gives alone."""
+    padded = F.pad(h, (1, 1), mode="replicate")
+    left, right = padded[..., :-2], padded[..., 2:]
+    if mask is not None:  # padding is at the end: only a right neighbour can be padding
+        real_right = F.pad(mask, (0, 1))[:, 1:].unsqueeze(1) > 0
+        right = torch.where(real_right, right, h)
+    return torch.maximum(h, torch.maximum(left, right))
+
+
+def _patch_mean(h: Tensor, mask: Tensor | None, patch: int) -> Tensor:
+    """(B, C, T) -> (B, C, ceil(T / patch)): mean over the real samples of each patch."""
+    if mask is None:
+        mask = torch.ones(h.shape[0], h.shape[2], device=h.device, dtype=h.dtype)
+    m = mask.unsqueeze(1).to(h.dtype)
+    total = F.avg_pool1d(h * m, patch, patch, ceil_mode=True)
+    count = F.avg_pool1d(m, patch, patch, ceil_mode=True)
+    return total / count.clamp_min(1e-6)
+
+
+def step_mask(lengths: Tensor, steps: int, patch_size: int = 1) -> Tensor:
+    """(B,) signal lengths in samples -> (B, steps) float mask of the steps that hold at least
+    one real sample (ceil(length / patch_size) of them)."""
+    real = (lengths + patch_size - 1) // patch_size
+    return (torch.arange(steps, device=lengths.device) < real.unsqueeze(1)).float()
+
+
+def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse each sequence of (B, T', C) within its own length (padding stays at the end),
+    so a time-reversed scan starts at a signal's last real step, not in its padding."""
+    if lengths is None:
+        return x.flip(1)
+    steps = torch.arange(x.shape[1], device=x.device)
+    index = torch.where(steps < lengths.unsqueeze(1), lengths.unsqueeze(1) - 1 - steps, steps)
+    return x.gather(1, index.unsqueeze(-1).expand_as(x))
+
+
+def masked_pool(h: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
+    """(B, T', C) -> (B, C) or (B, 2C) for "meanmax"; padding steps (mask 0) are left out."""
+    if mask is None:
+        if pooling == "last":
+            return h[:, -1]
+        mean = h.mean(1)
+        return mean if pooling == "mean" else torch.cat((mean, h.amax(1)), -1)
+    m = mask.unsqueeze(-1).to(h.dtype)
+    count = m.sum(1).clamp_min(1)
+    if pooling == "last":
+        last = (count.squeeze(-1).long() - 1).clamp_min(0)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    mean = (h * m).sum(1) / count
+    if pooling == "mean":
+        return mean
+    peak = h.masked_fill(m == 0, torch.finfo(h.dtype).min).amax(1)
+    return torch.cat((mean, peak), -1)
+
+
 class TimeMix(nn.Module):
     """RWKV-4 time mixing: token shift, k/v/r projections, WKV, receptance gate, output.
 
@@ -209,9 +323,12 @@ class TimeMix(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.orthogonal_(self.value.weight)
 
-    def forward(self, x: Tensor, last: Tensor | None = None, state: Tensor | None = None):
+    def forward(self, x: Tensor, last: Tensor | None = None, state: Tensor | None = None,
+                lengths: Tensor | None = None):
         """x: (B, T', C) normalised input; last: (B, C) previous chunk's last x or None;
-        state: (B, 3, C) WKV state or None. Returns (out (B, T', C), x[:, -1], WKV state)."""
+        state: (B, 3, C) WKV state or None; lengths: (B,) real steps per sequence (the reverse
+        scan starts at each one's last real step) or None. Returns (out (B, T', C), x[:, -1],
+        WKV state)."""
         xx = token_shift(x, last)
         k = self.key(_mix(x, xx, self.time_mix_k))
         v = self.value(_mix(x, xx, self.time_mix_v))
@@ -220,9 +337,10 @@ class TimeMix(nn.Module):
         y, state = wkv(self.time_decay, self.time_first, k, v, state,
                        backend=self.backend, check_finite=False)
         if self.bidirectional:
-            y_rev, _ = wkv(self.time_decay_reverse, self.time_first_reverse, k.flip(1), v.flip(1),
+            y_rev, _ = wkv(self.time_decay_reverse, self.time_first_reverse,
+                           reverse_padded(k, lengths), reverse_padded(v, lengths),
                            backend=self.backend, check_finite=False)
-            y = 0.5 * (y + y_rev.flip(1))
+            y = 0.5 * (y + reverse_padded(y_rev, lengths))
         return self.output(r * y), x[:, -1], state
 
 
@@ -263,11 +381,13 @@ class Block(nn.Module):
         self.ffn = ChannelMix(config, layer_id)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None):
-        """x: (B, T', C); state: (att_shift (B, C), ffn_shift (B, C), wkv (B, 3, C)) or None.
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None,
+                lengths: Tensor | None = None):
+        """x: (B, T', C); state: (att_shift (B, C), ffn_shift (B, C), wkv (B, 3, C)) or None;
+        lengths: (B,) real steps (bidirectional blocks need them for padded batches) or None.
         Returns (x (B, T', C), the block's new state, same layout)."""
         att_last, ffn_last, wkv_state = (None, None, None) if state is None else state
-        att, att_last, wkv_state = self.att(self.ln1(x), att_last, wkv_state)
+        att, att_last, wkv_state = self.att(self.ln1(x), att_last, wkv_state, lengths)
         x = x + self.drop(att)
         ffn, ffn_last = self.ffn(self.ln2(x), ffn_last)
         x = x + self.drop(ffn)
@@ -278,8 +398,10 @@ class RWKVEncoder(nn.Module):
     """RWKV-4 encoder: stem -> LayerNorm -> L blocks -> LayerNorm -> pooling.
 
     forward(x) with x (B, T, input_size) (or (B, T) for one channel) returns pooled features
-    (B, C), or (B, T', C) per-step features with `return_sequence`.
-    forward(x, state) (unidirectional only) streams: it continues from `state` (see
+    (B, C) ((B, 2C) with "meanmax" pooling), or (B, T', C) per-step features with
+    `return_sequence`. forward(x, lengths=n) takes a zero-padded batch of signals of n (B,)
+    samples: each gives what it gives alone (padding never reaches a real step or the pooling).
+    forward(x, state) (unidirectional, "patch" stem only) streams: it continues from `state` (see
     `init_state`) and returns (out, new_state); a signal fed chunk by chunk gives the same
     per-step outputs as one pass, and with mean pooling the pooled output after the last chunk
     is the mean over the whole signal.
@@ -288,17 +410,11 @@ class RWKVEncoder(nn.Module):
     def __init__(self, config: RWKVConfig):
         super().__init__()
         self.config = config
-        self.stem = PatchEmbedding(config)
+        self.stem = PatchEmbedding(config) if config.stem == "patch" else ConvStem(config)
         self.ln_in = nn.LayerNorm(config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size)
         self.gradient_checkpointing = config.gradient_checkpointing
-        if config.wkv_backend in ("auto", "cuda", "cuda_sequential") and torch.cuda.is_available():
-            # build or load the kernel now, outside any torch.compile trace (a trace can only
-            # use a kernel that is already loaded)
-            prepare_backend("cuda")
-        if config.wkv_backend in ("auto", "cpu"):
-            prepare_backend("cpu")  # likewise the C++ CPU kernel (a no-op once loaded)
         if config.compile_blocks:
             for block in self.blocks:
                 # in place: parameter names and state_dict stay the same
@@ -307,7 +423,7 @@ class RWKVEncoder(nn.Module):
 
     @property
     def out_features(self) -> int:
-        return self.config.hidden_size
+        return self.config.hidden_size * (2 if self.config.pooling == "meanmax" else 1)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward instead of storing them."""
@@ -331,51 +447,66 @@ class RWKVEncoder(nn.Module):
             steps=torch.zeros((), device=device, dtype=torch.long),
         )
 
-    def forward(self, x: Tensor, state: RWKVState | None = None):
-        """x: (B, T, input_size), or (B, T) for one channel.
+    def forward(self, x: Tensor, state: RWKVState | None = None,
+                lengths: Tensor | None = None):
+        """x: (B, T, input_size), or (B, T) for one channel; lengths: (B,) int samples of each
+        zero-padded signal, or None (all T).
         Without state: (B, C) pooled features, or (B, T', C) with return_sequence.
         With state (from `init_state` or the previous call): (out, new_state), out as above
         for this chunk, except mean pooling covers every chunk so far."""
         cfg = self.config
         x = validate_signal(x, cfg.input_size, check_finite=cfg.check_input_finite)
+        if cfg.wkv_backend in ("auto", "cuda", "cpu") and not torch.compiler.is_compiling():
+            # build or load the kernel at the first eager call, outside any torch.compile trace
+            # (a trace can only use a kernel that is already loaded); a lookup afterwards
+            prepare_backend(x.device)
         if state is not None:
             self._check_state(state, x.shape[0])
+            if lengths is not None:
+                raise ValueError("streaming takes whole chunks: pass lengths=None with a state")
+        mask = None if lengths is None else step_mask(lengths, x.shape[1])
         if cfg.compile_blocks and cfg.compile_mode == "reduce-overhead":
             # a new iteration of the blocks' CUDA graphs: what the previous call's graphs
             # returned is dead now and their memory may be reused (without this, a forward
             # after a training step or in inference mode reads overwritten outputs)
             torch.compiler.cudagraph_mark_step_begin()
-        h = self.ln_in(self.stem(x))
+        h = self.stem(x) if cfg.stem == "patch" else self.stem(x, mask)
+        h = self.ln_in(h)
+        steps = None if lengths is None else (lengths + cfg.patch_size - 1) // cfg.patch_size
         new_layers = []
         for i, block in enumerate(self.blocks):
             layer = None if state is None else (state.att_shift[i], state.ffn_shift[i],
                                                 state.wkv[i])
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h, layer = checkpoint(block, h, layer, use_reentrant=False)
+                h, layer = checkpoint(block, h, layer, steps, use_reentrant=False)
             else:
-                h, layer = block(h, layer)
+                h, layer = block(h, layer, steps)
             new_layers.append(layer)
         h = self.ln_out(h)
         if state is None:
-            return h if cfg.return_sequence else self._pool(h)
+            if cfg.return_sequence:
+                return h
+            return masked_pool(h, None if steps is None else step_mask(steps, h.shape[1]),
+                               cfg.pooling)
         pool_sum = state.pool_sum + h.sum(1).to(state.pool_sum.dtype)
         steps = state.steps + h.shape[1]
         if cfg.return_sequence:
             out = h
         elif cfg.pooling == "mean":
             out = (pool_sum / steps).to(h.dtype)
-        else:
+        elif cfg.pooling == "last":
             out = h[:, -1]
+        else:
+            raise ValueError("streaming pools with 'mean' or 'last', not 'meanmax'")
         att_shift, ffn_shift, wkv_state = (torch.stack(s) for s in zip(*new_layers, strict=True))
         return out, RWKVState(att_shift, ffn_shift, wkv_state, pool_sum, steps)
-
-    def _pool(self, h: Tensor) -> Tensor:
-        """(B, T', C) -> (B, C)."""
-        return h.mean(1) if self.config.pooling == "mean" else h[:, -1]
 
     def _check_state(self, state: RWKVState, batch_size: int) -> None:
         if self.config.bidirectional:
             raise ValueError("streaming needs a unidirectional encoder; this one is bidirectional")
+        if self.config.stem != "patch":
+            raise ValueError("streaming needs the 'patch' stem; the 'conv' stem looks across "
+                             "chunk boundaries")
         if not isinstance(state, RWKVState):
             raise ValueError(f"state must be an RWKVState from init_state(); "
                              f"got {type(state).__name__}")
@@ -399,7 +530,7 @@ class SequentialRWKV(RWKVEncoder):
             h = h + block.drop(self._time_mix(block.att, block.ln1(h)))
             h = h + block.drop(self._channel_mix(block.ffn, block.ln2(h)))
         h = self.ln_out(h)
-        return h if cfg.return_sequence else self._pool(h)
+        return h if cfg.return_sequence else masked_pool(h, None, cfg.pooling)
 
     @staticmethod
     def _shifted(x: Tensor) -> Tensor:

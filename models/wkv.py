@@ -1,4 +1,4 @@
-"""The RWKV-4 WKV operator: one public entry point, five backends.
+"""The RWKV-4 WKV operator: one public entry point, four backends.
 
 Per channel, with w = -exp(decay) < 0 and u = first, inputs k, v of shape (B, T, C):
 
@@ -7,7 +7,11 @@ Per channel, with w = -exp(decay) < 0 and u = first, inputs k, v of shape (B, T,
 
 The state (A, B) is carried as (a, b, p) with A = a e^p, B = b e^p, p a running max of
 exponents, so nothing overflows for any k or T. A state tensor has shape (B, 3, C) and holds
-[a, b, p]; an empty state is a = b = 0, p = -1e38.
+[a, b, p]; an empty state is a = b = 0, p = -1e38. Two bounds keep every backend finite (the
+kernels apply the same, cuda/wkv_common.h): decay is read as min(decay, 30) (beyond ~4.5,
+e^w is 0 in any float anyway; from 88.7 on, w itself would be -inf and 0 * w NaN), and k as
+min(k, 1e30) (an fp16 k that overflowed to +inf under autocast; e^{1e30} dominates just as
++inf would). Neither bound passes a gradient, as a clamp would not.
 
 Gradient convention: p is a scale, treated as a constant by autograd (its incoming gradient is
 ignored, the gradient of p in an *input* state is exact). Gradients of y are exact; gradients
@@ -15,13 +19,14 @@ through a state are exact for any loss that uses it through A = a e^p and B = b 
 what happens when a long signal is cut into pieces and the state is carried along.
 
 Backends (see `wkv`):
-  reference        the sequential loop below: the definition, the test oracle, any float dtype
-  torch            vectorised chunked PyTorch (`wkv_chunked`), CPU and GPU, plain autograd
-  cuda             the chunked-parallel CUDA kernel in cuda/ (models/wkv_ops.py: an
-                   autograd.Function in eager mode, torch.library custom ops under torch.compile)
-  cuda_sequential  the same kernel library's one-thread-per-channel loop: the in-house baseline
-  cpu              the C++ CPU kernel in cuda/wkv_cpu.cpp (vectorised over channels, threads
-                   over batch x channel blocks), through the same autograd wrapper and ops
+  reference  the sequential loop below: the definition, the test oracle, any float dtype
+  torch      vectorised chunked PyTorch (`wkv_chunked`), CPU and GPU, plain autograd
+  cuda       the single-pass CUDA kernel (cuda/wkv_kernel.cu)
+  cpu        the C++ CPU kernel (cuda/wkv_cpu.cpp: vectorised over channels, threads over
+             batch x channel blocks)
+The two native backends are one C++ operator, `torch.ops.rwkv_signal.wkv` (schema, autograd
+and the shapes torch.compile needs: cuda/wkv_op.cpp), with a kernel per device; the libraries
+are built by models/wkv_build.py.
 """
 
 from __future__ import annotations
@@ -31,11 +36,16 @@ import logging
 import torch
 from torch import Tensor
 
+from models import wkv_build
+
 log = logging.getLogger(__name__)
 
 EMPTY_P = -1e38  # p of an empty state: exp(EMPTY_P - anything) == 0 without inf - inf
-BACKENDS = ("auto", "reference", "torch", "cuda", "cuda_sequential", "cpu")
-_NATIVE = ("cuda", "cuda_sequential", "cpu")  # backends that run a compiled kernel
+BACKENDS = ("auto", "reference", "torch", "cuda", "cpu")
+_NATIVE = ("cuda", "cpu")  # backends that run the C++ operator (the kernel of that device)
+# the input bounds of cuda/wkv_common.h (see the module docstring), for the PyTorch backends
+DECAY_MAX = 30.0
+K_MAX = 1e30
 
 # Factorised chunks are exact while the exponents inside a chunk span less than this (float64
 # holds e^-745 .. e^709); a chunk that spans more is recomputed step by step.
@@ -204,7 +214,11 @@ def wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, chunk
     f_state = torch.exp(s_state - q)
     f_bonus = torch.exp(s_bonus - q)
     num = cs_v * f_intra + a_in * f_state + vc * f_bonus
-    y = num / (cs_1 * f_intra + b_in * f_state + f_bonus)
+    den = cs_1 * f_intra + b_in * f_state + f_bonus
+    # wide chunks are recomputed below; their factorised denominator may underflow to 0, and a
+    # 0/0 there would turn the zero gradient it receives into NaN
+    den = torch.where(wide[:, :, None, None], 1.0, den)
+    y = num / den
 
     # chunks whose span defeats the factorisation: step through them from their incoming state
     if bool(wide.any()):
@@ -241,24 +255,24 @@ def _log_backend_once(backend: str, reason: str) -> None:
 _CPU_LOOP_MIN_WIDTH = 512
 
 
-def _choose_backend(k: Tensor, needs_grad: bool) -> str:
-    from cuda.build import load_extension_or_none, loaded_extension, why_unavailable
-
+def _choose_backend(k: Tensor, tensors: tuple) -> str:
     kind = "cuda" if k.is_cuda else "cpu"  # the native kernel for k's device
     if torch.compiler.is_compiling():
         # no building or logging inside a traced graph: use what eager code already loaded
-        usable = k.dtype != torch.float64 and loaded_extension(kind) is not None
+        usable = k.dtype != torch.float64 and wkv_build.loaded_extension(kind) is not None
         return kind if usable else "torch"
     if k.dtype == torch.float64:
         why = "float64 inputs" + (" on CPU (the C++ kernel is float32)" if kind == "cpu" else "")
-    elif load_extension_or_none(kind) is not None:
+    elif wkv_build.load_extension_or_none(kind) is not None:
         _log_backend_once(kind, "kernel built and loaded" if kind == "cuda"
                           else "C++ CPU kernel built and loaded")
         return kind
     elif kind == "cuda":
-        why = why_unavailable("cuda")
+        why = wkv_build.why_unavailable("cuda")
     else:
-        why = f"on CPU, C++ kernel unavailable: {why_unavailable('cpu')}"
+        why = f"on CPU, C++ kernel unavailable: {wkv_build.why_unavailable('cpu')}"
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
     if kind == "cpu" and not needs_grad and k.shape[0] * k.shape[2] >= _CPU_LOOP_MIN_WIDTH:
         _log_backend_once("reference", f"{why}; without autograd the step loop is faster")
         return "reference"
@@ -269,15 +283,29 @@ def _choose_backend(k: Tensor, needs_grad: bool) -> str:
 def prepare_backend(device: torch.device | str) -> str:
     """Build/load the native kernel for `device` now (outside any torch.compile trace: a trace
     can only use a kernel that is already loaded), and return the backend "auto" will pick
-    there for float32 inputs. Models call this when they are created."""
-    from cuda.build import load_extension_or_none
-
+    there for float32 inputs. Cheap once loaded: models call it at their first eager forward."""
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
-    return kind if load_extension_or_none(kind) is not None else "torch"
+    return kind if wkv_build.load_extension_or_none(kind) is not None else "torch"
 
 
-def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_finite: bool):
-    for name, t in (("decay", decay), ("first", first), ("k", k), ("v", v)):
+def _native_op(backend: str):
+    """torch.ops.rwkv_signal.wkv once the library of `backend` is loaded; raises with the
+    reason when it cannot be."""
+    if torch.compiler.is_compiling():
+        available = wkv_build.loaded_extension(backend) is not None
+    else:
+        available = wkv_build.load_extension_or_none(backend) is not None
+    if not available:
+        why = wkv_build.why_unavailable(backend) if not torch.compiler.is_compiling() else (
+            "not loaded before torch.compile traced this call (call prepare_backend first)")
+        raise RuntimeError(f"the WKV {backend.upper()} kernel is unavailable: {why}")
+    return torch.ops.rwkv_signal.wkv.default
+
+
+def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, r, check_finite: bool):
+    for name, t in (("decay", decay), ("first", first), ("k", k), ("v", v), ("r", r)):
+        if name == "r" and t is None:
+            continue
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if not t.is_floating_point():
@@ -288,6 +316,9 @@ def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_f
         raise ValueError(
             f"k and v must have the same shape (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}"
         )
+    if r is not None and r.shape != k.shape:
+        raise ValueError(f"r must have k's shape (B, T, C) = {tuple(k.shape)}; "
+                         f"got {tuple(r.shape)}")
     bsz, steps, channels = k.shape
     if steps < 1 or channels < 1 or bsz < 1:
         raise ValueError(f"k must have B, T, C >= 1; got shape {tuple(k.shape)}")
@@ -295,6 +326,8 @@ def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_f
         if t.shape != (channels,):
             raise ValueError(f"{name} must have shape (C,) = ({channels},); got {tuple(t.shape)}")
     tensors = [("decay", decay), ("first", first), ("k", k), ("v", v)]
+    if r is not None:
+        tensors.append(("r", r))
     if state is not None:
         if not isinstance(state, Tensor) or state.shape != (bsz, 3, channels):
             shape = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
@@ -304,8 +337,8 @@ def _validate(decay: Tensor, first: Tensor, k: Tensor, v: Tensor, state, check_f
         if not state.is_floating_point():
             raise ValueError(f"state must be a floating-point tensor; got dtype {state.dtype}")
         tensors.append(("state", state))
-    devices = {t.device for _, t in tensors}
-    if len(devices) > 1:
+    device = k.device
+    if any(t.device != device for _, t in tensors):
         where = ", ".join(f"{n} on {t.device}" for n, t in tensors)
         raise ValueError(f"all WKV inputs must be on one device; got {where}")
     if check_finite and not torch.compiler.is_compiling():
@@ -321,6 +354,10 @@ def _clamp_p(state: Tensor) -> Tensor:
     return torch.cat((state[:, :2], state[:, 2:].clamp(min=EMPTY_P)), 1)
 
 
+def _float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()  # no op (no launch) when it already is
+
+
 def wkv(
     decay: Tensor,
     first: Tensor,
@@ -329,6 +366,7 @@ def wkv(
     state: Tensor | None = None,
     backend: str = "auto",
     check_finite: bool = True,
+    r: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RWKV-4 WKV time mixing.
 
@@ -337,50 +375,59 @@ def wkv(
     state: optional (B, 3, C) [a, b, p] entering the sequence; empty when None.
     backend: "auto" (the native kernel of the inputs' device when it builds: cuda on a GPU,
         cpu on the CPU; else torch, or on CPU the reference loop for wide inputs that need no
-        gradient, where it is faster; float64 inputs: torch), "reference", "torch", "cuda",
-        "cuda_sequential" or "cpu".
+        gradient, where it is faster; float64 inputs: torch), "reference", "torch", "cuda"
+        or "cpu".
     check_finite: refuse NaN/Inf inputs (costs a device sync; models check their input once
-        and pass False).
+        and pass False). The operator itself never syncs.
+    r: optional (B, T, C) receptance: the result is then sigmoid(r) * wkv, the time mix's
+        output gate, fused into the native kernels (forward and backward).
     Returns y (B, T, C) in k's dtype and the final state (B, 3, C) in float32 (float64 for
-    float64 inputs). Half-precision inputs are accumulated in float32.
+    float64 inputs). Half-precision inputs are accumulated in float32. decay above 30 acts as
+    30 and k above 1e30 (+inf included) as 1e30 (see the module docstring).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    _validate(decay, first, k, v, state, check_finite)
+    _validate(decay, first, k, v, state, r, check_finite)
     if backend == "auto":
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (decay, first, k, v, state))
-        backend = _choose_backend(k, needs_grad)
+        backend = _choose_backend(k, (decay, first, k, v, state, r))
     if backend in _NATIVE:
-        wants = "cpu" if backend == "cpu" else "cuda"
-        if k.device.type != wants:
+        if k.device.type != backend:
             raise ValueError(
-                f"backend {backend!r} needs {wants.upper()} tensors; got k on {k.device}")
+                f"backend {backend!r} needs {backend.upper()} tensors; got k on {k.device}")
         if k.dtype == torch.float64:
             raise ValueError(f"backend {backend!r} takes float32/bfloat16/float16; got float64")
-        from models.wkv_ops import wkv_kernel
-
-        if state is not None:
-            state = _clamp_p(state.float())
-        return wkv_kernel(decay, first, k, v, state, sequential=backend == "cuda_sequential")
+        op = _native_op(backend)
+        if v.dtype != k.dtype:
+            v = v.to(k.dtype)
+        if r is not None and r.dtype != k.dtype:
+            r = r.to(k.dtype)
+        # the kernel bounds p and decay itself (no extra launches here)
+        y, state_out, _ = op(_float32(decay), _float32(first), k, v,
+                             None if state is None else _float32(state), r)
+        return y, state_out
 
     compute = torch.float64 if k.dtype == torch.float64 else torch.float32
-    w = -torch.exp(decay.to(compute))
+    w = -torch.exp(decay.to(compute).clamp(max=DECAY_MAX))
     u = first.to(compute)
+    kc = k.to(compute).clamp(max=K_MAX)  # in the compute dtype: 1e30 is inf in float16
     if state is None:
         state = empty_state(k.shape[0], k.shape[2], k.device, compute)
     else:
         state = _clamp_p(state.to(compute))
     if backend == "reference":
-        y, state_out = wkv_reference(w, u, k.to(compute), v.to(compute), state)
+        y, state_out = wkv_reference(w, u, kc, v.to(compute), state)
     else:
-        y, state_out, _ = wkv_chunked(w, u, k, v, state)
+        y, state_out, _ = wkv_chunked(w, u, kc, v, state)
+    if r is not None:
+        y = torch.sigmoid(r.to(y.dtype)) * y
     return y.to(k.dtype), state_out.to(compute)
 
 
 __all__ = [
     "BACKENDS",
+    "DECAY_MAX",
     "EMPTY_P",
+    "K_MAX",
     "empty_state",
     "prepare_backend",
     "wkv",

@@ -15,9 +15,38 @@ def test_quick_cpu_op_run_writes_json(tmp_path):
                               "torch", "reference", "--op-sizes", "1x64", "--op-dtypes",
                               "float32", "--repeat", "1", "--json", str(out)])
     assert rc == 0
-    rows = json.loads(out.read_text())["op"]
+    rows = json.loads(out.read_text())["op"]["rows"]
     assert [r["backend"] for r in rows] == ["torch", "reference"]
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["dtype"] == "float32" for r in rows)
+    assert all(r["mb_fwd_bwd"] == 8 * 64 * 64 * 4 / 1e6 for r in rows)  # 8 tensors of B*T*C
+
+
+def test_op_table_with_the_cpu_kernel_and_the_gate(tmp_path, capsys):
+    """The op table on CPU: the C++ kernel, the fused gate, host time per call, the summary."""
+    from models import wkv_build
+
+    if wkv_build.find_cxx() is None:
+        pytest.skip("no C++ compiler")
+    out = tmp_path / "bench.json"
+    rc = benchmark_rwkv.main(["--device", "cpu", "--quick", "--sections", "op", "model",
+                              "--skip-original", "--backends", "cpu", "--op-sizes", "1x64",
+                              "--op-gated-sizes", "1x64", "--op-dtypes", "float32", "bfloat16",
+                              "--op-repeat", "2", "--repeat", "1", "--layers", "1",
+                              "--hidden", "16", "--seq-len", "64", "--json", str(out)])
+    assert rc == 0
+    op = json.loads(out.read_text())["op"]
+    assert [(r["dtype"], r["gated"]) for r in op["rows"]] == [
+        ("float32", False), ("bfloat16", False), ("float32", True), ("bfloat16", True)]
+    assert op["rows"][2]["mb_fwd"] == 4 * 64 * 16 * 4 / 1e6  # k, v, r read, y written
+    assert op["host_us_per_call"]["fwd_us"] > 0 and op["host_us_per_call"]["fwd_bwd_us"] > 0
+    printed = capsys.readouterr().out
+    assert "## WKV operator (summary)" in printed and "| cpu | bfloat16 | r | 1 | 64 | 16 |" \
+        in printed
+
+
+def test_op_table_preset_needs_no_other_flag():
+    args = benchmark_rwkv.build_parser().parse_args(["--op-table"])
+    assert args.op_table and args.op_repeat == 30
 
 
 def test_bad_size_is_an_argparse_error(capsys):

@@ -1,9 +1,9 @@
-"""cuda/build.py: finding the toolkit and guarding the build folder with a lock."""
+"""models/wkv_build.py: finding the toolkit, guarding the build folder with a lock, packaging."""
 
 import filelock
 import pytest
 
-from cuda import build
+from models import wkv_build as build
 
 needs_nvcc = pytest.mark.skipif(build.find_cuda_home() is None, reason="no CUDA toolkit (nvcc)")
 
@@ -16,11 +16,14 @@ def test_no_gpu_and_no_arch_is_a_clear_build_error(monkeypatch):
 
 @needs_nvcc
 def test_a_held_build_lock_times_out_naming_the_lock(tmp_path, monkeypatch):
+    if build.load_extension_or_none("cpu") is None:  # the CUDA library registers into it
+        pytest.skip("no CPU library")
+    monkeypatch.delitem(build._in_process, "wkv_cuda", raising=False)
     # build() sets these for cpp_extension; setting them here first restores them afterwards
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     monkeypatch.setenv("CUDA_HOME", build.find_cuda_home())
-    lock_path = build.cache_root() / f"wkv_{build._build_tag('8.0')}.build.lock"
+    lock_path = build.cache_root() / f"wkv_cuda_{build._build_tag('8.0')}.build.lock"
     lock_path.parent.mkdir(parents=True)
     with filelock.FileLock(str(lock_path)), pytest.raises(build.BuildError) as err:
         build.build("8.0", timeout=0.5)
@@ -42,14 +45,45 @@ def test_cpu_cache_key_holds_the_instruction_set():
 
 @pytest.mark.skipif(build.find_cxx() is None, reason="no C++ compiler")
 def test_build_script_builds_the_cpu_kernel():
-    """`python -m cuda.build` (what build_fast_rwkv.sh runs) builds or loads the CPU kernel."""
+    """`python -m models.wkv_build` (what build_fast_rwkv.sh runs) builds or loads the CPU
+    library, which registers the operator."""
     import subprocess
     import sys
     from pathlib import Path
 
-    proc = subprocess.run([sys.executable, "-m", "cuda.build"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "models.wkv_build"], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "WKV CPU kernel " in proc.stdout and f"for {build.cpu_capability()}" in proc.stdout
-    module, build_dir, _, cached = build.build_cpu()
-    assert cached and module.chunk == 16 and list(build_dir.glob("*.so"))
+    built = build.build_cpu()
+    assert built.path.exists() and built.path.parent == built.build_dir
+    import torch
+
+    assert torch.ops.rwkv_signal.wkv.default._schema.name == "rwkv_signal::wkv"
+
+
+def test_cuda_folder_holds_kernel_sources_only():
+    """No Python package named `cuda` (it would shadow NVIDIA's cuda-python namespace), and
+    the build finds every source it names."""
+    assert not (build.SOURCE_DIR / "__init__.py").exists()
+    assert not list(build.SOURCE_DIR.glob("*.py"))
+    for ext in (build.CUDA_EXTENSION, build.cpu_extension()):
+        for name in ext.sources + ext.headers:
+            assert (build.SOURCE_DIR / name).is_file(), name
+
+
+def test_pyproject_ships_the_kernel_sources():
+    """`pip install .` copies cuda/ into the package as models/wkv_kernels, where the build
+    looks for it once installed."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    tool = config["tool"]["setuptools"]
+    assert "cuda" not in tool["packages"] and "models.wkv_kernels" in tool["packages"]
+    assert tool["package-dir"]["models.wkv_kernels"] == "cuda"
+    patterns = tool["package-data"]["models.wkv_kernels"]
+    shipped = {p.name for pattern in patterns for p in build.SOURCE_DIR.glob(pattern)}
+    needed = {*build.CUDA_EXTENSION.sources, *build.CUDA_EXTENSION.headers,
+              *build.cpu_extension().sources, *build.cpu_extension().headers}
+    assert needed <= shipped

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data.formats import DataError
+from models.dual_branch import DualBranchClassifier
 from utils import checks
 from utils.cli import ConfigError
 
@@ -44,13 +45,17 @@ def test_a_length_that_cannot_fit_is_refused_before_allocating() -> None:
     checks.check_memory_for_length(3750, 32, synthetic_signals=2000)
 
 
-def test_inputs_shorter_than_the_model_accepts_are_refused() -> None:
+def test_inputs_shorter_than_the_model_accepts_are_refused(monkeypatch) -> None:
+    # the check asks the model (min_length), however its settings were chosen
+    monkeypatch.setattr(DualBranchClassifier, "min_length",
+                        property(lambda self: self.config.freq.n_fft
+                                 if self.config.use_freq else 1))
     with pytest.raises(ConfigError) as refused:
         checks.check_model_for_data(SMALL, 2, 100, "--length 100", 8, False, "32-true")
     assert str(refused.value) == (
-        "the model inputs are 100 samples (--length 100) but the model needs at least 256: "
-        "that is the frequency branch's STFT window; pass --n-fft 64 or less (with "
-        "--hop-length no larger), --branches time, or a --length of at least 256")
+        "the model inputs are 100 samples (--length 100) but the model takes at least 256 "
+        "(DualBranchClassifier.min_length); pass a --length of at least 256, or model "
+        "options with a shorter window (--n-fft 64 or less), or --branches time")
     checks.check_model_for_data({**SMALL, "branches": "time"}, 2, 100, "--length 100", 8,
                                 False, "32-true")
 
@@ -93,8 +98,9 @@ def test_data_normalised_into_zeros_is_refused(caplog) -> None:
     assert str(refused.value) == (
         "flat.csv [signals]: all 10 training records are constant (std <= 1e-06), so "
         "--normalize window turns every input into zeros; expected signals that vary, or "
-        "--normalize none to keep their levels")
-    checks.check_informative_signals(flat, records, 50, "none", "flat.csv")  # levels kept
+        "--normalize dataset or none to keep their levels")
+    for keeps_levels in ("none", "dataset"):
+        checks.check_informative_signals(flat, records, 50, keeps_levels, "flat.csv")
     with pytest.raises(DataError, match="model inputs of 1 sample are all zeros"):
         checks.check_informative_signals(np.random.randn(10, 1), records, 1, "window", "one")
     mixed = np.random.default_rng(0).standard_normal((10, 50))

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword")
 
 
 def make_dm(**overrides) -> SignalDataModule:
-    defaults = dict(synthetic_num_signals=140, length=500, batch_size=8)
+    defaults = dict(synthetic_num_signals=140, length=500, batch_size=8, val_fraction=0.15)
     dm = SignalDataModule(DataConfig(**{**defaults, **overrides}))
     dm.setup("fit")
     return dm
@@ -43,7 +43,7 @@ def rng():
 
 def test_synthetic_batches_and_properties():
     dm = make_dm()
-    x, y = next(iter(dm.train_dataloader()))
+    x, y, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 500) and x.dtype == torch.float32
     assert y.shape == (8,) and y.dtype == torch.int64
     assert dm.num_classes == 7 and dm.class_names[0] == "normal"
@@ -55,7 +55,7 @@ def test_synthetic_batches_and_properties():
     assert not records(dm.val_dataset) & records(dm.test_dataset)
     assert dm.class_counts.tolist() == [14] * 7  # stratified: 70 % of 20 per class
     assert dm.class_weights is None and not dm.has_official_test
-    xv, _ = next(iter(dm.val_dataloader()))
+    xv, *_ = next(iter(make_dm(normalize="window").val_dataloader()))
     torch.testing.assert_close(xv.mean(dim=1), torch.zeros(8), atol=1e-5, rtol=0)
     torch.testing.assert_close(xv.std(dim=1, unbiased=False), torch.ones(8), atol=1e-4, rtol=0)
 
@@ -97,7 +97,7 @@ def test_official_test_set_is_untouched(tmp_path, rng):
     dm = make_dm(source=str(tmp_path), length=None, normalize="none", batch_size=12)
     assert dm.has_official_test and len(dm.test_dataset) == 12
     assert len(dm.train_dataset) + len(dm.val_dataset) == 40  # val comes from training only
-    x, y = next(iter(dm.test_dataloader()))
+    x, y, _ = next(iter(dm.test_dataloader()))
     np.testing.assert_allclose(x.numpy(), X_test, rtol=1e-5)
     np.testing.assert_array_equal(y.numpy(), y_test)
 
@@ -113,7 +113,7 @@ def test_length_policies_on_unequal_lengths(tmp_path, rng):
     dm = make_dm(source=str(tmp_path / "u.npz"), length=60, length_policy="window",
                  window_stride=20, augment=False, normalize="none")
     record, start = dm.train_dataset.items[1]
-    x, _ = dm.train_dataset[1]
+    x, *_ = dm.train_dataset[1]
     np.testing.assert_array_equal(x.numpy(), signals[record][start:start + 60])
     expected = sum((len(signals[r]) - 60) // 20 + 1 for r in records(dm.train_dataset))
     assert len(dm.train_dataset) == expected
@@ -172,7 +172,7 @@ def test_class_weights_and_weighted_sampler():
     dm = make_dm(synthetic_imbalance=8.0, synthetic_num_signals=280, balance="sampler",
                  batch_size=len(make_dm(synthetic_imbalance=8.0, synthetic_num_signals=280)
                                 .train_dataset) // 2)
-    drawn = torch.cat([torch.cat([y for _, y in dm.train_dataloader()]) for _ in range(5)])
+    drawn = torch.cat([torch.cat([y for _, y, _ in dm.train_dataloader()]) for _ in range(5)])
     share = torch.bincount(drawn, minlength=7).float() / len(drawn)
     assert share.min() > 0.08 and share.max() < 0.2  # ~1/7 each, despite 8:1 counts
 
@@ -198,7 +198,7 @@ def test_memmap_source_stays_on_disk_and_loads_in_workers(tmp_path, rng):
     clone = pickle.loads(pickle.dumps(dm.val_dataset))
     assert isinstance(clone.signals, np.memmap)  # re-opened, not copied
     torch.testing.assert_close(clone[2][0], dm.val_dataset[2][0])
-    x, y = next(iter(dm.val_dataloader()))
+    x, y, _ = next(iter(dm.val_dataloader()))
     rows = dm.val_dataset.items[:4, 0]
     np.testing.assert_array_equal(x.numpy(), X[rows])
     np.testing.assert_array_equal(y.numpy(), rows % 2)
@@ -230,11 +230,11 @@ def test_trainer_runs_one_batch():
             self.net = torch.nn.Linear(length, classes)
 
         def training_step(self, batch, _):
-            x, y = batch
+            x, y, _ = batch
             return torch.nn.functional.cross_entropy(self.net(x), y)
 
         def validation_step(self, batch, _):
-            x, y = batch
+            x, y, _ = batch
             self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
 
         def configure_optimizers(self):
@@ -254,7 +254,7 @@ def test_no_test_part_when_test_fraction_is_zero():
 
 def test_config_checks():
     with pytest.raises(ValueError, match="val_fraction"):
-        DataConfig(val_fraction=0.0)
+        DataConfig(val_fraction=-0.1)
     with pytest.raises(ValueError, match="leave a training part"):
         DataConfig(val_fraction=0.5, test_fraction=0.5)
     for bad in ({"normalize": "Window"}, {"balance": "loss "}, {"nan_policy": "Drop"},
@@ -283,7 +283,7 @@ def test_prediction_inputs_prepare_data_as_in_training(tmp_path, rng):
     # 100 samples at 50 Hz: windows at 0 and one ending at the last sample; 50: one, padded
     assert inputs.windows.tolist() == [[0, 0], [0, 36], [1, 0]]
     assert inputs.ends.tolist() == [64, 100, 50]
-    for (record, start), end, (x, y) in zip(inputs.windows, inputs.ends, inputs.items,
+    for (record, start), end, (x, y, _) in zip(inputs.windows, inputs.ends, inputs.items,
                                             strict=True):
         prepared = bandpass(resample(signals[record], 100.0, 50.0), 50.0, 0.5, 20.0)
         expected = (prepared - prepared.mean()) / prepared.std()  # per record
@@ -305,3 +305,34 @@ def test_training_refuses_unlabelled_reading():
     with pytest.raises(ValueError, match="training needs labelled data"):
         DataConfig(source="x.npz", reader_options={"labels": "optional"})
     assert DataConfig(reader_options={"labels": "required"}).reader_options
+
+
+def test_automatic_validation_split_batch_size_and_dataset_scaling(tmp_path, rng):
+    """Few records: no validation split (train on all, keep the last weights), a quarter of
+    them per batch, and one (mean, std) of the training set for every signal, so a signal
+    twice as loud stays twice as loud."""
+    X = rng.standard_normal((40, 30)) * np.repeat([1.0, 2.0], 20)[:, None] + 5.0
+    np.savez(tmp_path / "a.npz", X=X, y=np.repeat([0, 1], 20))
+    dm = make_dm(source=str(tmp_path / "a.npz"), length=None, val_fraction=None,
+                 batch_size=None, test_fraction=0.25, augment=False)
+    assert len(dm.val_dataset) == 0 and not dm.has_validation and dm.val_dataloader() == []
+    assert len(dm.train_dataset) == 30 and dm.batch_size == 7  # 30 // 4
+    mean, std = dm.dataset_stats
+    rows = dm.train_dataset.items[:, 0]
+    np.testing.assert_allclose([mean, std], [X[rows].mean(), X[rows].std()], rtol=1e-6)
+    x, y, n = dm.train_dataset[0]
+    np.testing.assert_allclose(x.numpy(), (X[rows[0]] - mean) / std, atol=1e-5)
+    assert int(n) == 30 and dm.trained_settings()["dataset_stats"] == [mean, std]
+    many = make_dm(synthetic_num_signals=1500, length=64, val_fraction=None, batch_size=None)
+    assert len(many.val_dataset) == pytest.approx(150, abs=5) and many.batch_size == 32
+
+
+def test_items_give_their_real_length_and_zero_padding(tmp_path, rng):
+    signals = [rng.standard_normal(n).astype(np.float32) for n in (50, 20, 35, 50)] * 5
+    np.savez(tmp_path / "u.npz", X=np.concatenate(signals), lengths=[len(s) for s in signals],
+             y=np.arange(20) % 2)
+    dm = make_dm(source=str(tmp_path / "u.npz"), length=None, test_fraction=0.0)
+    for dataset in (dm.train_dataset, dm.val_dataset):  # training: noise stays out of the pad
+        for i, (record, _) in enumerate(dataset.items):
+            x, _, n = dataset[i]
+            assert int(n) == len(signals[record]) and (x[int(n):] == 0).all()

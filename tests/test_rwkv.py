@@ -275,7 +275,7 @@ def test_bf16_autocast_on_cpu_is_finite():
 
 def _cuda_kernel_available() -> bool:
     try:
-        from cuda.build import load_extension_or_none
+        from models.wkv_build import load_extension_or_none
     except ImportError:
         return False
     return load_extension_or_none() is not None
@@ -383,3 +383,46 @@ def test_autocast_forward_backward_finite(dtype, checkpointing):
     assert torch.isfinite(out).all()
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name
+
+
+# ------------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("stem,patch", [("conv", 1), ("conv", 3), ("patch", 4), ("patch", 1)])
+@pytest.mark.parametrize("pooling", ["meanmax", "mean", "last"])
+def test_padded_signal_gives_what_it_gives_alone(stem, patch, pooling):
+    """A signal zero-padded inside a batch of longer ones, with its length, gives exactly the
+    features it gives alone: the stem, the reverse scan and the pooling leave padding out."""
+    model = randomize(create_optimized_rwkv(**SMALL, stem=stem, patch_size=patch,
+                                            bidirectional=True, pooling=pooling))
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    short, long = torch.randn(1, 37), torch.randn(1, 50)
+    batch = torch.zeros(2, 50)
+    batch[0, :37], batch[1] = short, long
+    with torch.no_grad():
+        together = model(batch, lengths=torch.tensor([37, 50]))
+        torch.testing.assert_close(together[0], model(short)[0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(together[1], model(long)[0], atol=2e-5, rtol=1e-5)
+
+
+def test_conv_stem_shapes_and_original_model():
+    fast, original = pair(stem="conv", patch_size=3, pooling="meanmax", bidirectional=True)
+    x = torch.randn(2, 31)
+    assert fast(x).shape == (2, fast.out_features) == (2, 2 * SMALL["hidden_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), original(x), atol=1e-4, rtol=1e-4)
+
+
+def test_conv_stem_refuses_streaming_and_bad_kernels():
+    model = create_optimized_rwkv(**SMALL, stem="conv")
+    with pytest.raises(ValueError, match="'patch' stem"):
+        model(torch.randn(1, 8), model.init_state(1))
+    with pytest.raises(ValueError, match="stem_kernels"):
+        RWKVConfig(stem="conv", stem_kernels=(4,))
+    with pytest.raises(ValueError, match="stem must be one of"):
+        RWKVConfig(stem="inception")

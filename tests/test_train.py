@@ -19,14 +19,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from data.synthetic import SyntheticConfig, make_synthetic
-from data.transforms import fit_length, znormalize
+from data.transforms import fit_length
 from models.lightning_module import WarmupCosine
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model and dataset small enough for seconds per epoch on two CPU cores.
 TINY = ["--synthetic-signals", "140", "--length", "512", "--batch-size", "16",
         "--hidden-size", "16", "--num-layers", "1", "--cnn-channels", "4", "8",
-        "--n-fft", "64", "--hop-length", "32", "--n-mels", "16", "--no-progress-bar"]
+        "--n-fft", "64", "--hop-length", "32", "--n-mels", "16", "--no-progress-bar",
+        "--val-fraction", "0.15"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -111,7 +112,8 @@ def test_predict_writes_probabilities_per_window(cli_run, tmp_path) -> None:
     assert rows[0]["label"] == names[signals.labels[0]]
 
     module = train.load_checkpoint(checkpoint)  # weights_only=True inside
-    x = torch.from_numpy(znormalize(signals.signals[0, 588:1100]))[None]
+    mean, std = module.hparams.data["dataset_stats"]  # the training set's
+    x = torch.from_numpy((signals.signals[0, 588:1100] - mean) / std).float()[None]
     with torch.no_grad():
         expected = torch.softmax(module(x), -1)[0].numpy()
     np.testing.assert_allclose(probs[2], expected, atol=1e-5)
@@ -166,10 +168,13 @@ def test_predict_on_files_without_labels(writer, cli_run, tmp_path) -> None:
     assert [r["predicted"] for r in rows] == [names[i] for i in probs.argmax(1)]
 
     module = train.load_checkpoint(checkpoint)
-    x = torch.stack([torch.from_numpy(fit_length(znormalize(signals[int(r["record"])][
-        int(r["start"]):int(r["end"])]), 512)) for r in rows])
+    mean, std = module.hparams.data["dataset_stats"]
+    windows = [(signals[int(r["record"])][int(r["start"]):int(r["end"])] - mean) / std
+               for r in rows]
+    x = torch.stack([torch.from_numpy(fit_length(w.astype(np.float32), 512)) for w in windows])
+    lengths = torch.tensor([len(w) for w in windows])
     with torch.no_grad():
-        expected = torch.softmax(module(x), -1).numpy()
+        expected = torch.softmax(module(x, lengths), -1).numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
@@ -329,8 +334,6 @@ BAD_OPTIONS = [
     (["--devices", "100000"], "--devices 100000: "),
     (["--length", "100000000000"], "--length 100000000000: the built-in dataset (70 signals) "
                                    "of 100000000000 samples needs at least"),
-    (["--length", "100", "--n-fft", "128", "--hop-length", "64", "--n-mels", "16"],
-     "the model inputs are 100 samples (--length 100) but the model needs at least 128"),
     (["predict", "--checkpoint", "x.ckpt"], "the following arguments are required: --data"),
     (["predict", "--checkpoint", "x.ckpt", "--data", "x.npz", "--precision", "16-mixed",
       "--accelerator", "cpu"], "--precision 16-mixed needs a GPU"),
@@ -395,6 +398,52 @@ def test_resume_refuses_a_checkpoint_that_cannot_continue(cli_run, tmp_path, cap
         assert "Traceback" not in "\n".join(err) and message in err[-1], err
 
 
+def test_ensemble_averages_its_members(tmp_path) -> None:
+    result = run_cli([*TINY, "--max-steps", "3", "--ensemble", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Test results (ensemble of 2):" in result.stdout and "95% CI" in result.stdout
+    folder = tmp_path / "runs" / "dual_branch" / "version_0"
+    summary = json.loads((folder / "test_metrics.json").read_text())
+    members = [json.loads((folder / f"member_{k}" / "test_metrics.json").read_text())
+               for k in range(2)]
+    assert [m["options"]["seed"] for m in members] == [0, 1000]
+    assert summary["ensemble"] == 2 and len(summary["members"]) == 2
+    cm = np.array(summary["confusion_matrix"])
+    assert cm.sum() == 21 and summary["metrics"]["test/acc"] == pytest.approx(
+        np.trace(cm) / 21)
+    low, high = summary["confidence_95"]["test/acc"]
+    assert low <= summary["metrics"]["test/acc"] <= high
+    assert (folder / "member_1" / "checkpoints" / "last.ckpt").is_file()
+    assert (folder / "confusion_matrix.png").is_file()
+    # predict on the ensemble's folder: the mean of its members' probabilities
+    signals = [np.random.default_rng(3).standard_normal(512).astype(np.float32)] * 2
+    write_unlabelled_npz(tmp_path / "new.npz", signals)
+
+    def probabilities(checkpoint: Path) -> np.ndarray:
+        out = tmp_path / f"{checkpoint.name}.csv"
+        assert train.main(["predict", "--checkpoint", str(checkpoint), "--data",
+                           str(tmp_path / "new.npz"), "--output", str(out)]) == 0
+        with open(out) as f:
+            return np.array([[float(v) for k, v in row.items() if k.startswith("p_")]
+                             for row in csv.DictReader(f)])
+
+    members = [probabilities(folder / f"member_{k}" / "checkpoints" / "last.ckpt")
+               for k in range(2)]
+    np.testing.assert_allclose(probabilities(folder), np.mean(members, 0), atol=2e-6)
+
+
+def test_cross_validation_tests_every_record_once(tmp_path) -> None:
+    result = run_cli([*TINY, "--max-steps", "2", "--cv", "3", "--synthetic-signals", "42"],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/dual_branch/version_0/test_metrics.json").read_text())
+    assert len(summary["fold_metrics"]["test/acc"]) == 3
+    assert summary["fold_mean"]["test/acc"] == pytest.approx(
+        np.mean(summary["fold_metrics"]["test/acc"]))
+    assert np.array(summary["confusion_matrix"]).sum() == 42  # every record tested once
+    assert run_cli([*TINY, "--cv", "1"], tmp_path).returncode == 2
+
+
 # ---------------------------------------------------------------------------------- reliability:
 # nothing lost, nothing silently wrong; each refusal is one line and leaves nothing behind
 
@@ -424,7 +473,12 @@ def _write_series_csv(path: Path, length: int, n: int = 40, constant: bool = Fal
             csv.writer(f).writerow([i % 2, *values])
 
 
-def test_series_shorter_than_the_stft_window_fail_at_set_up(tmp_path, capsys) -> None:
+def test_series_shorter_than_the_model_takes_fail_at_set_up(tmp_path, capsys,
+                                                            monkeypatch) -> None:
+    from models.dual_branch import DualBranchClassifier
+
+    # a model that cannot take short inputs (the check asks its min_length, whatever it is)
+    monkeypatch.setattr(DualBranchClassifier, "min_length", property(lambda self: 64))
     data = tmp_path / "short.csv"
     _write_series_csv(data, 40)
     tiny = [a for a in TINY if a not in ("--length", "512")]  # L = the longest record, 40
@@ -432,8 +486,8 @@ def test_series_shorter_than_the_stft_window_fail_at_set_up(tmp_path, capsys) ->
         train.main([*tiny, "--data", str(data), "--output-dir", str(tmp_path / "runs")])
     line = _one_line_error(capsys, 2, exit_info)
     assert ("the model inputs are 40 samples (the longest training record, --length-policy "
-            "pad) but the model needs at least 64: that is the frequency branch's STFT window; "
-            "pass --n-fft 32 or less") in line
+            "pad) but the model takes at least 64 (DualBranchClassifier.min_length); pass a "
+            "--length of at least 64") in line
     assert not (tmp_path / "runs").exists()  # before the run folder
 
 
@@ -441,7 +495,7 @@ def test_constant_series_are_refused(tmp_path, capsys) -> None:
     data = tmp_path / "one_sample.csv"
     _write_series_csv(data, 1)  # length-1 series: z-normalised, every input is zeros
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*TINY, "--branches", "time", "--data", str(data),
+        train.main([*TINY, "--branches", "time", "--normalize", "window", "--data", str(data),
                     "--output-dir", str(tmp_path / "runs")])
     line = _one_line_error(capsys, 2, exit_info)
     assert "all 40 training records are constant" not in line  # only the training split

@@ -7,7 +7,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -44,12 +44,21 @@ def peak_mib_since(device: torch.device, base: int) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / MiB
 
 
-def wkv_bandwidth_floor_ms(bsz: int, steps: int, channels: int, bytes_per_el: int,
-                           tb_per_s: float, backward: bool) -> float:
-    """The time to move the operator's unavoidable bytes at `tb_per_s`: forward reads k, v and
-    writes y; forward + backward also reads k, v, gy and writes gk, gv."""
+def wkv_bytes(bsz: int, steps: int, channels: int, bytes_per_el: int, backward: bool,
+              gated: bool = False) -> int:
+    """The operator's unavoidable bytes: the forward reads k, v (and the gate r) and writes y;
+    the backward also reads k, v, gy (r) and writes gk, gv (gr). The saved states (one per 64
+    steps) and the look-back's per-tile states add about 5% more in float32 and are not
+    counted."""
     n = bsz * steps * channels * bytes_per_el
-    moved = 3 * n + (5 * n if backward else 0)
+    forward = (4 if gated else 3) * n
+    return forward + ((7 if gated else 5) * n if backward else 0)
+
+
+def wkv_bandwidth_floor_ms(bsz: int, steps: int, channels: int, bytes_per_el: int,
+                           tb_per_s: float, backward: bool, gated: bool = False) -> float:
+    """The time to move the operator's unavoidable bytes (`wkv_bytes`) at `tb_per_s`."""
+    moved = wkv_bytes(bsz, steps, channels, bytes_per_el, backward, gated)
     return moved / (tb_per_s * 1e12) * 1e3
 
 
@@ -124,45 +133,78 @@ class OpResult:
     note: str = ""
     graph_fwd_ms: float | None = None  # CUDA-graph replay: kernel time without launch cost
     graph_fwd_bwd_ms: float | None = None
+    gated: bool = False  # with the fused output gate r
+    mb_fwd: float = 0.0  # unavoidable bytes moved (MB), see wkv_bytes
+    mb_fwd_bwd: float = 0.0
+
+    @classmethod
+    def from_dict(cls, row: dict) -> OpResult:
+        """The inverse of as_dicts for one row (derived fields dropped)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
 
     @property
     def floor_fraction(self) -> float | None:
+        """fwd+bwd floor over the measured time (graph replay where measured)."""
         best = self.graph_fwd_bwd_ms or self.fwd_bwd_ms
         return None if best is None else self.floor_fwd_bwd_ms / best
+
+    @property
+    def floor_fraction_fwd(self) -> float | None:
+        best = self.graph_fwd_ms or self.fwd_ms
+        return None if best is None else self.floor_fwd_ms / best
+
+
+# Above this size of one (B, T, C) tensor the benchmark does not capture CUDA graphs: a capture
+# keeps its own copy of every intermediate (doubling the memory), and at this size a launch's
+# few microseconds are far below the kernels' time, so eager time is kernel time.
+GRAPH_MAX_BYTES = 2**31
 
 
 def bench_op(backend: str, dtype: torch.dtype, batch: int, steps: int, channels: int,
              device: torch.device, tb_s: float, repeat: int = 20, budget_s: float = 10.0,
-             backward: bool = True) -> OpResult:
+             backward: bool = True, gated: bool = False) -> OpResult:
     """Time one backend at one size; a size that does not fit is reported, not raised."""
     nbytes = BYTES[dtype]
-    floor_f = wkv_bandwidth_floor_ms(batch, steps, channels, nbytes, tb_s, backward=False)
-    floor_fb = wkv_bandwidth_floor_ms(batch, steps, channels, nbytes, tb_s, backward=True)
-    result = OpResult(backend, str(dtype).replace("torch.", ""), batch, steps, channels, None,
-                      None, None, floor_f, floor_fb)
+    result = OpResult(
+        backend, str(dtype).replace("torch.", ""), batch, steps, channels, None, None, None,
+        wkv_bandwidth_floor_ms(batch, steps, channels, nbytes, tb_s, False, gated),
+        wkv_bandwidth_floor_ms(batch, steps, channels, nbytes, tb_s, True, gated),
+        gated=gated,
+        mb_fwd=wkv_bytes(batch, steps, channels, nbytes, False, gated) / 1e6,
+        mb_fwd_bwd=wkv_bytes(batch, steps, channels, nbytes, True, gated) / 1e6)
     try:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        decay = (torch.randn(channels, generator=g) - 1).to(device).requires_grad_()
-        first = torch.randn(channels, generator=g).to(device).requires_grad_()
-        k = torch.randn(batch, steps, channels, generator=g).to(device, dtype).requires_grad_()
-        v = torch.randn(batch, steps, channels, generator=g).to(device, dtype).requires_grad_()
-        gy = torch.randn(batch, steps, channels, generator=g).to(device, dtype)
+        # drawn on the device: at T = 2^20 a CPU draw would take longer than the benchmark
+        g = torch.Generator(device=device).manual_seed(0)
+        shape = (batch, steps, channels)
+
+        def draw(*size):
+            return torch.randn(*size, generator=g, device=device)
+
+        decay = (draw(channels) - 1).requires_grad_()
+        first = draw(channels).requires_grad_()
+        k = draw(*shape).to(dtype).requires_grad_()
+        v = draw(*shape).to(dtype).requires_grad_()
+        r = draw(*shape).to(dtype).requires_grad_() if gated else None
+        gy = draw(*shape).to(dtype)
+        leaves = [t for t in (decay, first, k, v, r) if t is not None]
 
         def fwd():
             with torch.no_grad():
-                return wkv(decay, first, k, v, backend=backend, check_finite=False)
+                return wkv(decay, first, k, v, backend=backend, check_finite=False, r=r)
 
         def fwd_bwd():
-            y, _ = wkv(decay, first, k, v, backend=backend, check_finite=False)
+            y, _ = wkv(decay, first, k, v, backend=backend, check_finite=False, r=r)
             # autograd.grad: no accumulation into .grad, as after zero_grad(set_to_none=True)
-            torch.autograd.grad(y, [decay, first, k, v], gy)
+            torch.autograd.grad(y, leaves, gy)
 
         result.fwd_ms = time_ms(fwd, device, repeat=repeat, budget_s=budget_s)
         if backward:
             base = reset_peak_memory(device)
             result.fwd_bwd_ms = time_ms(fwd_bwd, device, repeat=repeat, budget_s=budget_s)
             result.peak_mib = peak_mib_since(device, base)
-        if device.type == "cuda" and backend.startswith("cuda"):
+        small = batch * steps * channels * nbytes <= GRAPH_MAX_BYTES
+        if device.type == "cuda" and backend == "cuda" and small:
             result.graph_fwd_ms = graph_ms(fwd, device, repeat=repeat, budget_s=budget_s)
             if backward:
                 result.graph_fwd_bwd_ms = graph_ms(fwd_bwd, device, repeat=repeat,
@@ -175,23 +217,31 @@ def bench_op(backend: str, dtype: torch.dtype, batch: int, steps: int, channels:
     return result
 
 
+def _percent(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.0f}%"
+
+
 def format_op_table(results: list[OpResult]) -> str:
+    """Markdown: times (eager; CUDA-graph replay = kernel time), the unavoidable bytes, the
+    bandwidth floor and the fraction of it reached (graph time where measured)."""
     lines = [
-        "| backend | dtype | B | T | C | fwd ms | fwd+bwd ms | graph fwd ms | graph fwd+bwd ms "
-        "| peak MiB | floor fwd+bwd ms | of floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | dtype | gate | B | T | C | fwd ms | fwd+bwd ms | graph fwd ms "
+        "| graph fwd+bwd ms | MB fwd / fwd+bwd | floor fwd / fwd+bwd ms | of floor fwd / fwd+bwd "
+        "| peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        frac = r.floor_fraction
         lines.append(
-            f"| {r.backend} | {r.dtype} | {r.batch} | {r.steps} | {r.channels} | {fmt(r.fwd_ms)} | "
-            f"{fmt(r.fwd_bwd_ms)} | {fmt(r.graph_fwd_ms)} | {fmt(r.graph_fwd_bwd_ms)} | "
-            f"{fmt(r.peak_mib, 4)} | {fmt(r.floor_fwd_bwd_ms)} | "
-            f"{'-' if frac is None or math.isnan(frac) else f'{100 * frac:.0f}%'} |"
-            + (f" {r.note}" if r.note else "")
+            f"| {r.backend} | {r.dtype} | {'r' if r.gated else ''} | {r.batch} | {r.steps} | "
+            f"{r.channels} | {fmt(r.fwd_ms)} | {fmt(r.fwd_bwd_ms)} | {fmt(r.graph_fwd_ms)} | "
+            f"{fmt(r.graph_fwd_bwd_ms)} | {fmt(r.mb_fwd)} / {fmt(r.mb_fwd_bwd)} | "
+            f"{fmt(r.floor_fwd_ms)} / {fmt(r.floor_fwd_bwd_ms)} | "
+            f"{_percent(r.floor_fraction_fwd)} / {_percent(r.floor_fraction)} | "
+            f"{fmt(r.peak_mib, 4)} |" + (f" {r.note}" if r.note else "")
         )
     return "\n".join(lines)
 
 
 def as_dicts(results: list[OpResult]) -> list[dict]:
-    return [dict(asdict(r), floor_fraction=r.floor_fraction) for r in results]
+    return [dict(asdict(r), floor_fraction=r.floor_fraction,
+                 floor_fraction_fwd=r.floor_fraction_fwd) for r in results]

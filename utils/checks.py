@@ -199,12 +199,13 @@ def check_model_for_data(settings: Mapping[str, Any], num_classes: int, length: 
     """
     model = _probe_model(settings, num_classes)
     if length < model.min_length:
+        # min_length is the model's own statement (e.g. an STFT window it cannot pad), so the
+        # check follows however the model's settings are chosen
         raise ConfigError(
-            f"the model inputs are {length} samples ({length_source}) but the model needs at "
-            f"least {model.min_length}: that is the frequency branch's STFT window; pass "
-            f"--n-fft {2 ** int(math.log2(length)) if length >= 2 else 2} or less (with "
-            "--hop-length no larger), --branches time, or a --length of at least "
-            f"{model.min_length}")
+            f"the model inputs are {length} samples ({length_source}) but the model takes at "
+            f"least {model.min_length} (DualBranchClassifier.min_length); pass a --length of "
+            f"at least {model.min_length}, or model options with a shorter window (--n-fft "
+            f"{2 ** int(math.log2(length)) if length >= 2 else 2} or less), or --branches time")
     available = available_memory_bytes(on_gpu)
     if available is None:
         return
@@ -250,12 +251,12 @@ def check_informative_signals(signals: Sequence[np.ndarray] | np.ndarray,
 
     signals: the records; records: the training record indices; length: the input length L.
     """
-    if normalize == "none":
-        return
+    if normalize not in ("window", "record"):
+        return  # 'none' and 'dataset' keep each record's level
     if normalize == "window" and length < 2:
         raise DataError(source, "length", f"model inputs of {length} sample are all zeros after "
                                           "per-window z-normalisation; expected --length of at "
-                                          "least 2, or --normalize none")
+                                          "least 2, or --normalize dataset or none")
     flat = checked = samples = 0
     informative = False
     for record in np.unique(records):
@@ -272,7 +273,7 @@ def check_informative_signals(signals: Sequence[np.ndarray] | np.ndarray,
         raise DataError(source, "signals", f"all {checked} training records are constant (std "
                                            f"<= {FLAT_STD:g}), so --normalize {normalize} turns "
                                            "every input into zeros; expected signals that vary, "
-                                           "or --normalize none to keep their levels")
+                                           "or --normalize dataset or none to keep their levels")
     if flat:
         log.warning("%s: %d of %d training records checked are constant (std <= %g); "
                     "--normalize %s turns them into all-zero inputs", source, flat, checked,
@@ -289,15 +290,17 @@ def check_options(args: Any, on_gpu: bool) -> None:
 
     check_output_dir(args.output_dir, args.name)
     check_devices(args.devices, on_gpu)
-    check_memory_for_length(args.length, args.batch_size,
+    # an unset --batch-size follows the data: the lower bound takes one input
+    check_memory_for_length(args.length, args.batch_size or 1,
                             args.synthetic_signals if args.data == "synthetic" else None)
 
 
 def check_before_training(args: Any, datamodule: Any, settings: Mapping[str, Any],
-                          on_gpu: bool, precision: str) -> None:
+                          batch_size: int, on_gpu: bool, precision: str) -> None:
     """train.py's checks once the data is set up and before the run folder is claimed: the
     training inputs carry information, the model takes inputs of their length, and a training
-    step fits in memory. settings: the model's `DualBranchConfig` fields."""
+    step fits in memory. settings: the model's `DualBranchConfig` fields; batch_size: the
+    batch in use (the option, or the one that follows the data)."""
     train = datamodule.train_dataset
     length = datamodule.signal_length
     check_informative_signals(train.signals, train.items[:, 0], length, args.normalize,
@@ -309,4 +312,4 @@ def check_before_training(args: Any, datamodule: Any, settings: Mapping[str, Any
         length_source = f"the {which} training record, --length-policy {args.length_policy}"
     processes = int(args.devices) if str(args.devices).isdigit() and not on_gpu else 1
     check_model_for_data(settings, datamodule.num_classes, length, length_source,
-                         args.batch_size, on_gpu, precision, processes)
+                         batch_size, on_gpu, precision, processes)

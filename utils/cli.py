@@ -19,11 +19,11 @@ import yaml
 from data.formats import source_exists
 from models.rwkv import COMPILE_MODES
 
-# Sizes that train to a useful result in minutes on a 2-core CPU, and the full model on a GPU.
-CPU_DEFAULTS = {"hidden_size": 64, "num_layers": 2, "patch_size": 8,
-                "cnn_channels": [16, 32, 64], "epochs": 12, "num_workers": 0}
-GPU_DEFAULTS = {"hidden_size": 256, "num_layers": 6, "patch_size": 4,
-                "cnn_channels": [16, 32, 64, 128], "epochs": 40, "num_workers": 4}
+# What follows the hardware; model sizes, STFT settings and the step budget follow the data
+# (models/defaults.py), the same on a CPU and a GPU.
+CPU_DEFAULTS = {"num_workers": 0}
+GPU_DEFAULTS = {"num_workers": 4}
+AUTO = "(default: from the data, see docs/training.md)"
 PRECISIONS = {"auto": "auto", "32": "32-true", "32-true": "32-true", "16": "16-mixed",
               "16-mixed": "16-mixed", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
 GROUPS = ("data", "model", "optimization", "hardware", "run")  # YAML sections (optional)
@@ -110,6 +110,13 @@ def _devices(text: str) -> int | str:
     return _int_at_least(1)(text)
 
 
+def _cv_folds(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("expected 0 (off) or at least 2 folds; got 1")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE; got {text!r}")
@@ -176,17 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records vs --length: pad/truncate, random crop, or cut into windows")
     g.add_argument("--window-stride", type=_int_at_least(1), metavar="N",
                    help="stride of --length-policy window (default: --length)")
-    g.add_argument("--normalize", choices=["window", "record", "none"], default="window",
-                   help="z-normalise per model input, per record, or not at all")
+    g.add_argument("--normalize", choices=["dataset", "window", "record", "none"],
+                   default="dataset",
+                   help="scale by the training set's mean and std (keeps relative amplitude; "
+                        "the model z-normalises each signal itself), z-normalise per model "
+                        "input or per record, or not at all")
     g.add_argument("--synthetic-signals", type=_int_at_least(14), default=2000, metavar="N",
                    help="signals in the built-in dataset")
     g.add_argument("--synthetic-imbalance", type=_float_in(1.0, float("inf")), default=1.0,
                    metavar="RATIO",
                    help="built-in dataset: largest / smallest class count")
-    g.add_argument("--val-fraction", type=_float_in(0.0, 1.0), default=0.15, metavar="F",
-                   help="held out for validation (early stopping, best checkpoint)")
+    g.add_argument("--val-fraction", type=_float_in(0.0, 1.0), metavar="F",
+                   help="held out for validation (best checkpoint, early stopping); 0: none, "
+                        "keep the last weights (default: 0.1 from 1000 training records on, "
+                        "else 0)")
     g.add_argument("--test-fraction", type=_float_in(0.0, 1.0), default=0.15, metavar="F",
                    help="held out when there is no official test set")
+    g.add_argument("--cv", type=_cv_folds, default=0, metavar="K",
+                   help="K-fold cross-validation of --data (no official test set): stratified, "
+                        "grouped by record/subject when the data has groups; per-fold and "
+                        "mean +- sd metrics (0: one --test-fraction split)")
     g.add_argument("--balance", choices=["none", "loss", "sampler"], default="none",
                    help="class imbalance: class-weighted loss, or a class-balanced sampler")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
@@ -199,29 +215,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--branches", choices=["both", "time", "freq"], default="both",
                    help="RWKV time branch, spectrogram-CNN frequency branch, or both")
     g.add_argument("--hidden-size", type=_int_at_least(1), metavar="C",
-                   help=f"RWKV width (default: {CPU_DEFAULTS['hidden_size']} on CPU, "
-                        f"{GPU_DEFAULTS['hidden_size']} on GPU)")
+                   help="RWKV width " + AUTO)
     g.add_argument("--num-layers", type=_int_at_least(1), metavar="L",
-                   help=f"RWKV blocks (default: {CPU_DEFAULTS['num_layers']} on CPU, "
-                        f"{GPU_DEFAULTS['num_layers']} on GPU)")
+                   help="RWKV blocks " + AUTO)
     g.add_argument("--patch-size", type=_int_at_least(1), metavar="N",
-                   help="RWKV strided-conv stem: samples per step (default: "
-                        f"{CPU_DEFAULTS['patch_size']} on CPU, "
-                        f"{GPU_DEFAULTS['patch_size']} on GPU)")
-    g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=False,
-                   help="add a time-reversed WKV scan to every RWKV block")
+                   help="samples per RWKV step after the stem " + AUTO)
+    g.add_argument("--stem", choices=["conv", "patch"], default="conv",
+                   help="RWKV input stem: multi-scale convolution then patch means, or plain "
+                        "patches (needed for streaming)")
+    g.add_argument("--pooling", choices=["meanmax", "mean", "last"], default="meanmax",
+                   help="RWKV per-step features -> one vector")
+    g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True,
+                   help="add a time-reversed WKV scan to every RWKV block (no streaming)")
+    g.add_argument("--instance-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="z-normalise each signal inside the model")
+    g.add_argument("--keep-amplitude", action=argparse.BooleanOptionalAction, default=True,
+                   help="give the model each signal's level and gain beside its shape "
+                        "(needs --instance-norm)")
     g.add_argument("--cnn-channels", type=_int_at_least(1), nargs="+", metavar="C",
-                   help="frequency CNN stage widths (default: "
-                        f"{' '.join(map(str, CPU_DEFAULTS['cnn_channels']))} on CPU, "
-                        f"{' '.join(map(str, GPU_DEFAULTS['cnn_channels']))} on GPU)")
-    g.add_argument("--spectrogram", choices=["mel", "linear"], default="mel",
-                   help="frequency-branch input: mel or linear power spectrogram (in dB)")
-    g.add_argument("--n-fft", type=_int_at_least(2), default=256, metavar="N",
-                   help="STFT size in samples; also the shortest input the branch accepts")
-    g.add_argument("--hop-length", type=_int_at_least(1), default=64, metavar="N",
-                   help="STFT hop in samples")
-    g.add_argument("--n-mels", type=_int_at_least(1), default=64, metavar="N",
-                   help="mel bands (capped at n_fft / 2 + 1)")
+                   help="frequency CNN stage widths " + AUTO)
+    g.add_argument("--spectrogram", choices=["mel", "linear"],
+                   help="frequency-branch input: mel or linear power spectrogram in dB "
+                        "(default: mel when the sample rate is known and n_fft >= 128)")
+    g.add_argument("--n-fft", type=_int_at_least(2), metavar="N",
+                   help="STFT size in samples; also the shortest input the branch accepts "
+                        "(default: a power of two near length / 4, 8 to 256)")
+    g.add_argument("--hop-length", type=_int_at_least(1), metavar="N",
+                   help="STFT hop in samples (default: n_fft / 4)")
+    g.add_argument("--n-mels", type=_int_at_least(1), metavar="N",
+                   help="mel bands (default: 64, capped at n_fft / 2 + 1)")
     g.add_argument("--spec-augment", action=argparse.BooleanOptionalAction, default=True,
                    help="SpecAugment frequency/time masks in training")
     g.add_argument("--fusion", choices=["concat", "gated"], default="concat",
@@ -241,15 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
                    default="auto", help="WKV operator backend")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=32, metavar="N",
+    g.add_argument("--batch-size", type=_int_at_least(1), metavar="N",
                    help="per device; the effective batch is this x devices x nodes x "
-                        "--accumulate")
+                        "--accumulate (default: a quarter of the training items, 4 to 32)")
     g.add_argument("--epochs", type=_int_at_least(1), metavar="N",
-                   help=f"maximum epochs (default: {CPU_DEFAULTS['epochs']} on CPU, "
-                        f"{GPU_DEFAULTS['epochs']} on GPU)")
+                   help="train for this many epochs instead of the step budget")
     g.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
-                   help="stop after this many optimizer steps (overrides --epochs for the "
-                        "schedule)")
+                   help="optimizer steps (overrides --epochs for the schedule; default: 20 "
+                        "epochs, at least 1000 and at most 10000 steps)")
+    g.add_argument("--mixup", type=_float_in(0.0, float("inf")), default=0.2, metavar="ALPHA",
+                   help="mixup Beta(alpha, alpha) in training (0: off)")
     g.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate")
     g.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="none",
                    help="scale --lr by (effective batch / --batch-size) for multi-device runs")
@@ -271,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["val/macro_f1", "val/balanced_acc", "val/acc", "val/kappa",
                             "val/loss"],
                    help="metric for the best checkpoint and early stopping")
-    g.add_argument("--patience", type=_int_at_least(0), default=6, metavar="EPOCHS",
-                   help="early stopping after this many epochs without improvement (0: off)")
+    g.add_argument("--patience", type=_int_at_least(0), default=0, metavar="EPOCHS",
+                   help="early stopping after this many validations without improvement "
+                        "(0: off; needs a validation split)")
 
     g = p.add_argument_group("hardware")
     g.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
@@ -298,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorBoard logs, checkpoints and results go to DIR/NAME/version_N")
     g.add_argument("--name", type=_run_name, default="dual_branch",
                    help="experiment name: one folder inside --output-dir")
+    g.add_argument("--ensemble", type=_int_at_least(1), default=1, metavar="K",
+                   help="train K models (seeds --seed + 1000 k) and average their "
+                        "class probabilities; predict takes the ensemble's run folder")
     g.add_argument("--resume", metavar="CKPT",
                    help="checkpoint to continue from, or 'last': the newest last.ckpt of "
                         "--output-dir/--name")
@@ -318,7 +345,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
                     "labels (docs/data.md: files without labels).",
         formatter_class=_Formatter,
     )
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a train.py checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a train.py checkpoint, a run folder (its best, else last checkpoint) "
+                        "or an --ensemble run folder (the mean of its members)")
     p.add_argument("--data", required=True, metavar="PATH", help="signal file or folder")
     p.add_argument("--format", choices=["npz", "npy", "csv", "tsv", "ts", "wfdb", "edf"],
                    help="reader (default: the training run's, else by extension)")
@@ -398,8 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ConfigError as exc:
             parser.error(str(exc))
     args = parser.parse_args(argv)
-    if args.val_fraction + args.test_fraction >= 1 or args.val_fraction == 0:
-        parser.error("--val-fraction must be > 0 and --val-fraction + --test-fraction < 1")
+    if (args.val_fraction or 0) + args.test_fraction >= 1:
+        parser.error("--val-fraction + --test-fraction must be < 1")
     if args.resume and args.resume != "last" and not Path(args.resume).is_file():
         parser.error(f"--resume: no checkpoint file {args.resume}")
     if args.data != "synthetic" and not source_exists(args.data):

@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from sklearn.metrics import classification_report
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+)
 
 
 def _as_matrix(confusion: torch.Tensor | np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
@@ -41,6 +48,62 @@ def labels_from_confusion(confusion: torch.Tensor | np.ndarray) -> tuple[np.ndar
     true_idx, pred_idx = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
     counts = cm.ravel()
     return np.repeat(true_idx.ravel(), counts), np.repeat(pred_idx.ravel(), counts)
+
+
+def metrics_from_predictions(labels: np.ndarray, predicted: np.ndarray,
+                             num_classes: int) -> dict[str, float]:
+    """accuracy, balanced accuracy, macro-F1 and Cohen's kappa of (N,) class indices, named as
+    the test metrics are (test/acc ...)."""
+    classes = list(range(num_classes))
+    return {
+        "test/acc": float(accuracy_score(labels, predicted)),
+        "test/balanced_acc": float(balanced_accuracy_score(labels, predicted)),
+        "test/macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro",
+                                        zero_division=0)),
+        "test/kappa": float(cohen_kappa_score(labels, predicted, labels=classes)),
+    }
+
+
+def confusion_from_predictions(labels: np.ndarray, predicted: np.ndarray,
+                               num_classes: int) -> np.ndarray:
+    """(K, K) counts, rows true, columns predicted."""
+    return confusion_matrix(labels, predicted, labels=list(range(num_classes)))
+
+
+def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, num_classes: int,
+                        resamples: int = 1000, level: float = 0.95,
+                        seed: int = 0) -> dict[str, list[float]]:
+    """Percentile bootstrap confidence intervals of test accuracy and macro-F1: the test items
+    resampled with replacement `resamples` times. Returns {"test/acc": [low, high],
+    "test/macro_f1": [low, high]}. What a test set of this size can tell apart from chance
+    variation: two runs whose intervals overlap widely are not shown to differ."""
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    n = len(labels)
+    if n == 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    accuracy, macro = np.empty(resamples), np.empty(resamples)
+    correct = labels == predicted
+    # per-class counts of each resample through one bincount over (resample, class) codes,
+    # in blocks so memory stays bounded for large test sets
+    block = max(1, (1 << 22) // n)
+    for first in range(0, resamples, block):
+        draws = rng.integers(0, n, size=(min(block, resamples - first), n))
+        rows = np.arange(len(draws))[:, None] * num_classes
+        size = len(draws) * num_classes
+
+        def count(codes, weights=None, rows=rows, size=size):
+            return np.bincount((rows + codes).ravel(), weights=None if weights is None
+                               else weights.ravel(), minlength=size).reshape(-1, num_classes)
+
+        tp = count(labels[draws], correct[draws].astype(np.float64))
+        denominator = count(labels[draws]) + count(predicted[draws])
+        f1 = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+        accuracy[first:first + len(draws)] = correct[draws].mean(1)
+        macro[first:first + len(draws)] = f1.mean(1)
+    tail = (1 - level) / 2 * 100
+    return {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+            for name, values in (("test/acc", accuracy), ("test/macro_f1", macro))}
 
 
 def classification_report_from_confusion(

@@ -1,15 +1,21 @@
-"""JIT build and load of the WKV extensions (torch.utils.cpp_extension + ninja).
+"""JIT build and load of the WKV operator's C++/CUDA libraries (torch.utils.cpp_extension + ninja).
 
-Two extensions: the CUDA kernel (wkv_op.cpp + wkv_kernel.cu, needs nvcc and a GPU) and the CPU
-kernel (wkv_cpu.cpp, needs only a C++ compiler). Each is built once per source/torch/target
-combination into a cache folder and loaded from there afterwards. A file lock (with a timeout
-that names the lock) keeps concurrent builders, e.g. DDP ranks, from racing on the build
-folder. Run as a script to build ahead of training:
+The operator `rwkv_signal::wkv` (and its backward) is defined once, in C++ (cuda/wkv_op.cpp:
+schema, shapes for torch.compile, autograd). Two shared libraries register it:
 
-    python -m cuda.build            # the CPU kernel, and the CUDA one for the visible GPU
-                                    # (what build_fast_rwkv.sh does)
-    python -m cuda.build --check    # compile the CUDA kernel even without a GPU; any failure
-                                    # is an error (exit 1)
+    cpu   cuda/wkv_op.cpp + cuda/wkv_cpu.cpp: the schema, the Meta and Autograd kernels and the
+          CPU kernel; needs only a C++ compiler. Every other library builds on it.
+    cuda  cuda/wkv_kernel.cu: the CUDA kernel, registered for the CUDA dispatch key; needs nvcc
+          (and a GPU to run).
+
+Each is built once per source/torch/target combination into a cache folder and loaded from
+there afterwards. A file lock (with a timeout that names the lock) keeps concurrent builders,
+e.g. DDP ranks, from racing on the build folder. Run as a script to build ahead of training:
+
+    python -m models.wkv_build          # the CPU library, and the CUDA one for the visible GPU
+                                        # (what build_fast_rwkv.sh does)
+    python -m models.wkv_build --check  # compile the CUDA kernel even without a GPU; any failure
+                                        # is an error (exit 1)
 """
 
 from __future__ import annotations
@@ -26,23 +32,29 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("wkv_op.cpp", "wkv_kernel.cu")
-HEADERS = ("wkv_chunk.h",)
+
+def _source_dir() -> Path:
+    """The kernel sources: cuda/ beside models/ in a checkout (or an editable install); inside
+    the package as models/wkv_kernels/ once `pip install .` copied them there."""
+    here = Path(__file__).resolve().parent
+    installed = here / "wkv_kernels"
+    return installed if installed.is_dir() else here.parent / "cuda"
+
+
+SOURCE_DIR = _source_dir()
 CHECK_ARCHS = "8.0;9.0"  # what --check compiles for when no GPU says what it is
+# -lineinfo: ncu/compute-sanitizer can point at source lines; it does not change the code
 NVCC_FLAGS = ("-O3", "-lineinfo", "--expt-relaxed-constexpr")
-CPU_SOURCES = ("wkv_cpu.cpp",)
 
 
 @dataclass(frozen=True)
 class Extension:
-    """What one extension is built from; `prefix` names its module and cache folder."""
+    """What one library is built from; `prefix` names its cache folder."""
 
     prefix: str
     sources: tuple[str, ...]
@@ -52,29 +64,41 @@ class Extension:
     ldflags: tuple[str, ...] = ()
 
 
-CUDA_EXTENSION = Extension("wkv", SOURCES, HEADERS, ("-O3",), NVCC_FLAGS)
+CUDA_EXTENSION = Extension("wkv_cuda", ("wkv_kernel.cu",), ("wkv_kernel.cuh", "wkv_common.h"),
+                           ("-O3",), NVCC_FLAGS)
 
 
 def cpu_extension() -> Extension:
-    """The CPU kernel's build for this machine.
+    """The CPU library's build for this machine.
 
-    -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it; the module then
+    -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it; the library then
     shares torch's libgomp (same soname), so torch.set_num_threads applies. -fno-trapping-math:
     the kernel's selects (`gap >= 0 ? 1 : e`) vectorise only when the compiler may evaluate both
     sides; nothing here reads floating-point exception flags. No -ffast-math: it lets the
     compiler assume no infinities and NaNs, which changes what max and the selects compute.
     No -march=native: the cache folder may be shared between machines (a network home), and a
-    module tuned to one CPU would crash another. AVX2 + FMA only where torch found them; the
+    library tuned to one CPU would crash another. AVX2 + FMA only where torch found them; the
     flags are part of the cache key, so an older CPU builds its own baseline copy.
     """
     cflags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     if platform.machine().lower() in ("x86_64", "amd64") and cpu_capability() in ("AVX2", "AVX512"):
         cflags += ["-mavx2", "-mfma"]
-    return Extension("wkv_cpu", CPU_SOURCES, (), tuple(cflags), ldflags=("-fopenmp",))
+    return Extension("wkv_cpu", ("wkv_op.cpp", "wkv_cpu.cpp"), ("wkv_common.h",), tuple(cflags),
+                     ldflags=("-fopenmp",))
 
 
 class BuildError(RuntimeError):
-    """The extension could not be built or loaded; the message says why."""
+    """The library could not be built or loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class Built:
+    """A library built (or found in the cache) and loaded into this process."""
+
+    path: Path  # the shared object
+    build_dir: Path
+    seconds: float
+    cached: bool
 
 
 def find_cuda_home() -> str | None:
@@ -117,23 +141,35 @@ def cache_root() -> Path:
 
 def _build_tag(target: str, extension: Extension = CUDA_EXTENSION) -> str:
     digest = hashlib.sha256()
-    for name in extension.sources + extension.headers + ("build.py",):
+    for name in extension.sources + extension.headers:
         digest.update((SOURCE_DIR / name).read_bytes())
+    digest.update(Path(__file__).read_bytes())  # the flags and the way of building
     flags = (extension.cflags, extension.cuda_cflags, extension.ldflags)
     digest.update(f"{torch.__version__}|{torch.version.cuda}|{target}|{flags}".encode())
     return digest.hexdigest()[:12]
 
 
-def _jit_load(extension: Extension, target: str, verbose: bool, timeout: float):
-    """Build (or load from the cache) `extension` for `target` (what its cache key must hold
-    beyond sources, flags and torch: the GPU architectures, or the CPU's instruction set)."""
+# the library of each extension this process loaded: the operator's schema can be registered
+# only once per process, so a second build (another cache folder, another target) is not loaded
+_in_process: dict[str, Built] = {}
+
+
+def _jit_load(extension: Extension, target: str, verbose: bool, timeout: float) -> Built:
+    """Build (or find in the cache) `extension` for `target` (what its cache key must hold
+    beyond sources, flags and torch: the GPU architectures, or the CPU's instruction set), and
+    load it: its static initialisers register the operator's kernels with the dispatcher.
+    Once a library of this extension is loaded, returns that one."""
     import filelock
     from torch.utils import cpp_extension
+
+    if extension.prefix in _in_process:
+        return _in_process[extension.prefix]
 
     name = f"{extension.prefix}_{_build_tag(target, extension)}"
     build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    cached = (build_dir / f"{name}.so").exists()
+    library = build_dir / f"{name}.so"
+    cached = library.exists()
     lock_path = build_dir.parent / f"{name}.build.lock"
     start = time.perf_counter()
     try:
@@ -141,7 +177,7 @@ def _jit_load(extension: Extension, target: str, verbose: bool, timeout: float):
             # We hold the lock, so no builder of ours is alive: a baton `lock` left in the build
             # folder is from a killed build and would make cpp_extension wait forever.
             (build_dir / "lock").unlink(missing_ok=True)
-            module = cpp_extension.load(
+            cpp_extension.load(
                 name=name,
                 sources=[str(SOURCE_DIR / s) for s in extension.sources],
                 extra_cflags=list(extension.cflags),
@@ -149,6 +185,7 @@ def _jit_load(extension: Extension, target: str, verbose: bool, timeout: float):
                 extra_ldflags=list(extension.ldflags) or None,
                 build_directory=str(build_dir),
                 verbose=verbose,
+                is_python_module=False,  # a plain library: TORCH_LIBRARY registers the op
             )
     except filelock.Timeout as exc:
         raise BuildError(
@@ -157,13 +194,22 @@ def _jit_load(extension: Extension, target: str, verbose: bool, timeout: float):
         ) from exc
     except Exception as exc:  # compiler errors arrive as RuntimeError/OSError/IndexError
         raise BuildError(f"{type(exc).__name__}: {str(exc).strip()[-2000:]}") from exc
-    return module, build_dir, time.perf_counter() - start, cached
+    _in_process[extension.prefix] = Built(library, build_dir, time.perf_counter() - start, cached)
+    return _in_process[extension.prefix]
 
 
-def build(arch_list: str | None = None, verbose: bool = False, timeout: float = 900.0):
-    """Build (or load from the cache) the CUDA extension for `arch_list` ("8.0;9.0"); by
-    default for the visible GPU. Returns (module, build folder, seconds spent, was_cached).
-    Raises BuildError with the reason on any failure."""
+def build_cpu(verbose: bool = False, timeout: float = 900.0) -> Built:
+    """Build (or find in the cache) and load the CPU library: the operator's schema, Meta and
+    Autograd kernels and the CPU kernel. Raises BuildError with the reason on any failure."""
+    if find_cxx() is None:
+        raise BuildError(f"no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH)")
+    return _jit_load(cpu_extension(), cpu_capability(), verbose, timeout)
+
+
+def build(arch_list: str | None = None, verbose: bool = False, timeout: float = 900.0) -> Built:
+    """Build (or find in the cache) and load the CUDA library for `arch_list` ("8.0;9.0"); by
+    default for the visible GPU. The operator's schema comes from the CPU library, which is
+    loaded first. Raises BuildError with the reason on any failure."""
     arch_list = arch_list or gpu_arch()
     if arch_list is None:
         raise BuildError("no CUDA device and no architecture given (use --check to compile)")
@@ -172,6 +218,9 @@ def build(arch_list: str | None = None, verbose: bool = False, timeout: float = 
         raise BuildError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     if torch.version.cuda is None:
         raise BuildError(f"this torch ({torch.__version__}) is a CPU-only build")
+    if load_extension_or_none("cpu") is None:
+        raise BuildError(f"the CUDA kernel registers into the CPU library, which is "
+                         f"unavailable: {why_unavailable('cpu')}")
     os.environ["CUDA_HOME"] = cuda_home
     # cpp_extension reads the arch list from the environment; without a GPU and without it,
     # it fails with an IndexError. -gencode flags would not replace its defaults.
@@ -182,43 +231,36 @@ def build(arch_list: str | None = None, verbose: bool = False, timeout: float = 
     return _jit_load(CUDA_EXTENSION, arch_list, verbose, timeout)
 
 
-def build_cpu(verbose: bool = False, timeout: float = 900.0):
-    """Build (or load from the cache) the CPU extension for this machine's instruction set.
-    Returns (module, build folder, seconds spent, was_cached); raises BuildError on failure."""
-    if find_cxx() is None:
-        raise BuildError(f"no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH)")
-    return _jit_load(cpu_extension(), cpu_capability(), verbose, timeout)
+# per kind ("cuda", "cpu"): (the loaded library or None, why it is None)
+_loaded: dict[str, tuple[Built | None, str]] = {}
 
 
-# per kind ("cuda", "cpu"): (module or None, why it is None)
-_loaded: dict[str, tuple[ModuleType | None, str]] = {}
-
-
-def _load_once(kind: str, build_fn: Callable, detail: Callable[[], str]) -> ModuleType | None:
-    """Build/load the `kind` extension on first use; on failure remember why and warn once."""
+def _load_once(kind: str, build_fn: Callable[[], Built], detail: Callable[[], str]):
+    """Build/load the `kind` library on first use; on failure remember why and warn once."""
     if kind not in _loaded:
         what = kind.upper()
         try:
-            module, build_dir, seconds, cached = build_fn()
+            built = build_fn()
         except BuildError as exc:
             _loaded[kind] = (None, f"{what} build failed: {exc}")
             reason = str(exc) if kind == "cuda" else _first_line(exc)
             warnings.warn(f"WKV {what} kernel unavailable, using the PyTorch backend. {reason}",
                           stacklevel=3)
         else:
-            _loaded[kind] = (module, "")
+            _loaded[kind] = (built, "")
             log.info("WKV %s kernel %s (%s) in %.1f s: %s", what,
-                     "loaded" if cached else "built", detail(), seconds, build_dir)
+                     "loaded" if built.cached else "built", detail(), built.seconds,
+                     built.build_dir)
     return _loaded[kind][0]
 
 
 def _first_line(exc: BaseException) -> str:
     line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"{line[:300]} (`python -m cuda.build --verbose` shows the compiler's output)"
+    return f"{line[:300]} (`python -m models.wkv_build --verbose` shows the compiler's output)"
 
 
-def load_extension_or_none(kind: str = "cuda") -> ModuleType | None:
-    """The built extension of `kind` ("cuda" for the visible GPU, or "cpu"), building it on
+def load_extension_or_none(kind: str = "cuda") -> Built | None:
+    """The loaded library of `kind` ("cuda" for the visible GPU, or "cpu"), building it on
     first use; None (with one warning that says why) if it cannot be had, so callers fall
     back to PyTorch."""
     if kind == "cpu":
@@ -228,8 +270,8 @@ def load_extension_or_none(kind: str = "cuda") -> ModuleType | None:
     return _load_once("cuda", build, lambda: "sm_" + gpu_arch().replace(".", ""))
 
 
-def loaded_extension(kind: str = "cuda") -> ModuleType | None:
-    """The extension of `kind` if an earlier call loaded it; never builds (safe inside
+def loaded_extension(kind: str = "cuda") -> Built | None:
+    """The library of `kind` if an earlier call loaded it; never builds (safe inside
     torch.compile)."""
     return _loaded.get(kind, (None, ""))[0]
 
@@ -240,15 +282,15 @@ def why_unavailable(kind: str = "cuda") -> str:
     return _loaded[kind][1]
 
 
-def _build_and_report(what: str, target: str, build_fn: Callable) -> int:
+def _build_and_report(what: str, target: str, build_fn: Callable[[], Built]) -> int:
     try:
-        _, build_dir, seconds, cached = build_fn()
+        built = build_fn()
     except BuildError as exc:
         print(f"WKV {what} build failed: {exc}", file=sys.stderr)
         return 1
-    state = "loaded from cache" if cached else "built"
-    print(f"WKV {what} kernel {state} for {target} in {seconds:.1f} s")
-    print(f"Cache: {build_dir}")
+    state = "loaded from cache" if built.cached else "built"
+    print(f"WKV {what} kernel {state} for {target} in {built.seconds:.1f} s")
+    print(f"Cache: {built.build_dir}")
     return 0
 
 
@@ -261,11 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if find_cxx() is None:
-        print("No C++ compiler: the WKV operator will use its PyTorch backend on CPU.")
-        status = 0
-    else:
-        status = _build_and_report("CPU", cpu_capability(),
-                                   lambda: build_cpu(verbose=args.verbose))
+        print("No C++ compiler: the WKV operator will use its PyTorch backend.")
+        return 0
+    # the CUDA library needs the CPU one in this process (it registers into its schema)
+    status = _build_and_report("CPU", cpu_capability(), lambda: build_cpu(verbose=args.verbose))
     arch = args.arch or gpu_arch() or (CHECK_ARCHS if args.check else None)
     if arch is None:
         print("No CUDA GPU visible: the WKV operator will use its CPU backends.")
