@@ -273,8 +273,8 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
     pl.seed_everything(args.seed, workers=True, verbose=False)
     if on_gpu:
         # Build the CUDA WKV extension here, before Lightning starts the other ranks; they find
-        # it cached (cuda/build.py holds a file lock while building).
-        from cuda.build import load_extension_or_none, why_unavailable
+        # it cached (models/wkv_build.py holds a file lock while building).
+        from models.wkv_build import load_extension_or_none, why_unavailable
 
         if load_extension_or_none() is None:
             rank_zero_only(log.warning)("WKV CUDA kernel unavailable (%s)", why_unavailable())

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Time branch only: the frequency CNN's BatchNorm would see per-rank batches (PyTorch's
-# SyncBatchNorm is CUDA-only), which no 1-process run reproduces. No dropout, augmentation
-# or SpecAugment, so both runs draw nothing at random after initialisation. 175 signals:
+# Time branch only, with the patch stem: the frequency CNN's and the conv stem's BatchNorm
+# would see per-rank batches (PyTorch's SyncBatchNorm is CUDA-only), which no 1-process run
+# reproduces. No dropout, augmentation, mixup or SpecAugment, so both runs draw nothing at
+# random after initialisation. 175 signals:
 # 121 train items (the last partial batch is dropped), 27 val and 27 test items, so the
 # 2-rank evaluation must discard DistributedSampler's padding to match.
 COMMON = ["--synthetic-signals", "175", "--length", "512", "--epochs", "2", "--patience", "0",
-          "--branches", "time", "--hidden-size", "16", "--num-layers", "1", "--dropout", "0",
+          "--branches", "time", "--stem", "patch", "--hidden-size", "16", "--num-layers", "1",
+          "--dropout", "0", "--mixup", "0", "--val-fraction", "0.15",
           "--no-augment", "--no-progress-bar", "--accelerator", "cpu", "--strategy", "ddp"]
 RANK_LINE = re.compile(r"rank (\d)/(\d): trained on (\d+) samples this session, global step "
                        r"(\d+), parameter checksum (\S+)")
