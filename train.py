@@ -37,9 +37,11 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from data.datamodule import DataConfig, SignalDataModule, prediction_inputs
-from data.formats import UNLABELLED, DataError
+from data.formats import UNLABELLED, DataError, source_exists
 from models.defaults import DataFacts, auto_ensemble, auto_model, auto_train_steps
 from models.lightning_module import SignalClassifierModule
+from utils.checkpoint_io import AtomicCheckpointIO, atomic_open, write_failure
+from utils.checks import check_before_training, check_options, check_steps_per_process
 from utils.cli import (
     CPU_DEFAULTS,
     GPU_DEFAULTS,
@@ -49,6 +51,7 @@ from utils.cli import (
     build_predict_parser,
     parse_args,
 )
+from utils.guards import NonFiniteGuard, TrainingFailed
 from utils.memory import MemoryMonitorCallback, optimize_memory_usage
 from utils.metrics import (
     bootstrap_intervals,
@@ -58,6 +61,14 @@ from utils.metrics import (
     save_confusion_matrix_png,
     to_plain,
     write_json,
+)
+from utils.run_dir import (
+    check_prediction_output,
+    claim_run_folder,
+    find_last_checkpoint,
+    is_launching_process,
+    lock_run_folder,
+    release_run_folder,
 )
 
 log = logging.getLogger("train")
@@ -161,15 +172,6 @@ def model_settings(args: argparse.Namespace, sample_rate: float | None,
     }
 
 
-def find_last_checkpoint(output_dir: str, name: str) -> Path:
-    """The newest DIR/NAME/version_*/checkpoints/last*.ckpt."""
-    found = sorted(Path(output_dir, name).glob("version_*/checkpoints/last*.ckpt"),
-                   key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ConfigError(f"--resume last: no last.ckpt under {Path(output_dir, name)}")
-    return found[-1]
-
-
 def _version_of(checkpoint: Path, output_dir: str, name: str) -> str | None:
     """The run folder's version if `checkpoint` lies in DIR/NAME/version_N/checkpoints/."""
     run = checkpoint.resolve().parent.parent
@@ -184,12 +186,20 @@ class EpochSummary(Callback):
 
     KEYS = ("train/loss_epoch", "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1")
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a run resumed from a mid-epoch checkpoint (--max-steps, kill -9) starts without
+        # on_train_epoch_start for that epoch
+        self._started = time.perf_counter()
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
 
-    @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on every rank: reading callback_metrics computes the epoch's synced metrics, a
+        # collective that a rank-0-only read leaves the other ranks out of (DDP then hangs)
         metrics = trainer.callback_metrics
+        if not trainer.is_global_zero:
+            return
         values = " ".join(f"{k.replace('_epoch', '')} {float(metrics[k]):.4g}"
                           for k in self.KEYS if k in metrics)
         total = "?" if trainer.max_epochs in (None, -1) else trainer.max_epochs
@@ -261,6 +271,7 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
     # first: the CUDA allocator settings only take effect before CUDA initialises
     memory_settings = optimize_memory_usage()
     on_gpu, precision = resolve_hardware(args)
+    check_options(args, on_gpu)  # output folder, devices, --length vs memory: before any work
     pl.seed_everything(args.seed, workers=True, verbose=False)
     if on_gpu:
         # Build the CUDA WKV extension here, before Lightning starts the other ranks; they find
@@ -277,23 +288,32 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
         resume = (find_last_checkpoint(args.output_dir, args.name) if args.resume == "last"
                   else Path(args.resume))
         version = _version_of(resume, args.output_dir, args.name)
+        if version is not None and is_launching_process():  # refused if a live run holds it
+            lock_run_folder(Path(args.output_dir, args.name, version))
         checkpoint = read_checkpoint(resume)
         if "optimizer_states" not in checkpoint:
             raise ConfigError(f"--resume {resume}: the checkpoint holds weights only (no "
                               "optimizer state), so it cannot continue a run")
         resume_weights = checkpoint["state_dict"]
+    run_folder = None
     try:
         if datamodule is None:
             datamodule = prepare_data(args)
         auto = fill_data_defaults(args, datamodule)
+        batch_size = datamodule.batch_size
+        check_before_training(args, datamodule, model_settings(args, datamodule.sample_rate, auto),
+                              batch_size, on_gpu, precision)
         if log_dir is None:
+            if version is None and is_launching_process():  # other ranks use rank 0's folder
+                run_folder = claim_run_folder(args.output_dir, args.name)
+                version = run_folder.name
             logger = TensorBoardLogger(args.output_dir, name=args.name, version=version,
                                        default_hp_metric=False)
         else:  # an ensemble member: FOLDER/NAME, no version level
             logger = TensorBoardLogger(log_dir[0], name=log_dir[1], version="",
                                        default_hp_metric=False)
-        batch_size = datamodule.batch_size
         steps_per_epoch = max(1, len(datamodule.train_dataset) // batch_size)
+        nonfinite_guard = NonFiniteGuard(hint=f"; lower --lr (now {args.lr:g}) or check the data")
         trainer = pl.Trainer(
             accelerator="gpu" if on_gpu else "cpu",
             devices=args.devices,
@@ -306,12 +326,14 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
             accumulate_grad_batches=args.accumulate,
             sync_batchnorm=args.sync_batchnorm,
             logger=logger,
-            callbacks=build_callbacks(args, datamodule.has_validation)
+            callbacks=build_callbacks(args, datamodule.has_validation) + [nonfinite_guard]
             + list(extra_callbacks or []),
+            plugins=[AtomicCheckpointIO()],  # checkpoints whole or absent, even on a full disk
             log_every_n_steps=min(50, steps_per_epoch),
             enable_progress_bar=args.progress_bar,
             num_sanity_val_steps=0,
         )
+        check_steps_per_process(len(datamodule.train_dataset), batch_size, trainer.world_size)
         world = trainer.world_size * trainer.accumulate_grad_batches
         scale = {"none": 1.0, "linear": float(world), "sqrt": world**0.5}[args.lr_scaling]
         class_weights = datamodule.class_weights
@@ -324,13 +346,18 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
             min_lr_ratio=args.min_lr_ratio, label_smoothing=args.label_smoothing,
             mixup=args.mixup, data=to_plain(datamodule.trained_settings()),
         )
-    except (ValueError, MisconfigurationException) as exc:
-        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
-    if resume_weights is not None:
-        difference = state_dict_difference(module, resume_weights)
-        if difference:
-            raise ConfigError(f"--resume {resume}: the checkpoint's model does not fit these "
-                              f"options ({difference}); resume with the options of its run")
+        if resume_weights is not None:
+            difference = state_dict_difference(module, resume_weights)
+            if difference:
+                raise ConfigError(f"--resume {resume}: the checkpoint's model does not fit "
+                                  f"these options ({difference}); resume with the options of "
+                                  "its run")
+    except BaseException as exc:
+        if run_folder is not None:  # a run refused at set-up leaves no empty folder behind
+            release_run_folder(run_folder, remove_if_empty=True)
+        if isinstance(exc, (ValueError, MisconfigurationException)):
+            raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+        raise
     run = Run(datamodule, module, trainer, resume, precision, batch_size * world,
               args.lr * scale)
     n_params = sum(p.numel() for p in module.parameters())
@@ -354,7 +381,8 @@ def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = Non
         return train_cv(args, extra_callbacks)
     datamodule = None
     if args.ensemble is None:  # automatic: by the size of the training part
-        resolve_hardware(args)  # the data module needs the hardware defaults (workers)
+        on_gpu, _ = resolve_hardware(args)  # the data module needs the hardware defaults
+        check_options(args, on_gpu)  # before reading any data
         datamodule = prepare_data(args)
         args.ensemble = choose_ensemble(args, len(datamodule.train_dataset))
     if args.ensemble == 1:
@@ -379,23 +407,6 @@ def choose_ensemble(args: argparse.Namespace, train_items: int) -> int:
     (several processes, or resuming one run)."""
     one_process = args.devices in ("auto", 1, "1") and args.num_nodes == 1
     return auto_ensemble(train_items) if one_process and not args.resume else 1
-
-
-def claim_run_folder(output_dir: str, name: str) -> Path:
-    """A new DIR/NAME/version_N folder, created here (exclusively: two runs that start at once
-    get different folders)."""
-    root = Path(output_dir, name)
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name.split("_", 1)[1]) for p in root.glob("version_*")
-             if p.name.split("_", 1)[1].isdigit()]
-    number = max(taken, default=-1) + 1
-    while True:
-        try:
-            folder = root / f"version_{number}"
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            number += 1
 
 
 def _one_process_only(args: argparse.Namespace, option: str) -> None:
@@ -463,6 +474,16 @@ def train_ensemble(args: argparse.Namespace, extra_callbacks: list[Callback] | N
     _one_process_only(args, "--ensemble")
     started = time.perf_counter()
     nested = folder is not None
+    if datamodule is not None and not nested:  # the members' set-up checks, before the folder
+        probe = argparse.Namespace(**vars(args))
+        on_gpu, precision = resolve_hardware(probe)
+        try:
+            auto = fill_data_defaults(probe, datamodule)
+            check_before_training(probe, datamodule,
+                                  model_settings(probe, datamodule.sample_rate, auto),
+                                  datamodule.batch_size, on_gpu, precision)
+        except ValueError as exc:
+            raise ConfigError(str(exc).strip().splitlines()[0]) from exc
     folder = folder or claim_run_folder(args.output_dir, args.name)
     members = []
     for k in range(args.ensemble):
@@ -516,6 +537,11 @@ def train_one(args: argparse.Namespace, extra_callbacks: list[Callback] | None =
     run = set_up(args, extra_callbacks, log_dir, datamodule)
     trainer, module = run.trainer, run.module
     trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.resume, weights_only=True)
+    if trainer.global_step == 0:
+        raise TrainingFailed(f"no training step was taken ({len(run.datamodule.train_dataset)} "
+                             f"training items, batch {run.datamodule.batch_size}, "
+                             f"{trainer.world_size} "
+                             f"process(es)); nothing was tested, see {trainer.log_dir}")
     print(f"rank {trainer.global_rank}/{trainer.world_size}: trained on "
           f"{module.samples_trained} samples this session, global step {trainer.global_step}, "
           f"parameter checksum {_checksum(module):.9e}", flush=True)
@@ -551,7 +577,10 @@ def train_one(args: argparse.Namespace, extra_callbacks: list[Callback] | None =
         summary["confidence_95"] = bootstrap_intervals(
             labels.numpy(), probabilities.argmax(-1).numpy(), len(test["class_names"]))
     if trainer.is_global_zero:
-        _write_results(run_dir, summary, args, quiet=quiet)
+        try:
+            _write_results(run_dir, summary, args, quiet=quiet)
+        except OSError as exc:  # a full disk, a folder removed under the run
+            raise write_failure(exc, Path(exc.filename or run_dir), atomic=False) from exc
     if log_dir is not None:  # an ensemble member: the ensemble averages these
         summary.update(probabilities=probabilities, labels=labels)
     return summary
@@ -671,15 +700,18 @@ def predict(args: argparse.Namespace) -> Path:
     """Write per-window class probabilities of --data to --output (CSV); the label column is
     empty for records without a label."""
     on_gpu, precision = resolve_device(args.accelerator, args.precision)
-    modules = [load_checkpoint(path) for path in model_checkpoints(args.checkpoint)]
+    checkpoints = model_checkpoints(args.checkpoint)
+    if not source_exists(args.data):
+        raise ConfigError(f"--data: {args.data} does not exist")
+    # before predicting: a result that cannot be written, or that replaces an input, is lost
+    check_prediction_output(args.output, [Path(args.data), *checkpoints])
+    modules = [load_checkpoint(path) for path in checkpoints]
     module = modules[0]
     names = list(module.class_names)
     for other in modules[1:]:
         if list(other.class_names) != names or other.hparams.data != module.hparams.data:
             raise ConfigError(f"--checkpoint {args.checkpoint}: its members were not trained "
                               "on the same data (class names or data settings differ)")
-    if not Path(args.data).exists():
-        raise ConfigError(f"--data: {args.data} does not exist")
     inputs = prediction_inputs(args.data, module.hparams.data, names, format=args.format,
                                reader_options=dict(args.reader_option or []),
                                window_stride=args.window_stride)
@@ -692,8 +724,18 @@ def predict(args: argparse.Namespace) -> Path:
                          for m in modules]).mean(0).numpy()
 
     dataset, output = inputs.dataset, Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as f:
+    try:
+        _write_predictions(output, inputs, probs, names)
+    except OSError as exc:
+        raise write_failure(exc, output) from exc
+    print(f"wrote {len(inputs.windows)} rows ({len(dataset)} signals) to {output}")
+    return output
+
+
+def _write_predictions(output: Path, inputs: Any, probs: Any, names: list[str]) -> None:
+    """The prediction CSV, written whole or not at all (an older file stays until then)."""
+    dataset = inputs.dataset
+    with atomic_open(output, "w") as f:
         writer = csv.writer(f)
         writer.writerow(["record", "group", "start", "end", "label", "predicted",
                          *[f"p_{n}" for n in names]])
@@ -703,8 +745,6 @@ def predict(args: argparse.Namespace) -> Path:
             writer.writerow([record, group, start, end,
                              "" if label == UNLABELLED else names[label],
                              names[int(p.argmax())], *[f"{v:.6f}" for v in p]])
-    print(f"wrote {len(inputs.windows)} rows ({len(dataset)} signals) to {output}")
-    return output
 
 
 # ---------------------------------------------------------------------------------- entry
@@ -728,6 +768,17 @@ def main(argv: list[str] | None = None, extra_callbacks: list[Callback] | None =
     except (ConfigError, DataError, MisconfigurationException, FileNotFoundError) as exc:
         # bad options or data: one line, not a traceback
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except TrainingFailed as exc:  # the run went wrong: status 1, apart from bad input
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:  # outside fit (Lightning handles Ctrl-C during it)
+        parser.exit(130, f"{parser.prog}: interrupted (Ctrl-C)\n")
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        reason = (str(exc).strip().splitlines() or ["out of memory"])[0]
+        parser.exit(1, f"{parser.prog}: error: out of memory ({reason[:200]}); pass a smaller "
+                       "--batch-size or --length, or --gradient-checkpointing\n")
+    except OSError as exc:  # the machine's, not the code's: a disk, a permission, a device
+        where = f" ({exc.filename})" if exc.filename else ""
+        parser.exit(1, f"{parser.prog}: error: {exc.strerror or exc}{where}\n")
     return 0
 
 

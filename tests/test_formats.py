@@ -6,7 +6,6 @@ import logging
 import warnings
 
 import numpy as np
-import pyedflib
 import pytest
 
 from data.formats import (
@@ -23,12 +22,16 @@ from data.formats import (
     read_wfdb,
 )
 
-with warnings.catch_warnings():  # wfdb 4.3 calls pandas 3.1 with a deprecated keyword
-    warnings.filterwarnings("ignore", message="The inplace keyword")
-    import wfdb
-
 # wfdb 4.3 calls pandas with a keyword pandas 3.1 deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword")
+
+
+def import_wfdb():
+    """wfdb, or skip the calling test where it is not installed (an optional dependency:
+    requirements-formats.txt), so this file collects everywhere."""
+    with warnings.catch_warnings():  # wfdb 4.3 calls pandas 3.1 with a deprecated keyword
+        warnings.filterwarnings("ignore", message="The inplace keyword")
+        return pytest.importorskip("wfdb")
 
 
 @pytest.fixture
@@ -215,6 +218,7 @@ def test_explicit_test_file_with_unknown_label(tmp_path):
 
 
 def write_wfdb(directory, name, signal, fs, samples, symbols, notes, channels=("MLII", "V5")):
+    wfdb = import_wfdb()
     p_signal = np.column_stack([signal] + [signal * 0.5] * (len(channels) - 1))
     wfdb.wrsamp(name, fs=fs, units=["mV"] * len(channels), sig_name=list(channels),
                 p_signal=p_signal, fmt=["16"] * len(channels), write_dir=str(directory))
@@ -280,6 +284,7 @@ def test_wfdb_errors(tmp_path, rng):
 
 
 def write_edf(path, signals, fs, labels, annotations=()):
+    pyedflib = pytest.importorskip("pyedflib")
     headers = pyedflib.highlevel.make_signal_headers(labels, sample_frequency=fs,
                                                      physical_min=-500, physical_max=500)
     writer = pyedflib.EdfWriter(str(path), len(labels), file_type=pyedflib.FILETYPE_EDFPLUS)
@@ -604,3 +609,104 @@ def test_data_error_survives_pickling():
 
     err = pickle.loads(pickle.dumps(DataError("a.csv", "label", "is bad")))
     assert (err.path, err.field, str(err)) == ("a.csv", "label", "a.csv [label]: is bad")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs read as they are meant: BOMs, delimiters, exact labels, the reader that was asked for
+
+
+def test_large_integer_labels_stay_apart(tmp_path):
+    X = np.arange(24, dtype=np.float32).reshape(6, 4)
+    y = np.array([5, 10**17, 10**17 + 1, 5, 10**17, 10**17 + 1], dtype=np.int64)
+    np.savez(tmp_path / "big.npz", X=X, y=y)
+    ds = read_dataset(tmp_path / "big.npz")  # float() keys would merge the last two
+    assert ds.class_names == ["5", "100000000000000000", "100000000000000001"]
+    assert ds.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    write_csv(tmp_path / "big.csv", [[label, *row] for label, row in zip(y, X, strict=True)])
+    assert read_dataset(tmp_path / "big.csv").labels.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_text_labels_stay_text(tmp_path):
+    # float() reads these as numbers; in a label column they are names
+    labels, names = encode_labels(["1_000", "10", "1_000", "\u0661"], "f.csv", "label")
+    assert names == ["10", "1_000", "\u0661"] and labels.tolist() == [1, 0, 1, 2]
+    labels, names = encode_labels(["AFIB", "N", "N"], "f.npz", "y")
+    assert names == ["AFIB", "N"] and labels.tolist() == [0, 1, 1]
+    np.savez(tmp_path / "codes.npz", X=np.zeros((4, 3)), y=np.array(["007", "7", "N", "7.0"]))
+    ds = read_dataset(tmp_path / "codes.npz")  # leading zeros: an identifier, not 7
+    assert ds.class_names == ["007", "7", "N"] and ds.labels.tolist() == [0, 1, 2, 1]
+
+
+def test_utf8_bom_is_not_part_of_the_first_cell(tmp_path):
+    rows = "1,0.5,0.25,0.75\n2,1.5,1.0,0.5\n1,0.1,0.2,0.3\n"
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode())
+    ds = read_dataset(tmp_path / "bom.csv")
+    assert ds.class_names == ["1", "2"] and ds.labels.tolist() == [0, 1, 0]  # no '\ufeff1'
+    (tmp_path / "head.csv").write_bytes(b"\xef\xbb\xbflabel,a,b\nx,1,2\ny,3,4\n")
+    assert read_dataset(tmp_path / "head.csv").class_names == ["x", "y"]  # 'label' found
+    write_ts(tmp_path / "bom.ts", [([1.0, 2.0], "1"), ([3.0, 4.0], "2")])
+    (tmp_path / "bom.ts").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "bom.ts").read_bytes())
+    assert read_dataset(tmp_path / "bom.ts").labels.tolist() == [0, 1]
+
+
+def test_semicolon_delimiter_is_found_or_named(tmp_path, caplog):
+    write_csv(tmp_path / "semi.csv", [["1", 0.5, 1.5], ["2", 2.5, 3.5]], delimiter=";")
+    with caplog.at_level(logging.INFO):
+        ds = read_dataset(tmp_path / "semi.csv")
+    assert "read with delimiter ';'" in caplog.text
+    np.testing.assert_array_equal(ds.signals, [[0.5, 1.5], [2.5, 3.5]])
+    # told to split at ',': the message names the delimiter the file uses
+    with pytest.raises(DataError, match="pass delimiter=';'") as err:
+        read_dataset(tmp_path / "semi.csv", delimiter=",")
+    assert err.value.field == "delimiter"
+    # decimal commas: ',' is in line 1, so it is kept, and the bad cell says ';' is around
+    (tmp_path / "comma.csv").write_text("1;0,5;1,5\n2;2,5;3,5\n")
+    with pytest.raises(DataError, match="cells seem separated by ';'"):
+        read_dataset(tmp_path / "comma.csv")
+
+
+def test_a_format_that_does_not_fit_the_file_says_what_it_is(tmp_path):
+    write_csv(tmp_path / "d.csv", [["1", 0.5, 1.5], ["2", 2.5, 3.5]])
+    with pytest.raises(DataError, match=r"is not an \.npz file \(np\.savez output\): it is "
+                                        "text; expected the reader for its format") as err:
+        read_dataset(tmp_path / "d.csv", format="npz")  # np.load: 'contains pickled data'
+    assert err.value.field == "file"
+    np.save(tmp_path / "a.npy", np.zeros((2, 3)))
+    with pytest.raises(DataError, match="it is a NumPy .npy file; expected format='npy'"):
+        read_dataset(tmp_path / "a.npy", format="npz")
+    np.savez(tmp_path / "z.npz", X=np.zeros((2, 3)), y=[0, 1])
+    with pytest.raises(DataError, match="it is a NumPy .npz file; expected format='npz'"):
+        read_dataset(tmp_path / "z.npz", format="npy")
+    with pytest.raises(DataError, match=r"is a \.csv file, not a WFDB record") as err:
+        read_dataset(tmp_path / "d.csv", format="wfdb")
+    assert err.value.field == "format"
+
+
+def test_wfdb_record_name_form_and_skipped_records(tmp_path, rng, caplog):
+    from data.formats import source_exists
+
+    signal = rng.standard_normal(3000)
+    for name in ("100", "101"):
+        write_wfdb(tmp_path, name, signal, 100, [0, 2000], ["+"] * 2, ["(N", "(AFIB"])
+    assert source_exists(tmp_path / "100") and not source_exists(tmp_path / "999")
+    assert len(read_dataset(tmp_path / "100", window_seconds=10)) == 3  # records/100
+    write_wfdb(tmp_path, "102", signal, 100, [0], ["+"], ["(N"])
+    (tmp_path / "102.atr").unlink()
+    (tmp_path / "RECORDS").write_text("100\n101\n102\n")
+    with caplog.at_level(logging.WARNING):
+        ds = read_dataset(tmp_path, window_seconds=10)
+    assert set(ds.groups) == {"100", "101"}
+    assert "RECORDS lists 1 record(s) without a .atr annotation, skipped: 102" in caplog.text
+
+
+def test_links_that_loop_are_refused_by_name(tmp_path, rng):
+    write_wfdb(tmp_path, "100", rng.standard_normal(3000), 100, [0], ["+"], ["(N"])
+    write_wfdb(tmp_path, "101", rng.standard_normal(3000), 100, [0], ["+"], ["(AFIB"])
+    (tmp_path / "101.atr").unlink()
+    (tmp_path / "101.atr").symlink_to(tmp_path / "101.atr")  # a link to itself
+    with pytest.raises(DataError, match="is a symbolic link that loops") as err:
+        read_dataset(tmp_path, window_seconds=10)  # not a silent drop of record 101
+    assert err.value.path.endswith("101.atr")
+    (tmp_path / "gone.edf").symlink_to(tmp_path / "nowhere.edf")
+    with pytest.raises(DataError, match="is a symbolic link that points to nothing"):
+        read_edf(tmp_path / "gone.edf")

@@ -4,6 +4,7 @@ resume, prediction to CSV, YAML configs, and one-line errors for bad options."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import subprocess
 import sys
@@ -252,6 +253,10 @@ def test_max_steps_may_stop_mid_epoch(tmp_path) -> None:
     last = torch.load(tmp_path / "runs/dual_branch/version_0/checkpoints/last.ckpt",
                       weights_only=True)
     assert last["global_step"] == 3
+    # resuming that mid-epoch checkpoint: no epoch start hook runs for the rest of the epoch
+    result = run_cli([*TINY, "--max-steps", "8", "--resume", "last"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "epoch 2/" in result.stdout
 
 
 def test_yaml_config_is_checked_and_flags_override_it(tmp_path) -> None:
@@ -299,7 +304,7 @@ def _config_file(tmp_path: Path, text: str) -> str:
 
 BAD_OPTIONS = [
     (["--batch-size", "0"], "--batch-size: expected an integer >= 1; got 0"),
-    (["--lr", "-1"], "--lr: expected a positive number; got -1.0"),
+    (["--lr", "-1"], "--lr: expected a positive finite number; got -1.0"),
     (["--epochs", "two"], "--epochs: expected an integer >= 1; got 'two'"),
     (["--branches", "spectral"], "invalid choice: 'spectral'"),
     (["--compile-mode", "fast"], "invalid choice: 'fast'"),
@@ -317,6 +322,18 @@ BAD_OPTIONS = [
     (["--config", "CONFIG:lr: [1, 2"], "is not valid YAML"),
     (["--config", "CONFIG:\udcff\udcfebad"], "is not UTF-8 text (byte 0)"),
     (["--config"], "argument --config: expected one argument (see train.py --help)"),
+    (["--seed", "-1"], "--seed: expected an integer in [0, 4294967295]; got -1"),
+    (["--seed", "4294967296"], "--seed: expected an integer in [0, 4294967295]; got 4294967296"),
+    (["--lr", "inf"], "--lr: expected a positive finite number; got inf"),
+    (["--sample-rate", "inf"], "--sample-rate: expected a positive finite number; got inf"),
+    (["--name", "../../x"], "--name: expected a plain folder name inside --output-dir"),
+    (["--name", "/tmp/x"], "--name: expected a plain folder name inside --output-dir"),
+    (["--reader-option", "window_seconds=[1"], "window_seconds='[1' is not a valid YAML value"),
+    (["--reader-option", "x=!!python/object/apply:os.system [echo]"],
+     "YAML tags like '!!python/...' are not allowed"),
+    (["--devices", "100000"], "--devices 100000: "),
+    (["--length", "100000000000"], "--length 100000000000: the built-in dataset (70 signals) "
+                                   "of 100000000000 samples needs at least"),
     (["predict", "--checkpoint", "x.ckpt"], "the following arguments are required: --data"),
     (["predict", "--checkpoint", "x.ckpt", "--data", "x.npz", "--precision", "16-mixed",
       "--accelerator", "cpu"], "--precision 16-mixed needs a GPU"),
@@ -337,6 +354,7 @@ def test_bad_options_give_one_line_errors(argv, message, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
     assert "error:" in err[-1] and message in err[-1], err
+    assert not list(tmp_path.glob("runs/*/version_*"))  # refused before a run folder
 
 
 def test_predict_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys) -> None:
@@ -435,3 +453,200 @@ def test_small_data_trains_an_ensemble_by_default(tmp_path) -> None:
     assert sorted(p.name for p in folder.glob("member_*")) == ["member_0", "member_1",
                                                                 "member_2"]
     assert json.loads((folder / "test_metrics.json").read_text())["ensemble"] == 3
+
+
+# ---------------------------------------------------------------------------------- reliability:
+# nothing lost, nothing silently wrong; each refusal is one line and leaves nothing behind
+
+
+def _one_line_error(capsys, code: int, exit_info) -> str:
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_output_dir_naming_a_file_is_refused(tmp_path, capsys) -> None:
+    output = tmp_path / "runs"
+    output.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--output-dir", str(output)])
+    line = _one_line_error(capsys, 2, exit_info)
+    assert line == f"train.py: error: --output-dir: {output} is a file, not a folder; pass a folder"
+    assert output.read_text() == "not a folder"
+
+
+def _write_series_csv(path: Path, length: int, n: int = 40, constant: bool = False) -> None:
+    rng = np.random.default_rng(0)
+    with open(path, "w", newline="") as f:
+        for i in range(n):
+            values = np.full(length, 0.5) if constant else rng.standard_normal(length)
+            csv.writer(f).writerow([i % 2, *values])
+
+
+def test_series_shorter_than_the_model_takes_fail_at_set_up(tmp_path, capsys,
+                                                            monkeypatch) -> None:
+    from models.dual_branch import DualBranchClassifier
+
+    # a model that cannot take short inputs (the check asks its min_length, whatever it is)
+    monkeypatch.setattr(DualBranchClassifier, "min_length", property(lambda self: 64))
+    data = tmp_path / "short.csv"
+    _write_series_csv(data, 40)
+    tiny = [a for a in TINY if a not in ("--length", "512")]  # L = the longest record, 40
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*tiny, "--data", str(data), "--output-dir", str(tmp_path / "runs")])
+    line = _one_line_error(capsys, 2, exit_info)
+    assert ("the model inputs are 40 samples (the longest training record, --length-policy "
+            "pad) but the model takes at least 64 (DualBranchClassifier.min_length); pass a "
+            "--length of at least 64") in line
+    assert not (tmp_path / "runs").exists()  # before the run folder
+
+
+def test_constant_series_are_refused(tmp_path, capsys) -> None:
+    data = tmp_path / "one_sample.csv"
+    _write_series_csv(data, 1)  # length-1 series: z-normalised, every input is zeros
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--branches", "time", "--normalize", "window", "--data", str(data),
+                    "--output-dir", str(tmp_path / "runs")])
+    line = _one_line_error(capsys, 2, exit_info)
+    assert "all 40 training records are constant" not in line  # only the training split
+    assert "training records are constant (std <= 1e-06), so --normalize window turns every " \
+           "input into zeros" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused(tmp_path, capsys, monkeypatch) -> None:
+    from utils import checks
+
+    monkeypatch.setattr(checks, "available_memory_bytes", lambda on_gpu=False: 2**20)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--output-dir", str(tmp_path / "runs")])
+    line = _one_line_error(capsys, 2, exit_info)
+    assert "a training step on inputs of 512 samples (--length 512) with --batch-size 16 " \
+           "needs about" in line and "but 1 MiB is available" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_no_nan_checkpoint(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--lr", "1e30", "--max-steps", "8",
+                    "--output-dir", str(tmp_path / "runs")])
+    line = _one_line_error(capsys, 1, exit_info)
+    assert "NaN/Inf" in line and "lower --lr (now 1e+30)" in line, line
+    for path in (tmp_path / "runs").rglob("*.ckpt"):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), path
+    assert not list((tmp_path / "runs").rglob("test_metrics.json"))
+
+
+class StopBeforeTraining(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
+def test_a_run_that_trained_zero_steps_exits_non_zero(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--output-dir", str(tmp_path / "runs")],
+                   extra_callbacks=[StopBeforeTraining()])
+    line = _one_line_error(capsys, 1, exit_info)
+    assert "no training step was taken (" in line and "nothing was tested" in line
+    assert not list((tmp_path / "runs").rglob("test_metrics.json"))
+
+
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch) -> None:
+    from utils import checkpoint_io
+
+    real_save, calls = torch.save, []
+
+    def save_until_full(obj, f) -> None:  # the second checkpoint meets a full disk
+        calls.append(1)
+        if len(calls) < 2:
+            return real_save(obj, f)
+        f.write(b"PK\x03\x04" + b"\0" * 80_000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", save_until_full)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "runs")])
+    monkeypatch.undo()
+    line = _one_line_error(capsys, 1, exit_info)
+    folder = tmp_path / "runs" / "dual_branch" / "version_0" / "checkpoints"
+    assert line.startswith(f"train.py: error: no space left in {folder} to write ")
+    assert "it needs about" in line and "pass --output-dir on a disk with room" in line
+    left = sorted(p.name for p in folder.iterdir())
+    assert len(left) == 1 and not any(name.endswith(".tmp") for name in left)  # no partial
+    torch.load(folder / left[0], weights_only=True)  # every checkpoint left loads
+
+
+def test_resume_refuses_a_run_that_is_still_running(cli_run, tmp_path, capsys) -> None:
+    import fcntl
+    import os
+    import shutil
+
+    run_dir, _ = cli_run
+    copy = tmp_path / "runs" / "dual_branch" / "version_0"
+    shutil.copytree(run_dir, copy)
+    fd = os.open(copy, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live run of that folder holds it
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*TINY, "--epochs", "3", "--output-dir", str(tmp_path / "runs"),
+                        "--resume", "last"])
+    finally:
+        os.close(fd)
+    line = _one_line_error(capsys, 2, exit_info)
+    assert f"{copy} is in use by another train.py process that is still running" in line
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_write_two_folders(tmp_path) -> None:
+    args = [*TINY, "--max-steps", "1", "--synthetic-signals", "28"]
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    logs = sorted(line for out, _ in outputs for line in out.splitlines()
+                  if line.startswith("logs: "))
+    assert logs == ["logs: runs/dual_branch/version_0", "logs: runs/dual_branch/version_1"]
+    for version in ("version_0", "version_1"):
+        results = json.loads((tmp_path / "runs/dual_branch" / version / "test_metrics.json")
+                             .read_text())
+        assert results["run_dir"].endswith(version)
+
+
+def test_predict_refuses_to_overwrite_its_input(cli_run, tmp_path, capsys) -> None:
+    run_dir, _ = cli_run
+    data = tmp_path / "in.csv"
+    write_unlabelled_csv(data, [np.ones(600, dtype=np.float32)])
+    before = data.read_bytes()
+    checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
+    for output, message in ((data, "which prediction reads"),
+                            (tmp_path, "is a folder; pass a file name such as"),
+                            (data / "probs.csv", "is a file, not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["predict", "--checkpoint", checkpoint, "--data", str(data),
+                        "--output", str(output)])
+        assert message in _one_line_error(capsys, 2, exit_info)
+    assert data.read_bytes() == before
+
+
+def test_wfdb_record_names_are_accepted_as_data(tmp_path) -> None:
+    (tmp_path / "100.hea").write_text("100 1 360 3600\n")
+    args = train.parse_args(["--data", str(tmp_path / "100")])  # records/100, as documented
+    assert args.data == str(tmp_path / "100")
+
+
+def test_ctrl_c_while_reading_exits_with_one_line(tmp_path, capsys, monkeypatch) -> None:
+    import data.datamodule
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.datamodule, "read_train_test", interrupted)
+    data_file = tmp_path / "d.csv"
+    _write_series_csv(data_file, 600)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--data", str(data_file), "--output-dir", str(tmp_path / "runs")])
+    assert _one_line_error(capsys, 130, exit_info) == "train.py: interrupted (Ctrl-C)"
+    assert not (tmp_path / "runs").exists()

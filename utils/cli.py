@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import re
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from data.formats import source_exists
 from models.rwkv import COMPILE_MODES
 
 # What follows the hardware; model sizes, STFT settings and the step budget follow the data
@@ -25,6 +27,7 @@ AUTO = "(default: from the data, see docs/training.md)"
 PRECISIONS = {"auto": "auto", "32": "32-true", "32-true": "32-true", "16": "16-mixed",
               "16-mixed": "16-mixed", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
 GROUPS = ("data", "model", "optimization", "hardware", "run")  # YAML sections (optional)
+SEED_MAX = 2**32 - 1
 
 # opens the epilog of `train.py --help`
 EXAMPLES = """examples:
@@ -74,9 +77,29 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {value}")
+    if not (value > 0 and math.isfinite(value)):  # inf would train NaN weights, or resample
+        raise argparse.ArgumentTypeError(f"expected a positive finite number; got {value}")
     return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1]; "
+                                         f"got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:  # the range numpy's and Lightning's seeding accept
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}]; got {value}")
+    return value
+
+
+def _run_name(text: str) -> str:
+    from utils.run_dir import check_run_name  # run_dir imports ConfigError from here
+
+    try:
+        return check_run_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _devices(text: str) -> int | str:
@@ -98,7 +121,17 @@ def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE; got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.constructor.ConstructorError:  # a tag safe_load will not build, e.g. !!python
+        raise argparse.ArgumentTypeError(
+            f"{key.strip()}={value!r}: YAML tags like '!!python/...' are not allowed; give a "
+            "plain value (quote it to pass the text)") from None
+    except yaml.YAMLError as exc:
+        reason = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise argparse.ArgumentTypeError(
+            f"{key.strip()}={value!r} is not a valid YAML value ({reason}); quote it to pass "
+            "the text") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -283,10 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "multi-GPU runs; PyTorch's SyncBatchNorm needs GPUs)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split, init and shuffles")
+    g.add_argument("--seed", type=_seed, default=0, metavar="N",
+                   help="seeds the split, init and shuffles (0 .. 2**32 - 1)")
     g.add_argument("--output-dir", default="runs", metavar="DIR",
                    help="TensorBoard logs, checkpoints and results go to DIR/NAME/version_N")
-    g.add_argument("--name", default="dual_branch", help="experiment name under --output-dir")
+    g.add_argument("--name", type=_run_name, default="dual_branch",
+                   help="experiment name: one folder inside --output-dir")
     g.add_argument("--ensemble", type=_int_at_least(1), metavar="K",
                    help="train K models (seeds --seed + 1000 k) and average their "
                         "class probabilities (default: 3 below 1000 training items, else 1); "
@@ -397,8 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--val-fraction + --test-fraction must be < 1")
     if args.resume and args.resume != "last" and not Path(args.resume).is_file():
         parser.error(f"--resume: no checkpoint file {args.resume}")
-    if args.data != "synthetic" and not Path(args.data).exists():
+    if args.data != "synthetic" and not source_exists(args.data):
         parser.error(f"--data: {args.data} does not exist")
-    if args.test_data and not Path(args.test_data).exists():
+    if args.test_data and not source_exists(args.test_data):
         parser.error(f"--test-data: {args.test_data} does not exist")
     return args

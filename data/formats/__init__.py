@@ -48,7 +48,7 @@ __all__ = [
     "BEAT_SYMBOLS", "LABEL_MODES", "NAN_POLICIES", "READERS", "SLEEP_STAGES", "UNLABELLED",
     "DataError", "SignalDataset", "build_dataset", "check_label_mode", "detect_format",
     "encode_labels", "find_test_file", "read_csv", "read_dataset", "read_edf", "read_npy",
-    "read_npz", "read_train_test", "read_ts", "read_wfdb",
+    "read_npz", "read_train_test", "read_ts", "read_wfdb", "source_exists",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -59,6 +59,13 @@ READERS = {"npz": read_npz, "npy": read_npy, "csv": read_csv, "tsv": read_csv, "
            "wfdb": read_wfdb, "edf": read_edf}
 _EXTENSIONS = {".npz": "npz", ".npy": "npy", ".csv": "csv", ".tsv": "tsv", ".ts": "ts",
                ".hea": "wfdb", ".dat": "wfdb", ".edf": "edf", ".bdf": "edf"}
+
+
+def source_exists(path: str | Path) -> bool:
+    """True for an existing file or folder, or a WFDB record named without its extension
+    (`records/100` for records/100.hea)."""
+    path = Path(path)
+    return path.exists() or path.with_name(path.name + ".hea").exists()
 
 
 def detect_format(path: str | Path) -> str:

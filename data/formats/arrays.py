@@ -37,6 +37,39 @@ def _as_rows(X: np.ndarray, path, field: str) -> np.ndarray:
     return X
 
 
+_MAGIC = {"npz": b"PK\x03\x04", "npy": b"\x93NUMPY"}  # zip archive / NumPy array header
+_EMPTY_ZIP = b"PK\x05\x06"  # np.savez() with no arrays
+
+
+def _check_magic(path: Path, expected: str) -> None:
+    """Refuse a file that is not what the reader reads, saying what it looks like: without
+    this, np.load calls any file that is neither zip nor .npy 'pickled data'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise DataError(path, "file", f"cannot be read ({e.strerror}); expected a readable "
+                                      f".{expected} file") from e
+    if head.startswith(_MAGIC[expected]) or (expected == "npz" and head.startswith(_EMPTY_ZIP)):
+        return
+    other = {"npz": "npy", "npy": "npz"}[expected]
+    if head.startswith(_MAGIC[other]):
+        looks = f"a NumPy .{other} file"
+        fix = f"format='{other}'"
+    else:
+        try:
+            head.decode("utf-8")
+            text = True
+        except UnicodeDecodeError as e:  # a character cut at the end of the 512 bytes is text
+            text = e.start >= len(head) - 3
+        looks = "text" if text else "neither a zip archive nor a NumPy array"
+        fix = ("the reader for its format (format='csv', 'tsv' or 'ts')" if text
+               else f"a file written by {'np.savez' if expected == 'npz' else 'np.save'}")
+    writer = "np.savez" if expected == "npz" else "np.save"
+    raise DataError(path, "file", f"is not an .{expected} file ({writer} output): it is {looks}; "
+                                  f"expected {fix}")
+
+
 # ----------------------------------------------------------------------------------------------
 # NumPy
 
@@ -53,6 +86,7 @@ def read_npz(path: str | Path, *, signals_key: str = "X", labels_key: str = "y",
     path = Path(path)
     check_label_mode(labels, path)
     _require_nonempty(path)
+    _check_magic(path, "npz")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -109,6 +143,7 @@ def read_npy(path: str | Path, *, labels_path: str | Path | None = None,
     path = Path(path)
     check_label_mode(labels, path)
     _require_nonempty(path)
+    _check_magic(path, "npy")
     try:
         X = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -122,7 +157,7 @@ def read_npy(path: str | Path, *, labels_path: str | Path | None = None,
                                             "CSV with a 'label' column (and optional 'group')")
         return build_dataset(path, X, None, sample_rate=sample_rate, nan_policy=nan_policy,
                              class_names=class_names, signals_field="X", labels_field="label")
-    header, rows = _read_table(sidecar, ",")
+    header, rows, _ = _read_table(sidecar, ",")
     columns = [c.strip().casefold() for c in header]
     if "label" not in columns and labels == "required":
         raise DataError(sidecar, "label", f"no 'label' column in header {header}; expected a "

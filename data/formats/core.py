@@ -7,6 +7,7 @@ small helpers the readers share. See data/formats/__init__.py for the formats an
 
 from __future__ import annotations
 
+import decimal
 import logging
 import math
 import re
@@ -98,25 +99,32 @@ class SignalDataset:
 # Labels: strings from files -> class indices, refusing unknown or inconsistent spellings.
 
 
+# A number as files write one: ASCII digits, optional sign, point and exponent. float() also
+# takes '1_000', 'infinity' and non-ASCII digits, which are text in a label column.
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_LEADING_ZERO = re.compile(r"[+-]?0[0-9]")  # '007', '-01': codes, not numbers
+_NON_FINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
 def _label_key(label: object) -> str:
-    """Identity of a label: numbers by value ('1', '1.0' and 1 are one label, shown as '1'),
-    text exactly after stripping whitespace."""
+    """Identity of a label: whole numbers by exact value ('1', '1.0', '1e0' and 1 are one
+    label, shown as '1'; 10**17 and 10**17 + 1 stay two), anything else as text, exactly,
+    after stripping whitespace. Leading zeros mark an identifier: '007' and '7' are two."""
+    if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
+        return str(int(label))
     text = str(label).strip()
-    try:
-        value = float(text)
-    except ValueError:
+    if not _NUMBER.fullmatch(text) or _LEADING_ZERO.match(text):
         return text
-    if math.isfinite(value) and value == int(value):
+    # Decimal, not float: a float has 53 bits, so float keys merge integers above 2**53
+    value = decimal.Decimal(text)
+    # adjusted(): the decimal exponent; '1e999999999' would otherwise build a huge int
+    if value.adjusted() < 64 and value == value.to_integral_value():
         return str(int(value))
-    return repr(value) if math.isfinite(value) else text
+    return text
 
 
 def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return bool(_NUMBER.fullmatch(text.strip()) or _NON_FINITE.fullmatch(text.strip()))
 
 
 def encode_labels(raw: Sequence[object] | np.ndarray, path: str | Path, field: str,
@@ -140,7 +148,7 @@ def encode_labels(raw: Sequence[object] | np.ndarray, path: str | Path, field: s
                                      "labels can be read with labels='none' to predict on")
     if class_names is None:
         numeric = all(_is_number(k) for k in distinct)
-        class_names = sorted(distinct, key=float) if numeric else distinct
+        class_names = sorted(distinct, key=int) if numeric else distinct
     known = {_label_key(name): i for i, name in enumerate(class_names)}
     by_case: dict[str, set[str]] = {}
     for key in [*distinct, *known]:

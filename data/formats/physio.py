@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import importlib
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +25,16 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # Annotated long recordings: WFDB and EDF
+
+
+def _optional_package(name: str, path):
+    """Import wfdb or pyedflib, optional dependencies (requirements-formats.txt)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise DataError(path, "format", f"reading it needs the optional package {name}, which "
+                                        "is not installed; expected `pip install -r "
+                                        "requirements-formats.txt`") from e
 
 
 def _compile_group_pattern(pattern: str | None, path) -> re.Pattern | None:
@@ -93,22 +106,52 @@ def _labelled_windows(signal: np.ndarray, window: int, stride: int, spans=None, 
 BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")
 
 
+def _check_link(path: Path) -> None:
+    """Refuse a symbolic link that loops or points nowhere: Path.exists() calls it missing,
+    which would drop its record without a word."""
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as e:
+            why = "loops" if e.errno == errno.ELOOP else "points to nothing"
+            raise DataError(path, "file", f"is a symbolic link that {why} ({e.strerror}); "
+                                          "expected a link to the record's file") from e
+
+
 def _wfdb_records(path: Path, annotation: str, labels: str) -> list[Path]:
     """The records at path (a record or a folder); with labels='required' only, and all,
-    with an annotation file."""
+    with an annotation file. Records skipped for want of one are logged by name."""
     need = labels == "required"
     if path.is_dir():
         listing = path / "RECORDS"
-        names = (listing.read_text().split() if listing.exists()
-                 else sorted(p.stem for p in path.glob("*.hea")))
+        try:
+            names = (listing.read_text(encoding="utf-8-sig").split() if listing.exists()
+                     else sorted(p.stem for p in path.glob("*.hea")))
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(listing, "file", f"cannot be read ({e}); expected record names, "
+                                             "one per line") from e
+        for name in names:
+            for ext in ("hea", annotation):
+                _check_link(path / f"{name}.{ext}")
         records = [path / n for n in names if not need or (path / f"{n}.{annotation}").exists()]
+        skipped = [n for n in names if path / n not in records]
+        if skipped:
+            source = "RECORDS lists" if listing.exists() else "the folder holds"
+            log.warning("%s: %s %d record(s) without a .%s annotation, skipped: %s%s", path,
+                        source, len(skipped), annotation, " ".join(skipped[:10]),
+                        " ..." if len(skipped) > 10 else "")
         if not records:
             raise DataError(path, annotation, f"no record with a .{annotation} annotation file; "
                                               "expected .hea/.dat records with annotations")
         return records
+    if path.is_file() and path.suffix.lower() not in (".hea", ".dat", f".{annotation}"):
+        raise DataError(path, "format", f"is a {path.suffix or 'plain'} file, not a WFDB record "
+                                        "(NAME.hea with its signal files); expected the reader "
+                                        "for its format")
     record = path.with_suffix("") if path.suffix.lower() in (".hea", ".dat", f".{annotation}") \
         else path
     for ext in ("hea", annotation) if need else ("hea",):
+        _check_link(record.with_name(f"{record.name}.{ext}"))
         if not record.with_name(f"{record.name}.{ext}").exists():
             raise DataError(record.with_name(f"{record.name}.{ext}"), "file",
                             "does not exist; expected a WFDB record with its annotation file")
@@ -164,15 +207,15 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
     labels='optional': records without an annotation file are read too, and no window is
     skipped: those without a label are UNLABELLED. labels='none': no annotation is read.
     """
-    import wfdb
-
     path = Path(path)
     check_label_mode(labels, path)
     if label_source not in ("rhythm", "beat"):
         raise DataError(path, "label_source", f"is {label_source!r}; expected 'rhythm'/'beat'")
     group_regex = _compile_group_pattern(group_pattern, path)
     windows, raw, groups, rates = [], [], [], set()
-    for record in _wfdb_records(path, annotation, labels):
+    records = _wfdb_records(path, annotation, labels)  # file problems first, then the package
+    wfdb = _optional_package("wfdb", path)
+    for record in records:
         header = record.with_name(record.name + ".hea")
         ann_path = record.with_name(f"{record.name}.{annotation}")
         annotated = labels != "none" and ann_path.exists()
@@ -237,9 +280,9 @@ def _find_hypnogram(psg: Path) -> Path | None:
 
 
 def _edf_open(path: Path):
-    import pyedflib
-
+    _check_link(path)
     _require_nonempty(path)
+    pyedflib = _optional_package("pyedflib", path)
     try:
         return pyedflib.EdfReader(str(path))
     except Exception as e:  # pyedflib raises a bare OSError for any header problem

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,35 +21,67 @@ from data.formats.core import (
     encode_labels,
 )
 
+log = logging.getLogger(__name__)
+
 # ----------------------------------------------------------------------------------------------
 # Delimited text: CSV, TSV, UCR .tsv
 
 
-def _read_table(path: Path, delimiter: str, header: bool | None = True, label_hint: str = ""):
-    """(header cells or None, [(line number, cells)]) with blank lines skipped."""
+DELIMITERS = (",", ";", "\t", "|")  # what spreadsheets and exports write between cells
+
+
+def _sniff_delimiter(path: Path, text: str, default: str) -> str:
+    """`default`, unless the first non-blank line holds none of it and exactly one other
+    common delimiter (a semicolon CSV from a spreadsheet in a decimal-comma locale)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    others = [d for d in DELIMITERS if d != default and d in first]
+    if default in first or len(others) != 1:
+        return default
+    log.info("%s: read with delimiter %r (line 1 holds no %r)", path, others[0], default)
+    return others[0]
+
+
+def _read_table(path: Path, delimiter: str | None, header: bool | None = True,
+                label_hint: str = "", default_delimiter: str = ","):
+    """(header cells or None, [(line number, cells)], delimiter used) with blank lines skipped.
+
+    delimiter None: `default_delimiter`, or the one `_sniff_delimiter` finds. A UTF-8 byte
+    order mark (spreadsheet exports start with one) is not part of the first cell.
+    """
     _require_nonempty(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [(i + 1, row) for i, row in enumerate(csv.reader(f, delimiter=delimiter))
-                    if any(cell.strip() for cell in row)]
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+        if delimiter is None:
+            delimiter = _sniff_delimiter(path, text, default_delimiter)
+        rows = [(i + 1, row) for i, row in
+                enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+                if any(cell.strip() for cell in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(path, "file", f"cannot be read as delimited text ({e}); expected UTF-8 "
                                       "text, one signal per row") from e
     if not rows:
         raise DataError(path, "file", "has no rows; expected one signal per row")
+    if all(len(row) == 1 for _, row in rows[:100]):
+        inside = [d for d in DELIMITERS if d != delimiter and d in rows[0][1][0]]
+        if inside:
+            raise DataError(path, "delimiter", f"line {rows[0][0]} is one cell when split at "
+                                               f"{delimiter!r} but holds {inside[0]!r}; expected "
+                                               f"cells separated by {delimiter!r}, or pass "
+                                               f"delimiter={inside[0]!r}")
     if header is None:  # a header has several non-numeric cells, or names the label column
         first = [c.strip() for c in rows[0][1]]
         words = [c for c in first if c and not _is_number(c)]
         header = len(words) > 1 or any(c.casefold() in ("label", label_hint) for c in words)
     if not header:
-        return None, rows
+        return None, rows, delimiter
     if len(rows) == 1:
         raise DataError(path, "file", "has a header but no data rows; expected one signal per "
                                       "row")
-    return rows[0][1], rows[1:]
+    return rows[0][1], rows[1:], delimiter
 
 
-def _parse_samples(cells: list[str], path, line: int) -> np.ndarray:
+def _parse_samples(cells: list[str], path, line: int, delimiter: str = ",") -> np.ndarray:
     """Sample cells -> float32; trailing empty/NaN cells are padding (unequal lengths)."""
     end = len(cells)
     while end and cells[end - 1].strip().casefold() in ("", "nan"):
@@ -66,7 +100,11 @@ def _parse_samples(cells: list[str], path, line: int) -> np.ndarray:
         elif _is_number(cell):
             values[j] = float(cell)
         else:
-            raise DataError(path, f"line {line}", f"sample {j} is {cell!r}; expected a number")
+            inside = [d for d in DELIMITERS if d != delimiter and d in cell]
+            hint = (f" (cells seem separated by {inside[0]!r}, not {delimiter!r}: pass "
+                    f"delimiter={inside[0]!r})" if inside else "")
+            raise DataError(path, f"line {line}", f"sample {j} is {cell!r}; expected a "
+                                                  f"number{hint}")
     return values
 
 
@@ -126,9 +164,9 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
     """
     path = Path(path)
     check_label_mode(labels, path)
-    delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
+    default = "\t" if path.suffix.lower() == ".tsv" else ","
     hint = label_column.casefold() if isinstance(label_column, str) else ""
-    names, rows = _read_table(path, delimiter, header, hint)
+    names, rows, delimiter = _read_table(path, delimiter, header, hint, default)
     label_at = _label_column(label_column, names, labels, path)
     group_at = _column(group_column, names, "group", path, "group_column")
     raw, groups, signals = [], [], []
@@ -144,7 +182,7 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
         if group_at is not None:
             groups.append(row[group_at].strip())
         samples = [c for j, c in enumerate(row) if j != label_at and j != group_at]
-        signals.append(_parse_samples(samples, path, line))
+        signals.append(_parse_samples(samples, path, line, delimiter))
     if len({len(s) for s in signals}) == 1:
         signals = np.stack(signals)
     return build_dataset(path, signals, raw if label_at is not None else None,
@@ -170,7 +208,7 @@ def read_ts(path: str | Path, *, dimension: int | None = None, labels: str = "re
     check_label_mode(labels, path)
     _require_nonempty(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(path, "file", f"cannot be read ({e}); expected UTF-8 text") from e
     meta: dict[str, list[str]] = {}
