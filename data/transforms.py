@@ -83,7 +83,7 @@ def resample_dataset(dataset: SignalDataset, new_rate: float) -> SignalDataset:
     else:
         signals = [resample(s, rate, new_rate) for s in dataset.signals]
     return SignalDataset(signals, dataset.labels, dataset.class_names, dataset.groups,
-                         float(new_rate), dataset.source)
+                         float(new_rate), dataset.source, dataset.names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def filter_dataset(dataset: SignalDataset, band: tuple[float, float] | None = No
                                                "below Nyquist and signals longer than the "
                                                "filter's padding") from e
     return SignalDataset(signals, dataset.labels, dataset.class_names, dataset.groups, rate,
-                         dataset.source)
+                         dataset.source, dataset.names)
 
 
 def znormalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -298,8 +298,9 @@ def window_dataset(dataset: SignalDataset, window: int,
                         for r, s in items])
     records = items[:, 0]
     groups = records if dataset.groups is None else dataset.groups[records]
+    names = None if dataset.names is None else dataset.names[records]
     return SignalDataset(signals, dataset.labels[records], dataset.class_names, groups,
-                         dataset.sample_rate, dataset.source)
+                         dataset.sample_rate, dataset.source, names)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -710,3 +710,63 @@ def test_links_that_loop_are_refused_by_name(tmp_path, rng):
     (tmp_path / "gone.edf").symlink_to(tmp_path / "nowhere.edf")
     with pytest.raises(DataError, match="is a symbolic link that points to nothing"):
         read_edf(tmp_path / "gone.edf")
+
+
+# Signal names: what prediction reports instead of the index
+
+
+def test_names_from_npz_npy_and_csv(tmp_path, rng):
+    X = rng.standard_normal((3, 20)).astype(np.float32)
+    np.savez(tmp_path / "ids.npz", X=X, y=[0, 1, 0], ids=np.array(["p7", "p8", "p9"]))
+    assert read_dataset(tmp_path / "ids.npz").names.tolist() == ["p7", "p8", "p9"]
+    np.savez(tmp_path / "rn.npz", X=X, record_names=np.array([101, 102, 103]))
+    ds = read_dataset(tmp_path / "rn.npz", labels="optional")
+    assert ds.names.tolist() == ["101", "102", "103"]
+    np.savez(tmp_path / "plain.npz", X=X, y=[0, 1, 0])
+    assert read_dataset(tmp_path / "plain.npz").names is None  # the index is the id then
+    np.savez(tmp_path / "bad.npz", X=X, y=[0, 1, 0], ids=np.array(["a", "b"]))
+    with pytest.raises(DataError, match="has 2 names for 3 signals") as err:
+        read_dataset(tmp_path / "bad.npz")
+    assert err.value.field == "ids"
+
+    np.save(tmp_path / "big.npy", X)
+    write_csv(tmp_path / "big.labels.csv", [["id", "label"], ["r1", "a"], ["r2", "b"],
+                                            ["r3", "a"]])
+    assert read_dataset(tmp_path / "big.npy").names.tolist() == ["r1", "r2", "r3"]
+
+    rows = [["id", "label", "s0", "s1", "s2"], ["rec-a", "x", 1, 2, 3], ["rec-b", "y", 4, 5, 6]]
+    write_csv(tmp_path / "d.csv", rows)
+    ds = read_dataset(tmp_path / "d.csv")
+    assert ds.names.tolist() == ["rec-a", "rec-b"]  # and the id is no sample
+    np.testing.assert_array_equal(ds.signals, [[1, 2, 3], [4, 5, 6]])
+    write_csv(tmp_path / "o.csv", [["label", "code", "s0", "s1"], ["x", "k1", 1, 2],
+                                   ["y", "k2", 3, 4]])
+    assert read_dataset(tmp_path / "o.csv", id_column="code").names.tolist() == ["k1", "k2"]
+    assert read_dataset(tmp_path / "o.csv", id_column=1).signals.tolist() == [[1, 2], [3, 4]]
+
+
+def test_names_follow_dropped_signals_subsets_and_resampling(tmp_path, rng):
+    from data.transforms import filter_dataset, resample_dataset
+
+    X = rng.standard_normal((4, 200))
+    X[1, 3] = np.nan
+    np.savez(tmp_path / "n.npz", X=X, y=[0, 1, 0, 1], ids=np.array(["a", "b", "c", "d"]),
+             fs=100.0)
+    ds = read_dataset(tmp_path / "n.npz", nan_policy="drop")
+    assert ds.names.tolist() == ["a", "c", "d"]
+    assert ds.subset(np.array([2, 0])).names.tolist() == ["d", "a"]
+    assert resample_dataset(ds, 50.0).names.tolist() == ["a", "c", "d"]
+    assert filter_dataset(ds, (1.0, 20.0)).names.tolist() == ["a", "c", "d"]
+
+
+def test_names_of_wfdb_and_edf_windows(tmp_path, rng):
+    write_wfdb(tmp_path, "100", rng.standard_normal(3000), 100, [0, 1000], ["+"] * 2,
+               ["(N", "(AFIB"])
+    ds = read_wfdb(tmp_path / "100", window_seconds=10)
+    assert ds.names.tolist() == ["100@0s", "100@10s", "100@20s"]
+    ds = read_wfdb(tmp_path / "100", window_seconds=10, stride_seconds=7.5)
+    assert ds.names.tolist() == ["100@0s", "100@7.5s", "100@15s"]
+    eeg = 50 * rng.standard_normal(150 * 100)
+    write_edf(tmp_path / "night.edf", [eeg], 100, ["EEG"], STAGES)
+    ds = read_edf(tmp_path / "night.edf")  # epoch 4 ('Sleep stage ?') is skipped
+    assert ds.names.tolist() == ["night@0s", "night@30s", "night@60s", "night@90s"]

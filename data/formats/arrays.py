@@ -79,7 +79,8 @@ def read_npz(path: str | Path, *, signals_key: str = "X", labels_key: str = "y",
              sample_rate: float | None = None,
              class_names: Sequence[str] | None = None) -> SignalDataset:
     """Read an .npz archive: X (N, T) [or 1-D concatenation + lengths (N,)], y (N,), optional
-    groups (N,), fs (scalar Hz) and class_names (names for integer y).
+    groups (N,), fs (scalar Hz), class_names (names for integer y) and ids or record_names
+    (N,) (the signals' names, reported by prediction).
 
     Without y (labels='optional'), or with labels='none', every signal is UNLABELLED.
     """
@@ -115,9 +116,12 @@ def read_npz(path: str | Path, *, signals_key: str = "X", labels_key: str = "y",
         if "class_names" in arrays:
             raw = _index_names(raw, [str(c) for c in arrays["class_names"]], path, labels_key)
     rate = _merge_rate(_check_rate(arrays.get("fs"), path, "fs"), sample_rate, path)
+    names_key = next((key for key in ("ids", "record_names") if key in arrays), None)
     return build_dataset(path, signals, raw, groups=arrays.get("groups"), sample_rate=rate,
                          nan_policy=nan_policy, class_names=class_names,
-                         signals_field=signals_key, labels_field=labels_key)
+                         signals_field=signals_key, labels_field=labels_key,
+                         names=None if names_key is None else arrays[names_key],
+                         names_field=names_key or "ids")
 
 
 def _index_names(y: np.ndarray, names: list[str], path, field: str) -> np.ndarray:
@@ -136,7 +140,8 @@ def read_npy(path: str | Path, *, labels_path: str | Path | None = None,
     """Read X (N, T) from an .npy file as a read-only memmap, labels from a sidecar CSV.
 
     The sidecar is NAME.labels.csv next to NAME.npy (or labels_path): a header row with a
-    `label` column and optionally a `group` column, then one row per signal of X, in order.
+    `label` column and optionally `group` and `id` (the signal's name) columns, then one row
+    per signal of X, in order.
     With labels='optional' the sidecar, or its `label` column, may be missing (UNLABELLED);
     labels='none' ignores the `label` column (a `group` column is still read).
     """
@@ -162,13 +167,17 @@ def read_npy(path: str | Path, *, labels_path: str | Path | None = None,
     if "label" not in columns and labels == "required":
         raise DataError(sidecar, "label", f"no 'label' column in header {header}; expected a "
                                           "header row naming 'label' (and optional 'group')")
-    raw = groups = None
+    raw = groups = ids = None
     if "label" in columns and labels != "none":
         label_at = columns.index("label")
         raw = [row[label_at] if label_at < len(row) else "" for _, row in rows]
     if "group" in columns:
         group_at = columns.index("group")
         groups = np.array([row[group_at] if group_at < len(row) else "" for _, row in rows])
+    if "id" in columns:
+        id_at = columns.index("id")
+        ids = [row[id_at].strip() if id_at < len(row) else "" for _, row in rows]
     return build_dataset(sidecar if len(rows) != len(X) else path, X, raw, groups=groups,
                          sample_rate=sample_rate, nan_policy=nan_policy,
-                         class_names=class_names, signals_field="X", labels_field="label")
+                         class_names=class_names, signals_field="X", labels_field="label",
+                         names=ids, names_field="id")

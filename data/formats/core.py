@@ -51,6 +51,10 @@ class SignalDataset:
     groups:      (N,) record/subject ids or None; items of one group must share a split.
     sample_rate: Hz, or None when the file does not say.
     source:      where the data came from (a path, or 'synthetic(...)').
+    names:       (N,) str name of each signal as the file gives it, or None where the file
+                 names none: an .npz's `ids` or `record_names`, the `id` column of a CSV/TSV
+                 or of an .npy's labels sidecar, a WFDB/EDF window's record name and start
+                 ('100@20s'). Prediction reports these instead of the index.
     """
 
     signals: list[np.ndarray] | np.ndarray
@@ -59,6 +63,7 @@ class SignalDataset:
     groups: np.ndarray | None = None
     sample_rate: float | None = None
     source: str = ""
+    names: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -91,8 +96,9 @@ class SignalDataset:
         else:
             signals = self.signals[indices]
         groups = None if self.groups is None else self.groups[indices]
+        names = None if self.names is None else self.names[indices]
         return SignalDataset(signals, self.labels[indices], list(self.class_names), groups,
-                             self.sample_rate, self.source)
+                             self.sample_rate, self.source, names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,13 +196,13 @@ def _interpolate(signal: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def _handle_nonfinite(signals, labels, groups, policy: str, path, field: str):
+def _handle_nonfinite(signals, labels, groups, names, policy: str, path, field: str):
     """Refuse, drop or repair signals holding NaN/Inf, logging what was done."""
     if policy not in NAN_POLICIES:
         raise DataError(path, "nan_policy", f"is {policy!r}; expected one of {NAN_POLICIES}")
     ok = _finite_rows(signals)
     if ok.all():
-        return signals, labels, groups
+        return signals, labels, groups, names
     bad = np.flatnonzero(~ok)
     if policy == "raise":
         raise DataError(path, field, f"{len(bad)} of {len(ok)} signals contain NaN/Inf samples "
@@ -220,7 +226,8 @@ def _handle_nonfinite(signals, labels, groups, policy: str, path, field: str):
     signals = [rows[i] for i in keep]
     if len({len(s) for s in signals}) == 1 and not on_disk:
         signals = np.stack(signals)
-    return signals, labels[keep], None if groups is None else groups[keep]
+    return (signals, labels[keep], None if groups is None else groups[keep],
+            None if names is None else names[keep])
 
 
 def _check_rate(rate: object, path, field: str = "sample_rate") -> float | None:
@@ -252,11 +259,14 @@ def build_dataset(path: str | Path, signals: list[np.ndarray] | np.ndarray,
                   raw_labels: Sequence[object] | np.ndarray | None, *, groups=None,
                   sample_rate: float | None = None, nan_policy: str = "raise",
                   class_names: Sequence[str] | None = None, signals_field: str = "signals",
-                  labels_field: str = "labels") -> SignalDataset:
+                  labels_field: str = "labels", names=None,
+                  names_field: str = "names") -> SignalDataset:
     """Check and assemble a dataset; every reader ends here.
 
     raw_labels: one label per signal, None in it for a signal without a label, or None for a
     file without labels (all UNLABELLED; class_names, if given, are kept).
+    names: one name per signal (kept as str; `names_field` is the file's field for errors),
+    or None.
     Refuses: no signals, empty or non-1-D signals, a label count that differs from the signal
     count, bad labels (see `encode_labels`), NaN/Inf (per nan_policy), and a single class when
     class_names is not given (a test file mapped onto training classes may hold one class).
@@ -283,19 +293,25 @@ def build_dataset(path: str | Path, signals: list[np.ndarray] | np.ndarray,
         if len(groups) != n:
             raise DataError(path, "groups", f"has {len(groups)} ids for {n} signals; expected "
                                             "one per signal")
+    if names is not None:
+        names = np.asarray(names).ravel().astype(str)
+        if len(names) != n:
+            raise DataError(path, names_field, f"has {len(names)} names for {n} signals; "
+                                               "expected one per signal")
     known = np.array([r is not None for r in raw_labels], dtype=bool)
     labels = np.full(n, UNLABELLED, dtype=np.int64)
-    names = list(class_names) if class_names is not None else []
+    class_list = list(class_names) if class_names is not None else []
     if known.any():
-        labels[known], names = encode_labels(raw_labels[known], path, labels_field, class_names)
-    signals, labels, groups = _handle_nonfinite(signals, labels, groups, nan_policy, path,
-                                                signals_field)
+        labels[known], class_list = encode_labels(raw_labels[known], path, labels_field,
+                                                  class_names)
+    signals, labels, groups, names = _handle_nonfinite(signals, labels, groups, names,
+                                                       nan_policy, path, signals_field)
     present = np.unique(labels)
     if class_names is None and known.all() and len(present) < 2:
-        raise DataError(path, labels_field, f"holds a single class {names[present[0]]!r}; "
+        raise DataError(path, labels_field, f"holds a single class {class_list[present[0]]!r}; "
                                             "expected at least two classes to classify")
-    return SignalDataset(signals, labels, names, groups, _check_rate(sample_rate, path),
-                         str(path))
+    return SignalDataset(signals, labels, class_list, groups, _check_rate(sample_rate, path),
+                         str(path), names)
 
 
 def _require_nonempty(path: Path) -> None:

@@ -61,8 +61,8 @@ def _labelled_windows(signal: np.ndarray, window: int, stride: int, spans=None, 
     """Cut a record into windows; label each from spans (start, end, label) by coverage or
     from events (sample, label) by majority; with neither, no window has a label.
 
-    Returns (windows (n, window) or None, labels: a name per window, None where it has none).
-    Windows without a label are dropped unless keep_unlabelled.
+    Returns (windows (n, window) or None, labels: a name per window, None where it has none,
+    starts (n,) samples). Windows without a label are dropped unless keep_unlabelled.
     """
     # Local import: transforms imports DataError from this package.
     from data.transforms import label_windows_by_events, label_windows_by_spans, window_starts
@@ -99,7 +99,7 @@ def _labelled_windows(signal: np.ndarray, window: int, stride: int, spans=None, 
     if not keep_unlabelled:
         starts, index = starts[index >= 0], index[index >= 0]
     windows = np.stack([signal[s:s + window] for s in starts]) if len(starts) else None
-    return windows, [names[i] if i >= 0 else None for i in index]
+    return windows, [names[i] if i >= 0 else None for i in index], starts
 
 
 # MIT-BIH beat annotation codes (the others are rhythm, noise and comment markers).
@@ -212,7 +212,7 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
     if label_source not in ("rhythm", "beat"):
         raise DataError(path, "label_source", f"is {label_source!r}; expected 'rhythm'/'beat'")
     group_regex = _compile_group_pattern(group_pattern, path)
-    windows, raw, groups, rates = [], [], [], set()
+    windows, raw, groups, ids, rates = [], [], [], [], set()
     records = _wfdb_records(path, annotation, labels)  # file problems first, then the package
     wfdb = _optional_package("wfdb", path)
     for record in records:
@@ -238,18 +238,25 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
                                          labels == "required")
         window = round(window_seconds * fs)
         stride = round((stride_seconds or window_seconds) * fs)
-        w, names = _labelled_windows(signal, window, stride, spans, events, label_map,
-                                     ann_path if annotated else header,
-                                     "aux_note" if label_source == "rhythm" else "symbol",
-                                     keep_unlabelled=labels != "required")
+        w, names, starts = _labelled_windows(signal, window, stride, spans, events, label_map,
+                                             ann_path if annotated else header,
+                                             "aux_note" if label_source == "rhythm"
+                                             else "symbol",
+                                             keep_unlabelled=labels != "required")
         if w is not None:
             windows.append(w)
             raw += names
             groups += [_group_id(record.name, group_regex)] * len(names)
-    return _annotated_dataset(path, windows, raw, groups, rates, nan_policy, class_names)
+            ids += _window_names(record.name, starts, fs)
+    return _annotated_dataset(path, windows, raw, groups, ids, rates, nan_policy, class_names)
 
 
-def _annotated_dataset(path, windows, raw, groups, rates, nan_policy, class_names):
+def _window_names(record: str, starts: np.ndarray, fs: float) -> list[str]:
+    """'100@20s': the record a window comes from and its start in seconds."""
+    return [f"{record}@{start / fs:g}s" for start in starts]
+
+
+def _annotated_dataset(path, windows, raw, groups, ids, rates, nan_policy, class_names):
     if len(rates) > 1:
         raise DataError(path, "sample_rate", f"records have different rates {sorted(rates)}; "
                                              "expected one rate (resample them first)")
@@ -259,7 +266,7 @@ def _annotated_dataset(path, windows, raw, groups, rates, nan_policy, class_name
     return build_dataset(path, np.concatenate(windows), raw, groups=np.array(groups),
                          sample_rate=rates.pop(), nan_policy=nan_policy,
                          class_names=class_names, signals_field="signal",
-                         labels_field="annotation")
+                         labels_field="annotation", names=ids)
 
 
 # Sleep-EDF / AASM stage annotations -> classes (R&K stages 3 and 4 merge into N3).
@@ -335,7 +342,7 @@ def read_edf(path: str | Path, *, channel: str | int | None = None,
         pairs = [(f, None) for f in files]
     else:
         pairs = [(path, Path(hypnogram) if hypnogram is not None else None)]
-    windows, raw, groups, rates = [], [], [], set()
+    windows, raw, groups, ids, rates = [], [], [], [], set()
     for psg, hyp in pairs:
         f = _edf_open(psg)
         try:
@@ -361,14 +368,16 @@ def read_edf(path: str | Path, *, channel: str | int | None = None,
             spans = _stage_spans(notes, label_map, fs, len(signal), hyp or psg,
                                  required=labels == "required")
         epoch = round(epoch_seconds * fs)
-        w, names = _labelled_windows(signal, epoch, epoch, spans, None, label_map, hyp or psg,
-                                     "annotations", keep_unlabelled=labels != "required")
+        w, names, starts = _labelled_windows(signal, epoch, epoch, spans, None, label_map,
+                                             hyp or psg, "annotations",
+                                             keep_unlabelled=labels != "required")
         rates.add(fs)
         if w is not None:
             windows.append(w)
             raw += names
             groups += [_group_id(psg.stem, group_regex)] * len(names)
-    return _annotated_dataset(path, windows, raw, groups, rates, nan_policy, class_names)
+            ids += _window_names(psg.stem, starts, fs)
+    return _annotated_dataset(path, windows, raw, groups, ids, rates, nan_policy, class_names)
 
 
 def _is_staged(texts, label_map: Mapping[str, str | None]) -> bool:

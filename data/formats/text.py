@@ -148,7 +148,8 @@ def _label_column(spec: str | int | None, names: list[str] | None, labels: str,
 
 
 def read_csv(path: str | Path, *, label_column: str | int | None = None,
-             group_column: str | int | None = None, delimiter: str | None = None,
+             group_column: str | int | None = None, id_column: str | int | None = None,
+             delimiter: str | None = None,
              header: bool | None = None, labels: str = "required", nan_policy: str = "raise",
              sample_rate: float | None = None,
              class_names: Sequence[str] | None = None) -> SignalDataset:
@@ -157,8 +158,10 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
     delimiter: default tab for .tsv, comma otherwise. header: None detects a header row.
     label_column: name or index; default a column named 'label', else the first column.
     group_column: name or index; default a column named 'group' when there is one.
+    id_column: name or index of the signals' names; default a column named 'id' when there
+    is one.
     labels='optional': a header row without a 'label' column (and no label_column) means no
-    labels; labels='none': no label column, every cell but the group is a sample.
+    labels; labels='none': no label column, every cell but the group and id is a sample.
     Rows may differ in length: trailing empty or NaN cells are padding; an empty cell inside
     a row is a missing sample (see nan_policy).
     """
@@ -169,7 +172,8 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
     names, rows, delimiter = _read_table(path, delimiter, header, hint, default)
     label_at = _label_column(label_column, names, labels, path)
     group_at = _column(group_column, names, "group", path, "group_column")
-    raw, groups, signals = [], [], []
+    id_at = _column(id_column, names, "id", path, "id_column")
+    raw, groups, ids, signals = [], [], [], []
     for line, row in rows:
         if label_at is not None and label_at >= len(row):
             raise DataError(path, f"line {line}", f"has {len(row)} cells; expected a label in "
@@ -177,18 +181,24 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
         if group_at is not None and group_at >= len(row):
             raise DataError(path, f"line {line}", f"has {len(row)} cells; expected a group in "
                                                   f"column {group_at}")
+        if id_at is not None and id_at >= len(row):
+            raise DataError(path, f"line {line}", f"has {len(row)} cells; expected an id in "
+                                                  f"column {id_at}")
         if label_at is not None:
             raw.append(row[label_at])
         if group_at is not None:
             groups.append(row[group_at].strip())
-        samples = [c for j, c in enumerate(row) if j != label_at and j != group_at]
+        if id_at is not None:
+            ids.append(row[id_at].strip())
+        samples = [c for j, c in enumerate(row) if j not in (label_at, group_at, id_at)]
         signals.append(_parse_samples(samples, path, line, delimiter))
     if len({len(s) for s in signals}) == 1:
         signals = np.stack(signals)
     return build_dataset(path, signals, raw if label_at is not None else None,
                          groups=np.array(groups) if groups else None, sample_rate=sample_rate,
                          nan_policy=nan_policy, class_names=class_names,
-                         signals_field="samples", labels_field="label")
+                         signals_field="samples", labels_field="label",
+                         names=ids if id_at is not None else None, names_field="id")
 
 
 # ----------------------------------------------------------------------------------------------
