@@ -1,0 +1,122 @@
+"""The pictures of a finished run: what `train.py` draws into the run folder (and TensorBoard)
+after testing, from the test predictions, the test items and the run's own event files.
+
+    per_class_scores.png   precision / recall / F1 per class (utils/plots.plot_per_class_scores)
+    test_examples.png      correct and misclassified test signals per class, with an occlusion
+                           attribution over time under each (utils/attribution)
+    training_curves.png    loss, metrics and learning rate against the step, from TensorBoard
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import Dataset
+
+from utils.attribution import attribute_over_time
+from utils.plots import (
+    plot_examples,
+    plot_per_class_scores,
+    plot_training_curves,
+    read_scalars,
+    save_png,
+    select_examples,
+)
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_PER_CLASS = 2  # a correct and a misclassified one where both exist
+
+
+def example_items(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (N, L), lengths (N,)) of the dataset's items at `indices`: the model's inputs, each
+    item (x (L,), y, n) as the data module gives it."""
+    xs, ns = [], []
+    for i in indices:
+        x, _, n = dataset[int(i)]
+        xs.append(x)
+        ns.append(int(n))
+    return torch.stack(xs), torch.tensor(ns, dtype=torch.int64)
+
+
+def pictures_of_test_set(model: nn.Module | None, dataset: Dataset, probabilities: Any, labels: Any,
+                  class_names: Sequence[str], report: Mapping[str, Any],
+                  sample_rate: float | None = None) -> dict[str, Figure]:
+    """{name: Figure} of the per-class scores and the example grid of a test set.
+
+    model: the classifier (x, lengths) -> logits, for the attributions (None: none drawn);
+    dataset: the test items in the order of `probabilities` (N, K) and `labels` (N,);
+    report: sklearn's classification_report dict (output_dict=True) over class_names.
+    """
+    probabilities = torch.as_tensor(probabilities).float()
+    labels = torch.as_tensor(labels).long()
+    predicted = probabilities.argmax(-1)
+    figures = {"per_class_scores": plot_per_class_scores(report, class_names)}
+    chosen = select_examples(labels, predicted, probabilities, per_class=EXAMPLES_PER_CLASS)
+    if len(chosen) == 0:
+        return figures
+    x, lengths = example_items(dataset, chosen)
+    attributions, label = None, "attribution"
+    if model is not None:
+        device = next(model.parameters()).device
+        attributions = attribute_over_time(model, x.to(device), lengths.to(device),
+                                           predicted[chosen].to(device),
+                                           method="occlusion").cpu()
+        label = "occlusion"
+    figures["test_examples"] = plot_examples(
+        x, lengths, labels[chosen], predicted[chosen], probabilities[chosen], class_names,
+        sample_rate=sample_rate, attributions=attributions, per_class=EXAMPLES_PER_CLASS,
+        attribution_label=label)
+    return figures
+
+
+def write_pictures(run_dir: str | Path, figures: Mapping[str, Figure],
+                   experiment: Any = None, step: int = 0) -> list[Path]:
+    """Each figure as run_dir/NAME.png and, where `experiment` is a TensorBoard
+    SummaryWriter, as the image `pictures/NAME` at `step`. Returns the PNG paths."""
+    paths = []
+    for name, fig in figures.items():
+        paths.append(save_png(fig, Path(run_dir) / f"{name}.png"))
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure(f"pictures/{name}", fig, global_step=step, close=False)
+    return paths
+
+
+def training_curves(run_dir: str | Path, monitor: str | None) -> Figure | None:
+    """The training curves of the run whose event files are in run_dir (None: no scalars)."""
+    if not any(Path(run_dir).glob("events.out.tfevents.*")):
+        return None
+    scalars = read_scalars(run_dir)
+    if not scalars:
+        return None
+    return plot_training_curves(scalars, monitor=monitor)
+
+
+def report_pictures(run_dir: str | Path, model: nn.Module | None, dataset: Dataset | None,
+                    probabilities: Any, labels: Any, class_names: Sequence[str],
+                    report: Mapping[str, Any], sample_rate: float | None = None,
+                    monitor: str | None = None, experiment: Any = None,
+                    step: int = 0) -> list[Path]:
+    """Draw and write every picture of a tested run (see the module docstring); the training
+    curves only where run_dir holds event files. A picture that cannot be drawn is logged
+    and skipped: the pictures never cost a run its results."""
+    figures: dict[str, Figure] = {}
+    try:
+        if dataset is not None and probabilities is not None and labels is not None:
+            keep = np.asarray(labels) >= 0  # unlabelled test items have nothing to judge
+            if keep.all():
+                figures.update(pictures_of_test_set(model, dataset, probabilities, labels,
+                                             class_names, report, sample_rate))
+        curves = training_curves(run_dir, monitor)
+        if curves is not None:
+            figures["training_curves"] = curves
+    except (ValueError, RuntimeError) as exc:
+        log.warning("pictures not drawn (%s)", exc)
+    return write_pictures(run_dir, figures, experiment, step)
