@@ -35,7 +35,7 @@ def tones(n: int, seed: int, length: int = LENGTH) -> tuple[np.ndarray, np.ndarr
 @pytest.fixture(scope="module")
 def fitted() -> SignalClassifier:
     X, y = tones(48, seed=0)
-    return SignalClassifier(**TINY, max_steps=40, sample_rate=100).fit(X, y)
+    return SignalClassifier(**TINY, max_steps=30, lr=1e-2, sample_rate=100).fit(X, y)
 
 
 def test_fits_an_easy_set_and_predicts_held_out_signals(fitted):
@@ -44,7 +44,7 @@ def test_fits_an_easy_set_and_predicts_held_out_signals(fitted):
     proba = fitted.predict_proba(X)
     assert proba.shape == (40, 2) and proba.dtype == np.float64
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
-    assert fitted.score(X, y) >= 0.9
+    assert fitted.score(X, y) >= 0.95  # 1.0 when written
     assert set(fitted.predict(X)) <= {"high", "low"}
     assert fitted.n_features_in_ == LENGTH and len(fitted.members_) == 1
     np.testing.assert_allclose(np.exp(fitted.predict_log_proba(X)), proba, rtol=1e-12)
@@ -151,7 +151,7 @@ def test_cross_val_score_and_a_pipeline():
 @pytest.mark.parametrize(("params", "X", "message"), [
     ({"hidden_size": 0}, None, "hidden_size must be a positive integer"),
     ({"lr": -1.0}, None, "lr must be"),
-    ({"normalize": "Window"}, None, "normalize must be one of"),
+    ({"normalize": "Window"}, None, "normalize"),
     ({"branches": "neither"}, None, "branches must be"),
     ({}, np.zeros(50), "Reshape your data"),
     ({}, [np.zeros(50), np.zeros((2, 5))], "X\\[1\\]"),
