@@ -208,6 +208,9 @@ EXPECTED_FAILED_CHECKS = {
         "by design predict takes signals of any length: a longer record is cut into windows "
         "whose probabilities are averaged, a shorter one is zero-padded (issue 17), so X with "
         "another number of columns is not an error"),
+}
+# fail by design too; skipped rather than run as expected failures: three fits each
+SKIPPED_CHECKS = {
     "check_classifiers_train": (
         "besides an accuracy of 0.83 on 2-feature blobs it asserts that predict refuses X with "
         "another number of columns, which this estimator accepts by design (see "
@@ -220,4 +223,7 @@ EXPECTED_FAILED_CHECKS = {
                       ensemble=1)],
     expected_failed_checks=lambda estimator: EXPECTED_FAILED_CHECKS)
 def test_sklearn_estimator_checks(estimator, check):
+    name = getattr(check, "func", check).__name__
+    if name in SKIPPED_CHECKS:
+        pytest.skip(SKIPPED_CHECKS[name])
     check(estimator)
