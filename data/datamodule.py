@@ -440,6 +440,19 @@ class SignalDataModule(pl.LightningDataModule):
         return self._loader(self.test_dataset, shuffle=False)
 
 
+class InMemoryDataModule(SignalDataModule):
+    """A `SignalDataModule` over records already in memory (arrays handed to the
+    scikit-learn estimator) instead of `config.source`: everything after reading
+    (resampling, filters, splits, length policy, normalisation, loaders) is the same."""
+
+    def __init__(self, records: SignalDataset, config: DataConfig | None = None):
+        super().__init__(config)
+        self.records = records
+
+    def _load(self) -> tuple[SignalDataset, SignalDataset | None]:
+        return self.records, None
+
+
 def auto_batch_size(items: int) -> int:
     """A quarter of the training items, at least 4 and at most 32: several optimizer steps
     per epoch on a few dozen series, and the usual batch on large sets."""
@@ -499,6 +512,13 @@ def prediction_inputs(path: str | Path, trained: Mapping[str, Any], class_names:
                if key != "labels"}  # training always reads with labels='required'
     options = {"labels": "optional", **options, **(reader_options or {})}
     dataset = read_dataset(path, fmt, class_names=list(class_names), **options)
+    return prepare_prediction_inputs(dataset, trained, window_stride)
+
+
+def prepare_prediction_inputs(dataset: SignalDataset, trained: Mapping[str, Any],
+                              window_stride: int | None = None) -> PredictionInputs:
+    """Cut records already read (a file's, or arrays in memory) into model inputs exactly as
+    training prepared its data: `prediction_inputs` without the reading."""
     rate = trained.get("trained_sample_rate")
     if rate and dataset.sample_rate and dataset.sample_rate != rate:
         dataset = resample_dataset(dataset, rate)

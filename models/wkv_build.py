@@ -149,6 +149,22 @@ def _build_tag(target: str, extension: Extension = CUDA_EXTENSION) -> str:
     return digest.hexdigest()[:12]
 
 
+def _staged_sources(extension: Extension, build_dir: Path) -> list[str]:
+    """The extension's sources and headers copied into build_dir/src (once; the folder's name
+    hashes their contents), to compile from there. ninja keys its build on source paths, so
+    compiling SOURCE_DIR itself made every checkout and installation of the same sources
+    rebuild the shared cached library in turn; the copies give them all one build.ninja."""
+    staged = build_dir / "src"
+    staged.mkdir(parents=True, exist_ok=True)
+    for name in extension.sources + extension.headers:
+        target = staged / name
+        if not target.exists():
+            partial = staged / f".{name}.{os.getpid()}.tmp"
+            shutil.copyfile(SOURCE_DIR / name, partial)
+            os.replace(partial, target)  # a killed copy never leaves a truncated source
+    return [str(staged / s) for s in extension.sources]
+
+
 # the library of each extension this process loaded: the operator's schema can be registered
 # only once per process, so a second build (another cache folder, another target) is not loaded
 _in_process: dict[str, Built] = {}
@@ -179,7 +195,7 @@ def _jit_load(extension: Extension, target: str, verbose: bool, timeout: float) 
             (build_dir / "lock").unlink(missing_ok=True)
             cpp_extension.load(
                 name=name,
-                sources=[str(SOURCE_DIR / s) for s in extension.sources],
+                sources=_staged_sources(extension, build_dir),
                 extra_cflags=list(extension.cflags),
                 extra_cuda_cflags=list(extension.cuda_cflags) or None,
                 extra_ldflags=list(extension.ldflags) or None,

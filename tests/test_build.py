@@ -87,3 +87,22 @@ def test_pyproject_ships_the_kernel_sources():
     needed = {*build.CUDA_EXTENSION.sources, *build.CUDA_EXTENSION.headers,
               *build.cpu_extension().sources, *build.cpu_extension().headers}
     assert needed <= shipped
+
+
+def test_every_checkout_compiles_the_same_staged_copies(tmp_path, monkeypatch):
+    """Two folders holding the same sources (two checkouts, a checkout and an installation)
+    compile the same paths inside the build folder, so they share one cached build instead
+    of rebuilding it for each other (ninja keys its build on source paths)."""
+    ext = build.cpu_extension()
+    staged = []
+    for name in ("checkout", "site-packages"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in ext.sources + ext.headers:
+            (folder / file).write_bytes((build.SOURCE_DIR / file).read_bytes())
+        monkeypatch.setattr(build, "SOURCE_DIR", folder)
+        staged.append(build._staged_sources(ext, tmp_path / "build"))
+    assert staged[0] == staged[1] == [str(tmp_path / "build" / "src" / s) for s in ext.sources]
+    for file in ext.sources + ext.headers:
+        copy = tmp_path / "build" / "src" / file
+        assert copy.read_bytes() == (build.SOURCE_DIR / file).read_bytes()

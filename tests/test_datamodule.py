@@ -336,3 +336,31 @@ def test_items_give_their_real_length_and_zero_padding(tmp_path, rng):
         for i, (record, _) in enumerate(dataset.items):
             x, _, n = dataset[i]
             assert int(n) == len(signals[record]) and (x[int(n):] == 0).all()
+
+
+def test_in_memory_records_are_served_as_a_file_of_them(tmp_path, rng):
+    """InMemoryDataModule (the estimator's) splits, scales and serves records in memory as
+    SignalDataModule does the same records read from a file; prepare_prediction_inputs on
+    them gives what prediction_inputs gives for the file."""
+    from data.datamodule import InMemoryDataModule, prepare_prediction_inputs
+    from data.formats import read_dataset
+
+    X, _, _ = write_grouped_npz(tmp_path / "g.npz", rng)
+    config = dict(val_fraction=0.2, test_fraction=0.2, batch_size=4, augment=False)
+    from_file = SignalDataModule(DataConfig(source=str(tmp_path / "g.npz"), **config))
+    in_memory = InMemoryDataModule(read_dataset(tmp_path / "g.npz"),
+                                   DataConfig(source="arrays", **config))
+    for dm in (from_file, in_memory):
+        dm.setup("fit")
+    for part in ("train_dataset", "val_dataset", "test_dataset"):
+        np.testing.assert_array_equal(getattr(in_memory, part).items,
+                                      getattr(from_file, part).items)
+    assert in_memory.dataset_stats == from_file.dataset_stats
+    trained = from_file.trained_settings()
+    names = from_file.class_names
+    expected = prediction_inputs(tmp_path / "g.npz", trained, names)
+    got = prepare_prediction_inputs(read_dataset(tmp_path / "g.npz"), trained)
+    np.testing.assert_array_equal(got.windows, expected.windows)
+    torch.testing.assert_close(got.items[3][0], expected.items[3][0])
+    torch.testing.assert_close(got.items[3][0], torch.from_numpy(
+        (X[3] - trained["dataset_stats"][0]) / trained["dataset_stats"][1]).float())
