@@ -38,8 +38,8 @@ fi
 echo "Python: $python"
 
 if (( install )); then
-  # Only the dependencies: the project runs from this folder (its packages are named models,
-  # data and utils, too generic to install into an environment).
+  # Only the dependencies: train.py and the benchmarks run from this folder as they are;
+  # `pip install .` (README: "Use it as a library") makes them importable from anywhere.
   requirements=(-r requirements.txt -r requirements-formats.txt)
   (( dev )) && requirements+=(-r requirements-dev.txt)
   start=$(date +%s)
