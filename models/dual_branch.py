@@ -204,26 +204,44 @@ class DualBranchClassifier(nn.Module):
         if lengths is not None:
             lengths = self._check_lengths(lengths, x)
         time_input = freq_input = x
-        extra = []
+        mean = std = None
         if cfg.instance_norm:
             signal = x.squeeze(-1).float()  # (B, T)
             mask = None
             if lengths is not None:
                 mask = (torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(1)).float()
             mean, std = signal_statistics(signal, mask)
-            shape = (signal - mean) / std
-            time_input = freq_input = shape if mask is None else shape * mask
-            if cfg.keep_amplitude:
-                time_input = torch.stack((time_input, signal), -1)  # signal is 0 in padding
-                extra.append(self.amplitude(torch.cat((mean, std.log()), -1)))
+            time_input, freq_input = self.branch_inputs(signal, mean, std, mask)
         features = []
         if self.time_branch is not None:
             features.append(self.time_branch(time_input, lengths=lengths))
         if self.freq_branch is not None:
             features.append(self.freq_branch(freq_input, lengths))
+        return self.head_logits(features, mean, std)
+
+    def branch_inputs(self, signal: Tensor, mean: Tensor, std: Tensor,
+                      mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """What instance_norm models feed their branches: signal (B, T) float32 and its
+        (B, 1) mean and std (`signal_statistics`) -> (time input (B, T, 2) with keep_amplitude
+        (the z-normalised signal and the signal as given) else (B, T), freq input (B, T));
+        mask (B, T) zeroes the padding. Pointwise in T, so a chunk of a signal can be
+        prepared on its own (streaming)."""
+        shape = (signal - mean) / std
+        time_input = freq_input = shape if mask is None else shape * mask
+        if self.config.keep_amplitude:
+            time_input = torch.stack((time_input, signal), -1)  # signal is 0 in padding
+        return time_input, freq_input
+
+    def head_logits(self, features: list[Tensor], mean: Tensor | None = None,
+                    std: Tensor | None = None) -> Tensor:
+        """The branches' pooled features (time first, as the branches are on) -> (B,
+        num_classes) logits: fusion, the embedded (B, 1) mean and std of each signal
+        (keep_amplitude models need them), dropout, the linear head."""
         fused = self.fusion(features)
-        if extra:
-            fused = torch.cat((fused, *extra), -1)
+        if self.amplitude is not None:
+            if mean is None or std is None:
+                raise ValueError("this model keeps amplitude: head_logits needs mean and std")
+            fused = torch.cat((fused, self.amplitude(torch.cat((mean, std.log()), -1))), -1)
         return self.head(self.drop(fused))
 
     def _check_lengths(self, lengths: Tensor, x: Tensor) -> Tensor:

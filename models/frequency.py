@@ -3,6 +3,10 @@
 Read top to bottom: `FrequencyConfig` -> `ConvStage` -> `FrequencyBranch`.
 Shapes: B batch, T samples, F frequency bins (n_mels, or n_fft // 2 + 1 for a linear
 spectrogram), N frames = 1 + T // hop_length.
+
+The STFT is torch.stft (complex) by default; `FrequencyBranch(config, stft="conv")` or
+`set_stft("conv")` computes the same power spectrogram with real-valued ops only (a strided
+conv1d with a fixed cos/sin basis), for exporters without complex numbers (ONNX).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import torchaudio
 from torch import Tensor, nn
 
 from models.rwkv import validate_signal
+
+STFT_MODES = ("fft", "conv")
 
 
 @dataclass
@@ -117,9 +123,11 @@ class FrequencyBranch(nn.Module):
     the input's device; SpecAugment masks are applied only in training. forward checks the
     input's shape, length and dtype (ValueError), not its values: NaN/Inf are the caller's to
     refuse (`DualBranchClassifier` does, once).
+
+    stft: "fft" (torch.stft, the default for training) or "conv" (see `set_stft`).
     """
 
-    def __init__(self, config: FrequencyConfig):
+    def __init__(self, config: FrequencyConfig, stft: str = "fft"):
         super().__init__()
         self.config = config
         win_length = config.window_length
@@ -153,10 +161,58 @@ class FrequencyBranch(nn.Module):
         self.cnn = nn.Sequential(*(ConvStage(a, b) for a, b in zip(widths, widths[1:],
                                                                        strict=False)))
         self.drop = nn.Dropout(config.dropout)
+        self.set_stft(stft)
 
     @property
     def out_features(self) -> int:
         return self.config.out_features
+
+    @property
+    def _stft(self) -> torchaudio.transforms.Spectrogram:
+        mel = isinstance(self.spectrogram, torchaudio.transforms.MelSpectrogram)
+        return self.spectrogram.spectrogram if mel else self.spectrogram
+
+    def set_stft(self, mode: str) -> None:
+        """Choose how the STFT is computed: "fft" (torch.stft) or "conv".
+
+        "conv" is a strided conv1d whose 2 * (n_fft // 2 + 1) kernels are the window times
+        cos / sin of each bin, on the signal zero-padded by n_fft // 2 at both ends: the frames,
+        window, centring and padding of the "fft" path, with real-valued ops only (ONNX has no
+        complex STFT). Both are float32: the power spectrograms agree to ~5e-7 of the peak, the
+        dB values to a few 1e-3 dB in bins far below it (rounding of either path, not a
+        bias). It costs n_fft multiply-adds per bin and frame (an FFT far fewer). No parameter
+        changes: the basis is a non-persistent buffer, so state_dicts load either way.
+        """
+        if mode not in STFT_MODES:
+            raise ValueError(f"stft must be one of {STFT_MODES}; got {mode!r}")
+        self.stft = mode
+        if mode == "conv":
+            self.register_buffer("stft_basis", self._stft_basis(), persistent=False)
+        elif "stft_basis" in self._buffers:
+            del self._buffers["stft_basis"]
+
+    def _stft_basis(self) -> Tensor:
+        """(2F, 1, n_fft) float32 kernels [window * cos; window * sin], built in float64."""
+        stft = self._stft
+        n_fft, window = stft.n_fft, stft.window.double()
+        left = (n_fft - window.shape[0]) // 2  # torch.stft centres a shorter window
+        window = nn.functional.pad(window, (left, n_fft - window.shape[0] - left))
+        n = torch.arange(n_fft, dtype=torch.float64, device=window.device)
+        bins = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=window.device)
+        angle = 2 * torch.pi * bins[:, None] * n[None, :] / n_fft  # (F, n_fft)
+        basis = torch.cat((torch.cos(angle), torch.sin(angle))) * window
+        return basis.float().unsqueeze(1)
+
+    def _conv_power(self, x: Tensor) -> Tensor:
+        """(B, T) float32 -> (B, n_fft // 2 + 1, N) power spectrogram through the conv basis."""
+        stft = self._stft
+        if stft.center:
+            half = stft.n_fft // 2
+            x = nn.functional.pad(x, (half, half))  # pad_mode "constant": zeros
+        parts = nn.functional.conv1d(x.unsqueeze(1), self.stft_basis.to(x.dtype),
+                                     stride=stft.hop_length)  # (B, 2F, N)
+        re, im = parts.chunk(2, dim=1)
+        return re.square() + im.square()
 
     def power_spectrogram(self, x: Tensor) -> Tensor:
         """(B, T) float32 signal -> (B, 1, F, N) power spectrogram (mel or linear).
@@ -166,11 +222,15 @@ class FrequencyBranch(nn.Module):
         calls torch.jit.isinstance, which torch.compile cannot trace (a graph break).
         """
         mel = isinstance(self.spectrogram, torchaudio.transforms.MelSpectrogram)
-        stft = self.spectrogram.spectrogram if mel else self.spectrogram
-        spec = torch.stft(x, n_fft=stft.n_fft, hop_length=stft.hop_length,
-                          win_length=stft.win_length, window=stft.window, center=stft.center,
-                          pad_mode=stft.pad_mode, onesided=stft.onesided, return_complex=True)
-        spec = spec.abs().pow(2.0)
+        stft = self._stft
+        if self.stft == "conv":
+            spec = self._conv_power(x)
+        else:
+            spec = torch.stft(x, n_fft=stft.n_fft, hop_length=stft.hop_length,
+                              win_length=stft.win_length, window=stft.window,
+                              center=stft.center, pad_mode=stft.pad_mode,
+                              onesided=stft.onesided, return_complex=True)
+            spec = spec.abs().pow(2.0)
         if mel:
             spec = self.spectrogram.mel_scale(spec)
         return spec.unsqueeze(1)
@@ -228,4 +288,4 @@ class FrequencyBranch(nn.Module):
         return self.drop(peak + mean)
 
 
-__all__ = ["ConvStage", "FrequencyBranch", "FrequencyConfig"]
+__all__ = ["STFT_MODES", "ConvStage", "FrequencyBranch", "FrequencyConfig"]

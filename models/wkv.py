@@ -221,18 +221,28 @@ def wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, chunk
     y = num / den
 
     # chunks whose span defeats the factorisation: step through them from their incoming state
-    if bool(wide.any()):
+    if torch.compiler.is_exporting():
+        # an exported graph cannot branch on data: step through every chunk, keep the wide ones
+        y = torch.where(wide[:, :, None, None], _stepped_rows(chunk_states, kc, vc, w, u), y)
+    elif bool(wide.any()):
         bi, ni = wide.nonzero(as_tuple=True)
-        a, b, p = chunk_states[bi, ni].unbind(1)
-        rows = []
-        for t in range(L):
-            kt, vt = kc[bi, ni, t], vc[bi, ni, t]
-            rows.append(_step_output(a, b, p, u, kt, vt))
-            a, b, p = _step_state(a, b, p, w, kt, vt)
-        y = torch.index_put(y, (bi, ni), torch.stack(rows, 1))
+        rows = _stepped_rows(chunk_states[bi, ni], kc[bi, ni], vc[bi, ni], w, u)
+        y = torch.index_put(y, (bi, ni), rows)
 
     y = y.reshape(bsz, n_chunks * L, channels)[:, :steps]
     return y, state_out, chunk_states
+
+
+def _stepped_rows(states: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) -> Tensor:
+    """Outputs of chunks computed step by step from their incoming states: states (..., 3, C),
+    k, v (..., L, C) -> (..., L, C)."""
+    a, b, p = states.unbind(-2)
+    rows = []
+    for t in range(k.shape[-2]):
+        kt, vt = k[..., t, :], v[..., t, :]
+        rows.append(_step_output(a, b, p, u, kt, vt))
+        a, b, p = _step_state(a, b, p, w, kt, vt)
+    return torch.stack(rows, -2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -189,3 +189,35 @@ def test_padded_signal_gives_what_it_gives_alone(kind):
         together = branch(batch, torch.tensor([77, 150]))
         torch.testing.assert_close(together[0], branch(short)[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(together[1], branch(long)[0], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the conv STFT (export)
+
+
+@pytest.mark.parametrize("freq", [
+    dict(spectrogram="mel", n_mels=16),
+    dict(spectrogram="linear", n_fft=63, hop_length=7, win_length=40),
+    dict(spectrogram="mel", n_fft=100, hop_length=30, win_length=60, n_mels=20),
+])
+def test_conv_stft_matches_torchaudio(freq: dict) -> None:
+    branch = FrequencyBranch(FrequencyConfig(**{**SMALL, **freq})).eval()
+    x = torch.randn(3, 1001) + torch.sin(torch.arange(1001) * 0.3)
+    want = branch.spectrogram(x)  # the torchaudio transform itself
+    want_log, want_out = branch.log_spectrogram(x), branch(x)
+    keys = set(branch.state_dict())
+    branch.set_stft("conv")
+    assert set(branch.state_dict()) == keys  # the basis is not a parameter
+    got = branch.power_spectrogram(x).squeeze(1)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    torch.testing.assert_close(branch.log_spectrogram(x), want_log, atol=1e-2, rtol=0)
+    torch.testing.assert_close(branch(x), want_out, atol=1e-4, rtol=0)
+    branch.set_stft("fft")
+    assert "stft_basis" not in dict(branch.named_buffers())
+
+
+def test_stft_mode_is_checked_and_fft_is_the_default() -> None:
+    branch = FrequencyBranch(FrequencyConfig(**SMALL))
+    assert branch.stft == "fft"
+    with pytest.raises(ValueError, match="stft must be one of"):
+        branch.set_stft("dft")
