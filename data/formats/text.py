@@ -167,6 +167,9 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
     """
     path = Path(path)
     check_label_mode(labels, path)
+    if delimiter is not None and len(delimiter) != 1:
+        raise DataError(path, "delimiter", f"is {delimiter!r}; expected one character such as "
+                                           "',', ';', '\\t' or '|'")
     default = "\t" if path.suffix.lower() == ".tsv" else ","
     hint = label_column.casefold() if isinstance(label_column, str) else ""
     names, rows, delimiter = _read_table(path, delimiter, header, hint, default)

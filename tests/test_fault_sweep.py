@@ -1,0 +1,96 @@
+"""Regression tests for the bad inputs a fault sweep of train.py found handled badly (issue 18)
+and that the other test files do not cover: each makes its bad file or option, asserts the
+exact one-line message, and leaves nothing behind (tmp_path only)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from data.formats import DataError, read_dataset
+
+
+@pytest.fixture
+def small_csv(tmp_path):
+    """A labelled CSV of 6 signals, 8 samples each, with a header row."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "small.csv"
+    rows = ["label," + ",".join(f"s{i}" for i in range(8))]
+    rows += [f"{'AB'[i % 2]}," + ",".join(f"{v:.3f}" for v in rng.standard_normal(8))
+             for i in range(6)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    # a float column index used to fail with AttributeError inside the reader
+    ("label_column", 1.5, "is 1.5 (float); expected text or a whole number for the csv "
+                          "reader's label_column option"),
+    # True is an int to Python: it was read as column 1, a sample column
+    ("label_column", True, "is True (bool); expected text or a whole number for the csv "
+                           "reader's label_column option"),
+    ("group_column", 2.5, "is 2.5 (float); expected text or a whole number for the csv "
+                          "reader's group_column option"),
+    # any non-empty text used to count as header=True
+    ("header", "maybe", "is 'maybe' (str); expected true or false for the csv reader's header "
+                        "option"),
+    ("delimiter", 5, "is 5 (int); expected text for the csv reader's delimiter option"),
+    # a TypeError from inside the reader before
+    ("class_names", 5, "is 5 (int); expected a list of names for the csv reader's class_names "
+                       "option"),
+    # a str is a sequence of one-letter class names
+    ("class_names", "AB", "is 'AB' (str); expected a list of names for the csv reader's "
+                          "class_names option"),
+    ("sample_rate", [1, 2], "is [1, 2] (list); expected a number for the csv reader's "
+                            "sample_rate option"),
+])
+def test_reader_options_of_the_wrong_type_are_refused(small_csv, option, value,
+                                                      expected) -> None:
+    with pytest.raises(DataError) as refused:
+        read_dataset(small_csv, **{option: value})
+    assert str(refused.value) == f"{small_csv} [{option}]: {expected}"
+
+
+def test_reader_options_of_the_right_type_still_read(small_csv) -> None:
+    for options in ({"label_column": "label"}, {"label_column": 0}, {"sample_rate": 250},
+                    {"sample_rate": 250.0}, {"header": True}, {"delimiter": ","},
+                    {"class_names": ["A", "B"]}, {"class_names": ("A", "B")}):
+        assert read_dataset(small_csv, **options).class_names == ["A", "B"]
+
+
+@pytest.mark.parametrize("delimiter", [";;", ""])
+def test_a_delimiter_of_more_or_less_than_one_character_is_refused(small_csv,
+                                                                   delimiter) -> None:
+    # csv.reader's TypeError ('"delimiter" must be a 1-character string') was a traceback
+    with pytest.raises(DataError) as refused:
+        read_dataset(small_csv, delimiter=delimiter)
+    assert str(refused.value) == (f"{small_csv} [delimiter]: is {delimiter!r}; expected one "
+                                  "character such as ',', ';', '\\t' or '|'")
+
+
+@pytest.mark.parametrize("fmt, option", [("wfdb", "window_seconds"), ("wfdb", "stride_seconds"),
+                                         ("edf", "epoch_seconds")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -5.0])
+def test_window_and_epoch_lengths_must_be_finite_and_positive(tmp_path, fmt, option,
+                                                              value) -> None:
+    # inf failed inside round() with OverflowError, NaN with "cannot convert float NaN"; the
+    # check comes before the record is opened, so no record is needed
+    path = tmp_path / ("100.hea" if fmt == "wfdb" else "night.edf")
+    with pytest.raises(DataError) as refused:
+        read_dataset(path, fmt, **{option: value})
+    assert str(refused.value) == (f"{path} [{option}]: is {value!r}; expected a positive, "
+                                  "finite number of seconds")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
+@pytest.mark.parametrize("name", ["signals.csv", "signals.npz", "signals.ts"])
+def test_a_named_pipe_is_refused_instead_of_waited_on(tmp_path, name) -> None:
+    # open() on a FIFO blocks until a writer comes: train.py hung without a word
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    with pytest.raises(DataError) as refused:
+        read_dataset(fifo)
+    assert str(refused.value) == (f"{fifo} [file]: is not a regular file (a pipe, device or "
+                                  "socket); expected a file of signals")
