@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data.formats import DataError, read_dataset
+from utils import checks
 
 
 @pytest.fixture
@@ -82,6 +83,19 @@ def test_window_and_epoch_lengths_must_be_finite_and_positive(tmp_path, fmt, opt
         read_dataset(path, fmt, **{option: value})
     assert str(refused.value) == (f"{path} [{option}]: is {value!r}; expected a positive, "
                                   "finite number of seconds")
+
+
+@pytest.mark.parametrize("normalize", ["dataset", "none"])
+def test_training_records_that_all_hold_one_value_are_refused(normalize) -> None:
+    # --normalize dataset turned them into zeros and trained on them with exit 0
+    flat = np.full((6, 40), 3.0, dtype=np.float32)
+    with pytest.raises(DataError) as refused:
+        checks.check_informative_signals(flat, np.arange(6), 40, normalize, "flat.csv")
+    assert str(refused.value) == (
+        "flat.csv [signals]: all 6 training records hold the one value 3, so every input is "
+        f"the same under --normalize {normalize}; expected signals that vary")
+    levels = flat * np.arange(1, 7)[:, None]  # constant, but the levels tell records apart
+    checks.check_informative_signals(levels, np.arange(6), 40, normalize, "levels.csv")
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
