@@ -108,3 +108,15 @@ def test_a_named_pipe_is_refused_instead_of_waited_on(tmp_path, name) -> None:
         read_dataset(fifo)
     assert str(refused.value) == (f"{fifo} [file]: is not a regular file (a pipe, device or "
                                   "socket); expected a file of signals")
+
+
+def test_decimal_commas_in_a_semicolon_file_are_named(tmp_path) -> None:
+    # the delimiter ';' is found from the header; the message advised delimiter=',' before,
+    # which splits every number in two
+    path = tmp_path / "export.csv"
+    path.write_text("label;s0;s1\nA;0,5;1,5\nB;2,5;3,5\n")
+    with pytest.raises(DataError) as refused:
+        read_dataset(path)
+    assert str(refused.value) == (f"{path} [line 2]: sample 0 is '0,5', a number with a "
+                                  "decimal comma; expected a decimal point (export the file "
+                                  "with '.' as the decimal separator)")

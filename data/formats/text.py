@@ -99,6 +99,12 @@ def _parse_samples(cells: list[str], path, line: int, delimiter: str = ",") -> n
             values[j] = np.nan
         elif _is_number(cell):
             values[j] = float(cell)
+        elif delimiter != "," and _is_number(cell.replace(",", ".", 1)):
+            # a spreadsheet export in a decimal-comma locale: ',' is not a cell separator here
+            raise DataError(path, f"line {line}", f"sample {j} is {cell!r}, a number with a "
+                                                  "decimal comma; expected a decimal point "
+                                                  "(export the file with '.' as the decimal "
+                                                  "separator)")
         else:
             inside = [d for d in DELIMITERS if d != delimiter and d in cell]
             hint = (f" (cells seem separated by {inside[0]!r}, not {delimiter!r}: pass "
