@@ -120,3 +120,12 @@ def test_decimal_commas_in_a_semicolon_file_are_named(tmp_path) -> None:
     assert str(refused.value) == (f"{path} [line 2]: sample 0 is '0,5', a number with a "
                                   "decimal comma; expected a decimal point (export the file "
                                   "with '.' as the decimal separator)")
+
+
+@pytest.mark.parametrize("option", ["label_column", "group_column", "id_column"])
+def test_a_column_index_beyond_every_row_names_the_option(small_csv, option) -> None:
+    # it was "[line 2]: has 9 cells; expected a label in column 99", about the row
+    with pytest.raises(DataError) as refused:
+        read_dataset(small_csv, **{option: 99})
+    assert str(refused.value) == (f"{small_csv} [{option}]: is 99 but the rows have at most 9 "
+                                  "cells; expected a column index below 9")

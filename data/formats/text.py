@@ -182,6 +182,12 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
     label_at = _label_column(label_column, names, labels, path)
     group_at = _column(group_column, names, "group", path, "group_column")
     id_at = _column(id_column, names, "id", path, "id_column")
+    widest = max(len(row) for _, row in rows)
+    for option, spec in (("label_column", label_column), ("group_column", group_column),
+                         ("id_column", id_column)):
+        if isinstance(spec, int) and spec >= widest:  # the option is wrong, not one row
+            raise DataError(path, option, f"is {spec} but the rows have at most {widest} "
+                                          f"cells; expected a column index below {widest}")
     raw, groups, ids, signals = [], [], [], []
     for line, row in rows:
         if label_at is not None and label_at >= len(row):
