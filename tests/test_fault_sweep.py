@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from data.datamodule import cv_fold_indices
 from data.formats import DataError, read_dataset
 from utils import checks
 
@@ -129,3 +130,16 @@ def test_a_column_index_beyond_every_row_names_the_option(small_csv, option) -> 
         read_dataset(small_csv, **{option: 99})
     assert str(refused.value) == (f"{small_csv} [{option}]: is 99 but the rows have at most 9 "
                                   "cells; expected a column index below 9")
+
+
+def test_more_folds_than_records_names_the_option() -> None:
+    # sklearn's "Cannot have number of splits n_splits=100 greater than the number of
+    # samples" named neither --cv nor the data
+    labels = np.arange(28) % 2
+    with pytest.raises(DataError) as refused:
+        cv_fold_indices(labels, None, 100, 0, seed=0, source="small.csv")
+    assert str(refused.value) == ("small.csv [cv_folds]: has at most 14 records per class, "
+                                  "too few for 100 stratified folds; expected --cv 14 or "
+                                  "fewer")
+    kept, held = cv_fold_indices(labels, None, 14, 0, seed=0, source="small.csv")
+    assert len(held) == 2 and len(kept) == 26
