@@ -74,7 +74,7 @@ def test_a_delimiter_of_more_or_less_than_one_character_is_refused(small_csv,
 
 @pytest.mark.parametrize("fmt, option", [("wfdb", "window_seconds"), ("wfdb", "stride_seconds"),
                                          ("edf", "epoch_seconds")])
-@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -5.0])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf")])
 def test_window_and_epoch_lengths_must_be_finite_and_positive(tmp_path, fmt, option,
                                                               value) -> None:
     # inf failed inside round() with OverflowError, NaN with "cannot convert float NaN"; the

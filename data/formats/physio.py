@@ -49,9 +49,9 @@ def _compile_group_pattern(pattern: str | None, path) -> re.Pattern | None:
 
 
 def _check_seconds(value: float | None, path, field: str) -> None:
-    """Refuse a window, stride or epoch length that is not a positive, finite number of
-    seconds (inf and NaN would otherwise fail inside round())."""
-    if value is not None and not (math.isfinite(value) and value > 0):
+    """Refuse a window, stride or epoch length of inf or NaN seconds, which would fail inside
+    round() (zero and negative lengths are refused as windows shorter than a sample)."""
+    if value is not None and not math.isfinite(value):
         raise DataError(path, field, f"is {value!r}; expected a positive, finite number of "
                                      "seconds")
 
