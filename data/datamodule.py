@@ -247,6 +247,11 @@ def cv_fold_indices(labels: np.ndarray, groups: np.ndarray | None, folds: int, f
     index = np.arange(len(labels))
     if groups is None:
         counts = np.bincount(labels[labels >= 0])
+        largest = int(counts.max()) if len(counts) else 0
+        if largest < folds:  # sklearn's own message names neither the option nor the fix
+            raise DataError(source, "cv_folds", f"has at most {largest} records per class, "
+                                                f"too few for {folds} stratified folds; "
+                                                f"expected --cv {largest} or fewer")
         smallest = int(counts[counts > 0].min()) if len(counts) else 0
         if smallest < folds:
             log.warning("%s: the smallest class has %d records, fewer than %d folds: some "

@@ -248,6 +248,24 @@ def check_steps_per_process(train_items: int, batch_size: int, world_size: int) 
                           f"--batch-size of at most {per_process} or fewer --devices")
 
 
+def _refuse_one_value(signals: Sequence[np.ndarray] | np.ndarray, records: np.ndarray,
+                      normalize: str, source: str) -> None:
+    """Under --normalize dataset or none constant records of different levels still differ,
+    but training records that all hold one and the same value make every input identical
+    (zeros, for 'dataset'). Stops at the first record that varies or differs in level."""
+    value = None
+    for record in np.unique(records):
+        signal = np.asarray(signals[record], dtype=np.float64)
+        low, high = float(signal.min()), float(signal.max())
+        if high - low > FLAT_STD or (value is not None and abs(low - value) > FLAT_STD):
+            return
+        value = low if value is None else value
+    raise DataError(source, "signals", f"all {len(np.unique(records))} training records hold "
+                                       f"the one value {value:g}, so every input is the same "
+                                       f"under --normalize {normalize}; expected signals that "
+                                       "vary")
+
+
 def check_informative_signals(signals: Sequence[np.ndarray] | np.ndarray,
                               records: np.ndarray, length: int, normalize: str,
                               source: str) -> None:
@@ -258,6 +276,7 @@ def check_informative_signals(signals: Sequence[np.ndarray] | np.ndarray,
     signals: the records; records: the training record indices; length: the input length L.
     """
     if normalize not in ("window", "record"):
+        _refuse_one_value(signals, records, normalize, source)
         return  # 'none' and 'dataset' keep each record's level
     if normalize == "window" and length < 2:
         raise DataError(source, "length", f"model inputs of {length} sample are all zeros after "

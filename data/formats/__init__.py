@@ -28,6 +28,11 @@ text (.csv/.tsv, .ts), physio (WFDB, EDF/EDF+); this file picks the reader.
 from __future__ import annotations
 
 import inspect
+import numbers
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from data.formats.arrays import read_npy, read_npz
@@ -89,6 +94,57 @@ def detect_format(path: str | Path) -> str:
                                     f"{sorted(_EXTENSIONS)} or format= one of {sorted(READERS)}")
 
 
+def _fits(value: object, hint: object) -> bool:
+    """True when an option value has the type a reader's annotation names (the few kinds
+    the readers use: str, int, float, bool, paths, Sequence[str], Mapping, unions of them)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # True is an int to Python, not a column index or a dimension
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is Path:
+        return isinstance(value, os.PathLike)
+    origin = typing.get_origin(hint)
+    if origin is Sequence:  # a str is a sequence of str, but not a list of class names
+        return (isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+                and all(isinstance(v, str) for v in value))
+    if origin is Mapping:
+        key, item = typing.get_args(hint) or (object, object)
+        return isinstance(value, Mapping) and all(_fits(k, key) and _fits(v, item)
+                                                  for k, v in value.items())
+    return True  # an annotation this check does not know: the reader checks it
+
+
+def _type_name(hint: object) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text",
+             Path: "a path"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # None: the default
+        return " or ".join(_type_name(h) for h in typing.get_args(hint) if h is not type(None))
+    if typing.get_origin(hint) is Sequence:
+        return "a list of names"
+    if typing.get_origin(hint) is Mapping:
+        return "a mapping of names to names"
+    return names.get(hint, str(hint))
+
+
+def _check_option_types(path: str | Path, fmt: str, reader, options: dict) -> None:
+    """Refuse a reader option of the wrong type (e.g. `--reader-option label_column=1.5`) in
+    one line, before the reader fails on it with a TypeError or silently misreads it."""
+    hints = typing.get_type_hints(reader)
+    for key, value in options.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise DataError(path, key, f"is {value!r} ({type(value).__name__}); expected "
+                                       f"{_type_name(hints[key])} for the {fmt} reader's "
+                                       f"{key} option")
+
+
 def read_dataset(path: str | Path, format: str | None = None, **options) -> SignalDataset:
     """Read any supported file or folder; the reader is picked by extension or `format`.
 
@@ -104,6 +160,7 @@ def read_dataset(path: str | Path, format: str | None = None, **options) -> Sign
     if unknown:
         raise DataError(path, "options", f"{unknown} are not options of the {fmt} reader; "
                                          f"expected some of {sorted(accepted)}")
+    _check_option_types(path, fmt, reader, options)
     if fmt == "tsv":
         options.setdefault("delimiter", "\t")
     return reader(path, **options)

@@ -317,5 +317,8 @@ def build_dataset(path: str | Path, signals: list[np.ndarray] | np.ndarray,
 def _require_nonempty(path: Path) -> None:
     if not path.exists():
         raise DataError(path, "file", "does not exist; expected a readable file")
+    if not (path.is_file() or path.is_dir()):  # reading a FIFO waits for a writer forever
+        raise DataError(path, "file", "is not a regular file (a pipe, device or socket); "
+                                      "expected a file of signals")
     if path.is_file() and path.stat().st_size == 0:
         raise DataError(path, "file", "is empty; expected signals")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,14 @@ def _compile_group_pattern(pattern: str | None, path) -> re.Pattern | None:
     except re.error as e:
         raise DataError(path, "group_pattern", f"{pattern!r} is not a regular expression ({e}); "
                                                r"expected one like r'SC4(\d\d)'") from e
+
+
+def _check_seconds(value: float | None, path, field: str) -> None:
+    """Refuse a window, stride or epoch length of inf or NaN seconds, which would fail inside
+    round() (zero and negative lengths are refused as windows shorter than a sample)."""
+    if value is not None and not math.isfinite(value):
+        raise DataError(path, field, f"is {value!r}; expected a positive, finite number of "
+                                     "seconds")
 
 
 def _group_id(name: str, pattern: re.Pattern | None) -> str:
@@ -211,6 +220,8 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
     check_label_mode(labels, path)
     if label_source not in ("rhythm", "beat"):
         raise DataError(path, "label_source", f"is {label_source!r}; expected 'rhythm'/'beat'")
+    _check_seconds(window_seconds, path, "window_seconds")
+    _check_seconds(stride_seconds, path, "stride_seconds")
     group_regex = _compile_group_pattern(group_pattern, path)
     windows, raw, groups, ids, rates = [], [], [], [], set()
     records = _wfdb_records(path, annotation, labels)  # file problems first, then the package
@@ -333,6 +344,7 @@ def read_edf(path: str | Path, *, channel: str | int | None = None,
     """
     path = Path(path)
     check_label_mode(labels, path)
+    _check_seconds(epoch_seconds, path, "epoch_seconds")
     label_map = SLEEP_STAGES if label_map is None else label_map
     group_regex = _compile_group_pattern(group_pattern, path)
     if path.is_dir():

@@ -99,6 +99,12 @@ def _parse_samples(cells: list[str], path, line: int, delimiter: str = ",") -> n
             values[j] = np.nan
         elif _is_number(cell):
             values[j] = float(cell)
+        elif delimiter != "," and _is_number(cell.replace(",", ".", 1)):
+            # a spreadsheet export in a decimal-comma locale: ',' is not a cell separator here
+            raise DataError(path, f"line {line}", f"sample {j} is {cell!r}, a number with a "
+                                                  "decimal comma; expected a decimal point "
+                                                  "(export the file with '.' as the decimal "
+                                                  "separator)")
         else:
             inside = [d for d in DELIMITERS if d != delimiter and d in cell]
             hint = (f" (cells seem separated by {inside[0]!r}, not {delimiter!r}: pass "
@@ -167,12 +173,21 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None,
     """
     path = Path(path)
     check_label_mode(labels, path)
+    if delimiter is not None and len(delimiter) != 1:
+        raise DataError(path, "delimiter", f"is {delimiter!r}; expected one character such as "
+                                           "',', ';', '\\t' or '|'")
     default = "\t" if path.suffix.lower() == ".tsv" else ","
     hint = label_column.casefold() if isinstance(label_column, str) else ""
     names, rows, delimiter = _read_table(path, delimiter, header, hint, default)
     label_at = _label_column(label_column, names, labels, path)
     group_at = _column(group_column, names, "group", path, "group_column")
     id_at = _column(id_column, names, "id", path, "id_column")
+    widest = max(len(row) for _, row in rows)
+    for option, spec in (("label_column", label_column), ("group_column", group_column),
+                         ("id_column", id_column)):
+        if isinstance(spec, int) and spec >= widest:  # the option is wrong, not one row
+            raise DataError(path, option, f"is {spec} but the rows have at most {widest} "
+                                          f"cells; expected a column index below {widest}")
     raw, groups, ids, signals = [], [], [], []
     for line, row in rows:
         if label_at is not None and label_at >= len(row):
