@@ -403,7 +403,7 @@ def _step_model(name: str, C: int, L: int) -> nn.Module:
 
 
 def measure_train_step(model: nn.Module, x: torch.Tensor, loss_fn, device, amp,
-                       compiled: bool, repeat: int) -> dict:
+                       compiled: bool, repeat: int, tables: bool = False) -> dict:
     """Forward (eval, no grad) and train step (forward, backward, AdamW as train.py builds it)
     of `model`, eager or whole-model torch.compile(mode="reduce-overhead"): wall ms, GPU busy
     ms and fraction, host launches and kernels per step (torch.profiler), peak MiB."""
@@ -439,7 +439,20 @@ def measure_train_step(model: nn.Module, x: torch.Tensor, loss_fn, device, amp,
             step()
         torch.cuda.synchronize()
         out["warmup_s"] = time.perf_counter() - t0
+        out["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
         out.update(profile_steps(step, steps=5, wall_steps=repeat).as_dict())
+        if tables:  # where the step's GPU and host time go
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+            averages = prof.key_averages()
+            out["gpu_table"] = averages.table(sort_by="self_cuda_time_total", row_limit=18,
+                                              max_name_column_width=60)
+            out["cpu_table"] = averages.table(sort_by="self_cpu_time_total", row_limit=18,
+                                              max_name_column_width=60)
         out["train_peak_mib"] = peak_mib_since(device, base)
         out["train_samples_per_s"] = x.shape[0] / out["wall_ms"] * 1e3
     except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -478,13 +491,17 @@ def step_section(args, device) -> dict:
                     return nn.functional.cross_entropy(y.float(), target)
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
                 r = measure_train_step(model, inputs, loss_fn, device, args.amp,
-                                       mode == "compiled", args.repeat)
+                                       mode == "compiled", args.repeat, args.step_tables)
             results[f"{name} {mode}"] = r
             print(f"{name:<20} {mode:<9} fwd {fmt(r.get('fwd_ms')):>7} ms  step "
                   f"{fmt(r.get('wall_ms')):>7} ms  GPU busy {fmt(r.get('gpu_busy_ms')):>7} ms "
                   f"({fmt(100 * r.get('busy_fraction', math.nan))}%)  launches "
                   f"{fmt(r.get('launches_per_step'))}  kernels {fmt(r.get('kernels_per_step'))}"
                   f"  peak {fmt(r.get('train_peak_mib'))} MiB  {r.get('note', '')}", flush=True)
+            for table in ("gpu_table", "cpu_table"):
+                if table in r:
+                    print(f"{name} {mode}, 3 steps, by self {table[:3].upper()} time "
+                          f"(graph breaks: {r.get('graph_breaks')}):\n{r[table]}")
             del model
     for mode in args.step_modes:
         rwkv, peer = results.get(f"rwkv {mode}", {}), results.get(f"transformer {mode}", {})
@@ -577,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-modes", nargs="+", choices=["eager", "compiled"],
                    default=["eager", "compiled"],
                    help="'compiled': the whole model under torch.compile(mode='reduce-overhead')")
+    p.add_argument("--step-tables", action="store_true",
+                   help="also print the profiler's GPU and CPU time tables of each train step")
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--plot", default=None, help="write the scaling plot (PNG) here")
     p.add_argument("--replot", metavar="JSON",

@@ -21,7 +21,8 @@ print('cuda', load('cuda')); print('cpu', load('cpu'))")
 
 main_tree() {  # main at $MAIN, with this branch's benchmark and measuring callback beside it
   rm -rf /tmp/main && mkdir -p /tmp/main
-  git -C "${REPO:-$HERE}" archive "$MAIN" | tar -x -C /tmp/main || return 1
+  if [[ -n "${MAIN_TAR:-}" ]]; then tar -xf "$MAIN_TAR" -C /tmp/main || return 1
+  else git -C "${REPO:-$HERE}" archive "$MAIN" | tar -x -C /tmp/main || return 1; fi
   cp "$HERE/benchmark_rwkv.py" /tmp/main/
   cp "$HERE/utils/benchmarking.py" "$HERE/utils/throughput.py" /tmp/main/utils/
 }
