@@ -46,17 +46,18 @@ left() {  # seconds for the next part: at most $1, and never past the call's $BU
   $PY -c "import torch; print(torch.__version__, torch.version.cuda)"; date -u
   git -C "$HERE" log -1 --oneline; } > "$OUT/env.txt" 2>&1
 build "$HERE" > "$OUT/build.log" 2>&1; tail -2 "$OUT/build.log"
-timeout "$(left 100)" $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_rwkv.py \
-  tests/test_throughput.py tests/test_wkv_cuda.py -x > "$OUT/pytest_cuda.log" 2>&1
+timeout "$(left 100)" $PY -m pytest -q -p no:cacheprovider -m cuda -x \
+  ${PYTEST_ARGS:-tests/test_rwkv.py tests/test_throughput.py tests/test_wkv_cuda.py} \
+  > "$OUT/pytest_cuda.log" 2>&1
 echo "pytest rc=$?"; tail -4 "$OUT/pytest_cuda.log"
 timeout "$(left 180)" $PY benchmark_rwkv.py --sections step --json "$OUT/step_branch.json" \
-  --step-models rwkv transformer classifier-gpu-yaml > "$OUT/step_branch.log" 2>&1
+  ${STEP_ARGS:---step-models rwkv transformer classifier-gpu-yaml} > "$OUT/step_branch.log" 2>&1
 cat "$OUT/step_branch.log"
 if main_tree && build /tmp/main > "$OUT/build_main.log" 2>&1; then
   (cd /tmp/main && timeout "$(left 45)" $PY benchmark_rwkv.py --sections step --step-modes eager \
     --step-models rwkv classifier-gpu-yaml --json "$OUT/step_main.json") > "$OUT/step_main.log" 2>&1
   cat "$OUT/step_main.log"
-  STEPS=80
+  STEPS=${TRAIN_STEPS:-80}
   train_run "$HERE" branch_gpuyaml --config configs/gpu.yaml --max-steps $STEPS $FAST
   train_run /tmp/main main_gpuyaml --config configs/gpu.yaml --max-steps $STEPS $FAST
   train_run "$HERE" branch_default --max-steps $STEPS $FAST
