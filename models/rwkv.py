@@ -264,8 +264,11 @@ def _patch_mean(h: Tensor, mask: Tensor | None, patch: int) -> Tensor:
     if mask is None:
         mask = torch.ones(h.shape[0], h.shape[2], device=h.device, dtype=h.dtype)
     m = mask.unsqueeze(1).to(h.dtype)
-    total = F.avg_pool1d(h * m, patch, patch, ceil_mode=True)
-    count = F.avg_pool1d(m, patch, patch, ceil_mode=True)
+    # zero padding to whole patches, not ceil_mode: torch.compile (torch 2.11) gets the
+    # backward of avg_pool1d(ceil_mode=True) wrong where the last patch is partial
+    pad = -h.shape[-1] % patch
+    total = F.avg_pool1d(F.pad(h * m, (0, pad)), patch, patch)
+    count = F.avg_pool1d(F.pad(m, (0, pad)), patch, patch)
     return total / count.clamp_min(1e-6)
 
 
