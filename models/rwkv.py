@@ -311,6 +311,10 @@ def masked_pool(h: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
 class TimeMix(nn.Module):
     """RWKV-4 time mixing: token shift, k/v/r projections, WKV, receptance gate, output.
 
+    Fused: the shift and the three mixes are one pass (`shift_mix`), k/v/r one batched GEMM,
+    and sigmoid(r) * wkv happens in the WKV operator's epilogue; the same function as the
+    per-op code of `SequentialRWKV` (tests compare outputs and gradients in float64).
+
     With `bidirectional`, a second WKV with its own decay/first runs over the reversed sequence
     and the two are averaged (both are weighted averages of v, so the mean keeps the scale).
     """

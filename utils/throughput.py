@@ -5,6 +5,9 @@
     one host launch each instead of hundreds of kernel launches. Where capture cannot work it
     leaves the model eager and logs one line saying why (not on a GPU, no Triton, per-block
     batch shapes that keep changing). It replaces a per-block compile (`compile_blocks`).
+    Compiled, the classifier's per-forward NaN/Inf check of its input (a host sync) is not
+    made: the readers refuse or repair non-finite samples (data/formats/core.py) and
+    NonFiniteGuard checks the loss every 50 steps.
 `ThroughputMonitor`: logs to the trainer's logger (TensorBoard) every `every_n_steps` training
     steps: samples/s (all ranks), wall ms per step, the fraction of the step the loader made
     the loop wait, and, from a short torch.profiler window, GPU busy time per step, the busy
