@@ -34,11 +34,13 @@ from utils.benchmarking import (
     graph_ms,
     measure_bandwidth_tb_s,
     peak_mib_since,
+    profile_steps,
     reset_peak_memory,
     time_ms,
 )
 
-SECTIONS = ("model", "op", "scaling", "peers", "classifier")
+SECTIONS = ("model", "op", "scaling", "peers", "classifier", "step")
+STEP_MODELS = ("rwkv", "transformer", "classifier", "classifier-gpu-yaml")
 
 
 # ------------------------------------------------------------------------------------------
@@ -377,6 +379,138 @@ def classifier_section(args, device) -> dict:
     return results
 
 
+# the classifier train.py builds with the GPU defaults on its built-in data (auto_model for
+# 2000 signals of 3750 samples) and with configs/gpu.yaml, with the CLI's other defaults
+# (conv stem, bidirectional, meanmax pooling, instance norm + amplitude): the same as
+# train.model_settings gives, written out so the benchmark also runs on older checkouts
+_CLI_TIME = dict(stem="conv", pooling="meanmax", bidirectional=True)
+_CLASSIFIERS = {
+    "classifier": dict(time=dict(hidden_size=64, num_layers=2, patch_size=8, **_CLI_TIME),
+                       freq=dict(channels=[16, 32, 64]), instance_norm=True, keep_amplitude=True),
+    "classifier-gpu-yaml": dict(time=dict(hidden_size=256, num_layers=6, patch_size=4,
+                                          **_CLI_TIME),
+                                freq=dict(channels=[16, 32, 64, 128]), instance_norm=True,
+                                keep_amplitude=True),
+}
+
+
+def _step_model(name: str, C: int, L: int) -> nn.Module:
+    if name == "rwkv":  # the time branch at full resolution: no patch stem
+        return create_optimized_rwkv(1, C, L, check_input_finite=False)
+    if name == "transformer":
+        return TransformerStack(C, L)
+    return DualBranchClassifier.from_dict({"num_classes": 5, **_CLASSIFIERS[name]})
+
+
+def measure_train_step(model: nn.Module, x: torch.Tensor, loss_fn, device, amp,
+                       compiled: bool, repeat: int, tables: bool = False) -> dict:
+    """Forward (eval, no grad) and train step (forward, backward, AdamW as train.py builds it)
+    of `model`, eager or whole-model torch.compile(mode="reduce-overhead"): wall ms, GPU busy
+    ms and fraction, host launches and kernels per step (torch.profiler), peak MiB."""
+    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    mark = torch.compiler.cudagraph_mark_step_begin if compiled else (lambda: None)
+    if compiled:
+        model.compile(mode="reduce-overhead")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # foreach, as in training
+    out: dict = {}
+
+    def forward():
+        mark()
+        with torch.no_grad(), autocast:
+            return model(x)
+
+    def step():
+        mark()
+        with autocast:
+            loss = loss_fn(model(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        t0 = time.perf_counter()
+        model.eval()
+        for _ in range(3):
+            forward()
+        out["fwd_ms"] = time_ms(forward, device, warmup=1, repeat=repeat, budget_s=10)
+        model.train()
+        base = reset_peak_memory(device)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        out["warmup_s"] = time.perf_counter() - t0
+        out["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+        out.update(profile_steps(step, steps=5, wall_steps=repeat).as_dict())
+        if tables:  # where the step's GPU and host time go
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+            averages = prof.key_averages()
+            out["gpu_table"] = averages.table(sort_by="self_cuda_time_total", row_limit=18,
+                                              max_name_column_width=60)
+            out["cpu_table"] = averages.table(sort_by="self_cpu_time_total", row_limit=18,
+                                              max_name_column_width=60)
+        out["train_peak_mib"] = peak_mib_since(device, base)
+        out["train_samples_per_s"] = x.shape[0] / out["wall_ms"] * 1e3
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        out["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    opt.state.clear()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return out
+
+
+def step_section(args, device) -> dict:
+    """The train step, eager and whole-model compiled (CUDA graphs), of the RWKV time branch
+    at full resolution, the SDPA Transformer of the same size and train.py's classifiers."""
+    B, T, C, L = args.batch_size, args.seq_len, args.hidden, args.layers
+    print(f"\n## Train step: B={B}, T={T}, {L} x {C}, autocast {args.amp}, AdamW; wall / GPU "
+          f"busy (torch.profiler) / launches per step")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cuda":
+        print("(needs a GPU)")
+        return {}
+    x = torch.randn(B, T, device=device)
+    target = torch.randint(0, 5, (B,), device=device)
+    results: dict = {}
+    for name in args.step_models:
+        for mode in args.step_modes:
+            torch.manual_seed(0)
+            torch._dynamo.reset()
+            model = _step_model(name, C, L).to(device)
+            inputs = x.unsqueeze(-1) if name in ("rwkv", "transformer") else x
+            if name in ("rwkv", "transformer"):
+                def loss_fn(y):
+                    return y.float().square().mean()
+            else:
+                def loss_fn(y):
+                    return nn.functional.cross_entropy(y.float(), target)
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                r = measure_train_step(model, inputs, loss_fn, device, args.amp,
+                                       mode == "compiled", args.repeat, args.step_tables)
+            results[f"{name} {mode}"] = r
+            print(f"{name:<20} {mode:<9} fwd {fmt(r.get('fwd_ms')):>7} ms  step "
+                  f"{fmt(r.get('wall_ms')):>7} ms  GPU busy {fmt(r.get('gpu_busy_ms')):>7} ms "
+                  f"({fmt(100 * r.get('busy_fraction', math.nan))}%)  launches "
+                  f"{fmt(r.get('launches_per_step'))}  kernels {fmt(r.get('kernels_per_step'))}"
+                  f"  peak {fmt(r.get('train_peak_mib'))} MiB  {r.get('note', '')}", flush=True)
+            for table in ("gpu_table", "cpu_table"):
+                if table in r:
+                    print(f"{name} {mode}, 3 steps, by self {table[:3].upper()} time "
+                          f"(graph breaks: {r.get('graph_breaks')}):\n{r[table]}")
+            del model
+    for mode in args.step_modes:
+        rwkv, peer = results.get(f"rwkv {mode}", {}), results.get(f"transformer {mode}", {})
+        if "wall_ms" in rwkv and "wall_ms" in peer:
+            print(f"{mode}: RWKV time branch step is {peer['wall_ms'] / rwkv['wall_ms']:.2f}x "
+                  f"the Transformer's speed")
+    return results
+
+
 def plot_scaling(rows: list, path: str) -> None:
     import matplotlib
 
@@ -455,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(train.py --compile; compiling takes a minute)")
     p.add_argument("--skip-original-train", action="store_true",
                    help="time only the original's forward (its train step takes long)")
+    p.add_argument("--step-models", nargs="+", choices=STEP_MODELS, default=list(STEP_MODELS),
+                   help="models of the 'step' section")
+    p.add_argument("--step-modes", nargs="+", choices=["eager", "compiled"],
+                   default=["eager", "compiled"],
+                   help="'compiled': the whole model under torch.compile(mode='reduce-overhead')")
+    p.add_argument("--step-tables", action="store_true",
+                   help="also print the profiler's GPU and CPU time tables of each train step")
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--plot", default=None, help="write the scaling plot (PNG) here")
     p.add_argument("--replot", metavar="JSON",
@@ -508,6 +649,7 @@ def main(argv=None) -> int:
         "scaling": lambda: scaling_section(args, device, tb_s),
         "peers": lambda: peers_section(args, device),
         "classifier": lambda: classifier_section(args, device),
+        "step": lambda: step_section(args, device),
     }
     for section in args.sections:
         report[section] = sections[section]()

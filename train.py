@@ -70,6 +70,7 @@ from utils.run_dir import (
     lock_run_folder,
     release_run_folder,
 )
+from utils.throughput import GraphCapture, ThroughputMonitor
 
 log = logging.getLogger("train")
 MEMBER_SEED_STEP = 1000
@@ -224,6 +225,8 @@ def build_callbacks(args: argparse.Namespace, validation: bool) -> list[Callback
         LearningRateMonitor(logging_interval="step"),
         MemoryMonitorCallback(every_n_steps=args.memory_log_every),
         EpochSummary(),
+        GraphCapture(),  # on a GPU: the whole classifier compiled, its step as CUDA graphs
+        ThroughputMonitor(every_n_steps=args.memory_log_every),
     ]
     if args.patience > 0 and validation:
         # checked after each validation, not at the training epoch's end: a --max-steps run

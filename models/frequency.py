@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
@@ -90,6 +91,20 @@ class FrequencyConfig:
         return self.channels[-1]
 
 
+class CeilMeanPool2d(nn.Module):
+    """2x2 average pooling that keeps a partial last window, averaged over its real entries:
+    nn.AvgPool2d(2, ceil_mode=True), written as zero padding + plain pooling. torch.compile
+    (torch 2.11) gets the backward of avg_pool2d(ceil_mode=True) wrong where a window is
+    partial (tests/test_frequency.py), and the whole classifier is compiled on a GPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pad_h, pad_w = x.shape[-2] % 2, x.shape[-1] % 2
+        if not (pad_h or pad_w):
+            return F.avg_pool2d(x, 2)
+        real = F.pad(x.new_ones(1, 1, *x.shape[-2:]), (0, pad_w, 0, pad_h))
+        return F.avg_pool2d(F.pad(x, (0, pad_w, 0, pad_h)), 2) / F.avg_pool2d(real, 2)
+
+
 class ConvStage(nn.Module):
     """Conv3x3 -> BatchNorm -> ReLU -> 2x2 average pooling: (B, c_in, F, N) -> (B, c_out,
     ceil(F/2), ceil(N/2)). ceil_mode keeps a dimension of 1 alive on short records.
@@ -103,7 +118,7 @@ class ConvStage(nn.Module):
         self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
         self.norm = nn.BatchNorm2d(c_out)
         self.act = nn.ReLU()
-        self.pool = nn.AvgPool2d(2, ceil_mode=True)
+        self.pool = CeilMeanPool2d()
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         if mask is None:
@@ -288,4 +303,4 @@ class FrequencyBranch(nn.Module):
         return self.drop(peak + mean)
 
 
-__all__ = ["STFT_MODES", "ConvStage", "FrequencyBranch", "FrequencyConfig"]
+__all__ = ["STFT_MODES", "CeilMeanPool2d", "ConvStage", "FrequencyBranch", "FrequencyConfig"]

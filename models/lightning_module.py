@@ -146,14 +146,18 @@ class SignalClassifierModule(pl.LightningModule):
         )
         weight = torch.tensor(class_weights) if class_weights is not None else None
         self.register_buffer("class_weight", weight, persistent=False)
+        # validate_args=False, nan_strategy="disable": their checks read values back to the
+        # host, a device sync every training step (the loss is checked by NonFiniteGuard)
         self.train_metrics = MetricCollection(
-            {"acc": MulticlassAccuracy(num_classes, average="micro")}, prefix="train/"
+            {"acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)},
+            prefix="train/",
         )
         self.val_metrics = _stage_metrics(num_classes, "val/")
         self.test_metrics = _stage_metrics(num_classes, "test/")
         # sample-weighted mean losses: a plain mean of per-rank means is off when ranks hold
         # different numbers of evaluation items
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         # Filled at test end (all ranks) for train.py to write out.

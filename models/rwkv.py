@@ -143,9 +143,26 @@ def token_shift(x: Tensor, last: Tensor | None) -> Tensor:
     return torch.cat((last.unsqueeze(1).to(x.dtype), x[:, :-1]), dim=1)
 
 
-def _mix(x: Tensor, xx: Tensor, ratio: Tensor) -> Tensor:
-    """ratio * x + (1 - ratio) * xx in one op; ratio (C,) follows x's dtype (bf16-true models)."""
-    return torch.lerp(xx, x, ratio.to(x.dtype))
+def shift_mix(x: Tensor, last: Tensor | None, ratios: Tensor) -> Tensor:
+    """Token shift and every mix of one block in one pass: (B, T, C), ratios (n, C) ->
+    (n, B, T, C) with out[i] = ratios[i] * x + (1 - ratios[i]) * token_shift(x, last).
+
+    One launch instead of n (and no separate mixed copies): each out[i] is a contiguous
+    (B, T, C) slab, so the projections read it without a copy; under torch.compile the shift,
+    the mixes and the LayerNorm before them become one kernel. The ratios follow x's dtype
+    (bf16 under autocast or in bf16-true models).
+    """
+    xx = token_shift(x, last)
+    return torch.lerp(xx.unsqueeze(0), x.unsqueeze(0), ratios.to(x.dtype)[:, None, None, :])
+
+
+def _activation(x: Tensor) -> Tensor:
+    """x in the dtype the projections run in: autocast's (bf16) where autocast is on, so the
+    mixes are written once in bf16 and the GEMMs read them without a cast kernel (the
+    residual stream itself stays in its own dtype: fp32 under mixed precision)."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 def _fan_ratio(layer_id: int, num_layers: int) -> tuple[float, float]:
@@ -247,8 +264,11 @@ def _patch_mean(h: Tensor, mask: Tensor | None, patch: int) -> Tensor:
     if mask is None:
         mask = torch.ones(h.shape[0], h.shape[2], device=h.device, dtype=h.dtype)
     m = mask.unsqueeze(1).to(h.dtype)
-    total = F.avg_pool1d(h * m, patch, patch, ceil_mode=True)
-    count = F.avg_pool1d(m, patch, patch, ceil_mode=True)
+    # zero padding to whole patches, not ceil_mode: torch.compile (torch 2.11) gets the
+    # backward of avg_pool1d(ceil_mode=True) wrong where the last patch is partial
+    pad = -h.shape[-1] % patch
+    total = F.avg_pool1d(F.pad(h * m, (0, pad)), patch, patch)
+    count = F.avg_pool1d(F.pad(m, (0, pad)), patch, patch)
     return total / count.clamp_min(1e-6)
 
 
@@ -291,6 +311,10 @@ def masked_pool(h: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
 class TimeMix(nn.Module):
     """RWKV-4 time mixing: token shift, k/v/r projections, WKV, receptance gate, output.
 
+    Fused: the shift and the three mixes are one pass (`shift_mix`), k/v/r one batched GEMM,
+    and sigmoid(r) * wkv happens in the WKV operator's epilogue; the same function as the
+    per-op code of `SequentialRWKV` (tests compare outputs and gradients in float64).
+
     With `bidirectional`, a second WKV with its own decay/first runs over the reversed sequence
     and the two are averaged (both are weighted averages of v, so the mean keeps the scale).
     """
@@ -329,19 +353,28 @@ class TimeMix(nn.Module):
         state: (B, 3, C) WKV state or None; lengths: (B,) real steps per sequence (the reverse
         scan starts at each one's last real step) or None. Returns (out (B, T', C), x[:, -1],
         WKV state)."""
-        xx = token_shift(x, last)
-        k = self.key(_mix(x, xx, self.time_mix_k))
-        v = self.value(_mix(x, xx, self.time_mix_v))
-        r = torch.sigmoid(self.receptance(_mix(x, xx, self.time_mix_r)))
-        # the model checks its input once at its boundary: no per-layer device sync here
+        last_x = x[:, -1]
+        x = _activation(x)
+        bsz, steps, C = x.shape
+        mixed = shift_mix(x, last, torch.stack((self.time_mix_k, self.time_mix_v,
+                                                self.time_mix_r)))
+        weight = torch.stack((self.key.weight, self.value.weight, self.receptance.weight))
+        # k, v and r in one batched GEMM; each comes out as its own contiguous (B, T, C)
+        k, v, r = torch.bmm(mixed.view(3, bsz * steps, C), weight.transpose(1, 2)).view(
+            3, bsz, steps, C).unbind(0)
+        # sigmoid(r) * wkv in the operator's epilogue (forward and backward): neither the
+        # gate nor the ungated wkv is written out or saved. The model checks its input once
+        # at its boundary: no per-layer device sync here.
         y, state = wkv(self.time_decay, self.time_first, k, v, state,
-                       backend=self.backend, check_finite=False)
+                       backend=self.backend, check_finite=False, r=r)
         if self.bidirectional:
+            # r * (y + y_rev) / 2: the reversed scan gates with r in its own (reversed) order
             y_rev, _ = wkv(self.time_decay_reverse, self.time_first_reverse,
                            reverse_padded(k, lengths), reverse_padded(v, lengths),
-                           backend=self.backend, check_finite=False)
+                           backend=self.backend, check_finite=False,
+                           r=reverse_padded(r, lengths))
             y = 0.5 * (y + reverse_padded(y_rev, lengths))
-        return self.output(r * y), x[:, -1], state
+        return self.output(y), last_x, state
 
 
 class ChannelMix(nn.Module):
@@ -364,10 +397,12 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: Tensor, last: Tensor | None = None):
         """x: (B, T', C) normalised input; last: (B, C) or None. Returns (out, x[:, -1])."""
-        xx = token_shift(x, last)
-        k = torch.square(torch.relu(self.key(_mix(x, xx, self.time_mix_k))))
-        r = torch.sigmoid(self.receptance(_mix(x, xx, self.time_mix_r)))
-        return r * self.value(k), x[:, -1]
+        last_x = x[:, -1]
+        xk, xr = shift_mix(_activation(x), last,
+                           torch.stack((self.time_mix_k, self.time_mix_r))).unbind(0)
+        k = torch.square(torch.relu(self.key(xk)))
+        r = torch.sigmoid(self.receptance(xr))
+        return r * self.value(k), last_x
 
 
 class Block(nn.Module):
@@ -465,7 +500,8 @@ class RWKVEncoder(nn.Module):
             if lengths is not None:
                 raise ValueError("streaming takes whole chunks: pass lengths=None with a state")
         mask = None if lengths is None else step_mask(lengths, x.shape[1])
-        if cfg.compile_blocks and cfg.compile_mode == "reduce-overhead":
+        if (cfg.compile_blocks and cfg.compile_mode == "reduce-overhead"
+                and not torch.compiler.is_compiling()):
             # a new iteration of the blocks' CUDA graphs: what the previous call's graphs
             # returned is dead now and their memory may be reused (without this, a forward
             # after a training step or in inference mode reads overwritten outputs)
@@ -635,6 +671,7 @@ __all__ = [
     "create_optimized_rwkv",
     "create_original_rwkv",
     "optimizer_groups",
+    "shift_mix",
     "token_shift",
     "validate_signal",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.frequency import FrequencyBranch, FrequencyConfig
+from models.frequency import CeilMeanPool2d, FrequencyBranch, FrequencyConfig
 
 cuda = pytest.mark.cuda
 
@@ -221,3 +221,22 @@ def test_stft_mode_is_checked_and_fft_is_the_default() -> None:
     assert branch.stft == "fft"
     with pytest.raises(ValueError, match="stft must be one of"):
         branch.set_stft("dft")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 33, 17), (2, 3, 32, 16), (1, 1, 1, 5)])
+def test_ceil_mean_pool_is_avg_pool_with_ceil_mode_and_compiles_exactly(shape):
+    """The same function as nn.AvgPool2d(2, ceil_mode=True), forward and backward, and the same
+    gradient under torch.compile (whose avg_pool2d(ceil_mode=True) backward is wrong on
+    partial windows in torch 2.11)."""
+    x = torch.randn(shape, dtype=torch.float64)
+    weight = torch.randn(torch.nn.AvgPool2d(2, ceil_mode=True)(x).shape, dtype=torch.float64)
+    grads = []
+    for pool in (torch.nn.AvgPool2d(2, ceil_mode=True), CeilMeanPool2d(),
+                 torch.compile(CeilMeanPool2d())):
+        xi = x.clone().requires_grad_()
+        out = pool(xi)
+        (out * weight).sum().backward()
+        grads.append((out.detach(), xi.grad))
+    for out, grad in grads[1:]:
+        torch.testing.assert_close(out, grads[0][0])
+        torch.testing.assert_close(grad, grads[0][1])

@@ -245,3 +245,70 @@ def format_op_table(results: list[OpResult]) -> str:
 def as_dicts(results: list[OpResult]) -> list[dict]:
     return [dict(asdict(r), floor_fraction=r.floor_fraction,
                  floor_fraction_fwd=r.floor_fraction_fwd) for r in results]
+
+
+# ------------------------------------------------------------------ a step under the profiler
+
+# host calls that put work on the GPU: each costs the host a few microseconds
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+@dataclass
+class StepProfile:
+    """What a few profiled steps cost, per step: wall time (host clock, synchronised at both
+    ends), GPU busy time (the union of kernel and copy intervals: overlapping kernels count
+    once), the host calls that launched work and the kernels that ran."""
+
+    wall_ms: float
+    gpu_busy_ms: float
+    launches: float  # host launch calls per step (a graph replay is one)
+    kernels: float  # kernels executed per step (inside graphs too)
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.gpu_busy_ms / self.wall_ms if self.wall_ms > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"wall_ms": self.wall_ms, "gpu_busy_ms": self.gpu_busy_ms,
+                "busy_fraction": self.busy_fraction, "launches_per_step": self.launches,
+                "kernels_per_step": self.kernels}
+
+
+def busy_and_launches(prof) -> tuple[float, int, int]:
+    """(GPU busy us, host launch calls, GPU kernels) from a finished torch.profiler.profile."""
+    intervals, launches, kernels = [], 0, 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            intervals.append((event.time_range.start, event.time_range.end))
+            kernels += 1
+        elif event.name in LAUNCH_CALLS:
+            launches += 1
+    busy, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        busy += stop - max(start, end)
+        end = stop
+    return busy, launches, kernels
+
+
+def profile_steps(step: Callable[[], object], steps: int = 10,
+                  wall_steps: int = 30) -> StepProfile:
+    """Profile `steps` calls of a warmed-up `step` (GPU work per step: busy time, launches)
+    and time `wall_steps` more without the profiler (its host overhead would inflate wall)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    busy_us, launches, kernels = busy_and_launches(prof)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(wall_steps):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / wall_steps
+    return StepProfile(wall_ms, busy_us / 1e3 / steps, launches / steps, kernels / steps)

@@ -1,0 +1,134 @@
+"""Tests for utils/throughput.py (GraphCapture, ThroughputMonitor) and the profiler arithmetic
+of utils/benchmarking.py they share."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from models.lightning_module import SignalClassifierModule
+from utils.benchmarking import busy_and_launches
+from utils.throughput import GraphCapture, ThroughputMonitor, capture_blocker
+
+cuda = pytest.mark.cuda
+TINY_MODEL = {
+    "time": {"hidden_size": 16, "num_layers": 2, "patch_size": 8, "bidirectional": True},
+    "freq": {"n_fft": 64, "hop_length": 32, "n_mels": 16, "channels": [4, 8],
+             "sample_rate": 125, "time_mask_param": 2},
+}
+
+
+def _event(name, start, end, device):
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                           device_type=device)
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    gpu, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [_event("k1", 0, 10, gpu), _event("k2", 5, 12, gpu), _event("k3", 20, 25, gpu),
+              _event("k4", 21, 22, gpu), _event("cudaLaunchKernel", 0, 1, cpu),
+              _event("cudaGraphLaunch", 2, 3, cpu), _event("aten::mm", 0, 4, cpu)]
+    busy, launches, kernels = busy_and_launches(SimpleNamespace(events=lambda: events))
+    assert busy == 12 + 5
+    assert (launches, kernels) == (2, 4)
+
+
+def _fit(callbacks, steps=12, accelerator="cpu"):
+    torch.manual_seed(0)
+    module = SignalClassifierModule(model=TINY_MODEL, num_classes=3)
+    data = TensorDataset(torch.randn(64, 256), torch.randint(0, 3, (64,)))
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks,
+                         precision="bf16-mixed" if accelerator == "gpu" else "32")
+    trainer.fit(module, DataLoader(data, batch_size=8, drop_last=True))
+    return module, trainer
+
+
+def test_throughput_monitor_logs_samples_per_second_on_cpu(tmp_path, caplog):
+    record = tmp_path / "throughput.jsonl"
+    monitor = ThroughputMonitor(every_n_steps=4, record=record)
+    with caplog.at_level(logging.INFO, logger="utils.throughput"):
+        _fit([GraphCapture(), monitor])
+    assert "train step: eager, not captured as CUDA graphs (not on a GPU (cpu))" in caplog.text
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(rows) == 3 and rows == monitor.history
+    for row in rows:
+        assert row["throughput/samples_per_s"] > 0
+        assert 0 <= row["throughput/data_wait_fraction"] < 1
+        assert row["throughput/step_ms"] == pytest.approx(
+            8e3 / row["throughput/samples_per_s"], rel=1e-6)
+        assert "throughput/gpu_busy_fraction" not in row  # no GPU: no profiler window
+
+
+def test_capture_blocker_names_the_reason():
+    model = torch.nn.Linear(2, 2)
+    assert capture_blocker(model, torch.device("cpu")) == "not on a GPU (cpu)"
+
+
+@cuda
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_graph_capture_trains_like_eager_and_reports_gpu_busy(tmp_path, checkpointing):
+    """The whole classifier compiled with reduce-overhead under Lightning (bf16-mixed) gives
+    the eager run's weights after the same steps; the monitor reports a busy fraction."""
+    torch._dynamo.reset()
+    # no dropout, no SpecAugment: compiled code draws other random numbers than eager
+    model = {**TINY_MODEL, "dropout": 0.0,
+             "time": {**TINY_MODEL["time"], "gradient_checkpointing": checkpointing},
+             "freq": {**TINY_MODEL["freq"], "time_mask_param": 0, "freq_mask_param": 0,
+                      "dropout": 0.0}}
+    results = []
+    for capture in (False, True):
+        torch.manual_seed(0)
+        module = SignalClassifierModule(model=model, num_classes=3, mixup=0.0)
+        torch.manual_seed(1)
+        data = TensorDataset(torch.randn(64, 512), torch.randint(0, 3, (64,)))
+        monitor = ThroughputMonitor(every_n_steps=4, profile_at=2, profile_steps=2)
+        trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=12, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, precision="bf16-mixed",
+                             callbacks=[GraphCapture(enabled=capture), monitor])
+        trainer.fit(module, DataLoader(data, batch_size=8, drop_last=True))
+        results.append(({k: v.detach().float().cpu() for k, v in module.state_dict().items()},
+                        monitor.history))
+    (eager, _), (captured, history) = results
+    for name, value in eager.items():
+        # bf16 steps: Adam moves each weight by ~lr a step whatever the gradient size
+        torch.testing.assert_close(captured[name], value, rtol=0, atol=3e-2,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    busy = [row["throughput/gpu_busy_fraction"] for row in history
+            if "throughput/gpu_busy_fraction" in row]
+    assert busy and all(0 < b <= 1.05 for b in busy)
+
+
+@pytest.mark.slow
+def test_whole_classifier_compiled_gives_eager_gradients():
+    """What GraphCapture compiles: the whole classifier (conv stem with a partial last patch,
+    bidirectional blocks, spectrogram CNN with odd sizes) gives eager's loss and gradients."""
+    from models.dual_branch import DualBranchClassifier
+
+    torch._dynamo.reset()
+    config = {**TINY_MODEL, "num_classes": 3, "dropout": 0.0,
+              "time": {**TINY_MODEL["time"], "stem": "conv", "patch_size": 6},
+              "freq": {**TINY_MODEL["freq"], "time_mask_param": 0, "freq_mask_param": 0}}
+    x, y = torch.randn(4, 500), torch.randint(0, 3, (4,))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = DualBranchClassifier.from_dict(config)
+        if compiled:
+            model.compile()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for name, grad in grads0.items():
+        assert (grads1[name] - grad).norm() <= 1e-3 * grad.norm() + 1e-6, name

@@ -1,0 +1,233 @@
+"""Keeping the GPU busy during training, and measuring how busy it is: two Lightning callbacks.
+
+`GraphCapture`: on a GPU, the whole classifier (both branches) goes through
+    torch.compile(mode="reduce-overhead"): its forward and backward are replayed as CUDA graphs,
+    one host launch each instead of hundreds of kernel launches. Where capture cannot work it
+    leaves the model eager and logs one line saying why (not on a GPU, no Triton, per-block
+    batch shapes that keep changing). It replaces a per-block compile (`compile_blocks`).
+    Compiled, the classifier's per-forward NaN/Inf check of its input (a host sync) is not
+    made: the readers refuse or repair non-finite samples (data/formats/core.py) and
+    NonFiniteGuard checks the loss every 50 steps.
+`ThroughputMonitor`: logs to the trainer's logger (TensorBoard) every `every_n_steps` training
+    steps: samples/s (all ranks), wall ms per step, the fraction of the step the loader made
+    the loop wait, and, from a short torch.profiler window, GPU busy time per step, the busy
+    fraction (busy / wall) and host launch calls per step. One device synchronisation per
+    window, none per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from utils.benchmarking import busy_and_launches
+
+log = logging.getLogger(__name__)
+
+
+def _batch_shape(batch: Any) -> tuple[int, ...] | None:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+
+
+def capture_blocker(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Why the whole model cannot be compiled and captured on `device`, or None if it can."""
+    if device.type != "cuda":
+        return f"not on a GPU ({device.type})"
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return "torch.compile needs Triton, which is not installed"
+    return None
+
+
+def _uncompile_blocks(model: torch.nn.Module) -> bool:
+    """Undo `compile_blocks` (the whole model is compiled instead); True if there were any."""
+    undone = False
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+            undone = True
+    return undone
+
+
+class GraphCapture(Callback):
+    """torch.compile(mode=`mode`) of `pl_module.model` (in place: parameter names and
+    checkpoints are unchanged) when fitting on a GPU; eager with a one-line logged reason
+    where that cannot work. After `max_shapes` different training-batch shapes it goes back to
+    eager (each new shape would be compiled and recorded again)."""
+
+    def __init__(self, enabled: bool = True, mode: str = "reduce-overhead",
+                 max_shapes: int = 3) -> None:
+        self.enabled = enabled
+        self.mode = mode
+        self.max_shapes = max_shapes
+        self.active = False
+        self._shapes: set[tuple[int, ...]] = set()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.active:
+            return
+        device = trainer.strategy.root_device
+        reason = "turned off" if not self.enabled else capture_blocker(pl_module.model, device)
+        if reason is not None:
+            log.info("train step: eager, not captured as CUDA graphs (%s)", reason)
+            return
+        from models.wkv import prepare_backend
+
+        prepare_backend(device)  # a trace can only use a WKV kernel that is already loaded
+        replaced = _uncompile_blocks(pl_module.model)
+        pl_module.model.compile(mode=self.mode)
+        self.active = True
+        log.info("train step: the whole classifier under torch.compile(mode=%r): forward and "
+                 "backward replayed as CUDA graphs%s", self.mode,
+                 " (instead of the per-block compile)" if replaced else "")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if not self.active:
+            return
+        shape = _batch_shape(batch)
+        if shape is not None and shape not in self._shapes:
+            self._shapes.add(shape)
+            if len(self._shapes) > self.max_shapes:
+                self.active = False
+                pl_module.model._compiled_call_impl = None  # what nn.Module.compile set
+                log.info("train step: back to eager, not captured as CUDA graphs (batch shapes "
+                         "vary: %d seen, e.g. %s; each would be compiled and recorded again)",
+                         len(self._shapes), shape)
+                return
+        # a new iteration: the previous step's graph outputs are dead and may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                  batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.active:
+            torch.compiler.cudagraph_mark_step_begin()
+
+
+class ThroughputMonitor(Callback):
+    """Logs `throughput/*` every `every_n_steps` training steps (rank 0 writes): samples_per_s
+    (summed over ranks), step_ms, data_wait_fraction and, on a GPU, gpu_busy_ms,
+    gpu_busy_fraction, launches_per_step and kernels_per_step from a `profile_steps`-step
+    profiler window started at step `profile_at` and again every `profile_every` steps.
+    `record`: also append every logged row to this JSON-lines file."""
+
+    def __init__(self, every_n_steps: int = 50, profile_at: int = 30, profile_every: int = 2000,
+                 profile_steps: int = 5, record: str | Path | None = None) -> None:
+        self.every_n_steps = max(1, every_n_steps)
+        self.profile_at, self.profile_every = profile_at, max(1, profile_every)
+        self.profile_steps = max(1, profile_steps)
+        self.record = Path(record) if record else None
+        self.history: list[dict[str, float]] = []
+        self._window_start: float | None = None
+        self._window_steps = self._window_samples = 0
+        self._wait = 0.0
+        self._last_end: float | None = None
+        self._steps_seen = 0
+        self._profiler = None
+        self._profiled_steps = 0
+        self._gpu: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- the host-clock window
+
+    def _sync(self, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def _reset(self) -> None:
+        self._window_start = None
+        self._window_steps = self._window_samples = 0
+        self._wait = 0.0
+        self._last_end = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._window_start is None:
+            self._sync(pl_module)
+            self._window_start = time.perf_counter()
+        elif self._last_end is not None:
+            self._wait += now - self._last_end  # the loop waited for this batch
+        if self._profiler is None and self._due_for_profile() and pl_module.device.type == "cuda":
+            self._start_profiler(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._steps_seen += 1
+        shape = _batch_shape(batch)
+        if self._profiler is not None:
+            self._profiled_steps += 1
+            if self._profiled_steps >= self.profile_steps:
+                self._stop_profiler(pl_module)
+            return
+        self._window_steps += 1
+        self._window_samples += (shape[0] if shape else 0) * trainer.world_size
+        if self._window_steps >= self.every_n_steps:
+            self._sync(pl_module)
+            elapsed = time.perf_counter() - self._window_start
+            self._log(trainer, elapsed)
+            self._reset()
+            return
+        self._last_end = time.perf_counter()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._profiler is not None:
+            self._stop_profiler(pl_module)
+        self._reset()  # validation time is not training time
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_end = None  # the wait for an epoch's first batch includes worker start-up
+
+    def _log(self, trainer: pl.Trainer, elapsed: float) -> None:
+        step_ms = elapsed * 1e3 / self._window_steps
+        row = {"samples_per_s": self._window_samples / elapsed, "step_ms": step_ms,
+               "data_wait_fraction": self._wait / elapsed}
+        if self._gpu:
+            row.update(self._gpu)
+            row["gpu_busy_fraction"] = self._gpu["gpu_busy_ms"] / step_ms
+            self._gpu = {}
+        row = {f"throughput/{k}": float(v) for k, v in row.items()}
+        row["step"] = float(trainer.global_step)
+        self.history.append(row)
+        if trainer.is_global_zero:
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({k: v for k, v in row.items() if k != "step"},
+                                           step=trainer.global_step)
+            if self.record is not None:
+                with self.record.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    # ---------------------------------------------------------------- the profiler window
+
+    def _due_for_profile(self) -> bool:
+        step = self._steps_seen
+        return step >= self.profile_at and (step - self.profile_at) % self.profile_every == 0
+
+    def _start_profiler(self, pl_module: pl.LightningModule) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._sync(pl_module)
+        self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self._profiler.__enter__()
+        self._profiled_steps = 0
+
+    def _stop_profiler(self, pl_module: pl.LightningModule) -> None:
+        self._sync(pl_module)
+        prof, self._profiler = self._profiler, None
+        prof.__exit__(None, None, None)
+        steps = max(self._profiled_steps, 1)
+        busy_us, launches, kernels = busy_and_launches(prof)
+        self._gpu = {"gpu_busy_ms": busy_us / 1e3 / steps, "launches_per_step": launches / steps,
+                     "kernels_per_step": kernels / steps}
+        self._reset()  # the profiler's own host cost stays out of the wall-clock window
+
+
+__all__ = ["GraphCapture", "ThroughputMonitor", "capture_blocker"]
