@@ -1,16 +1,22 @@
 """Train, evaluate and predict with the dual-branch (spectrogram CNN + RWKV) signal classifier.
 
-Usage: `python train.py --help` (examples included) and `python train.py predict --help`.
+    python train.py [fit] [options]     train, then test on the held-out split (the default)
+    python train.py test --checkpoint CKPT --data FILE     test metrics on labelled data
+    python train.py predict --checkpoint CKPT --data FILE --output probs.csv [--aggregate mean]
+    python train.py [command] --help | --print-config
 
-Glue only: the data side is data.datamodule.SignalDataModule, the model and its loss/metrics/
-optimizer models.lightning_module.SignalClassifierModule, the loop Lightning's Trainer, the
-command line (options, checks, --config YAML) utils.cli.
+Glue only. The options are the dataclasses of utils/cli.py (flags and YAML derived from them);
+the data side is data.datamodule.SignalDataModule, the model and its loss/metrics/optimizer
+models.lightning_module.SignalClassifierModule, the defaults that follow the data
+models.defaults, the loop Lightning's Trainer, and the cross-cutting work (RNG state,
+throughput, memory, epoch lines, the prediction CSV) callbacks in utils/callbacks.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
+import copy
+import dataclasses
+import importlib.util
 import logging
 import pickle
 import sys
@@ -31,25 +37,30 @@ from pytorch_lightning.callbacks import (
     ModelCheckpoint,
     TQDMProgressBar,
 )
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader
 
-from data.datamodule import DataConfig, SignalDataModule, prediction_inputs
-from data.formats import UNLABELLED, DataError, source_exists
-from models.defaults import DataFacts, auto_ensemble, auto_model, auto_train_steps
-from models.lightning_module import SignalClassifierModule
-from utils.checkpoint_io import AtomicCheckpointIO, atomic_open, write_failure
+from data.datamodule import SignalDataModule
+from data.formats import DataError, source_exists
+from models.defaults import (
+    auto_ensemble,
+    data_facts,
+    fill_data_defaults,
+    model_settings,
+)
+from models.lightning_module import SignalClassifierModule, SignalEnsemble
+from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoint, ThroughputMonitor
+from utils.checkpoint_io import AtomicCheckpointIO, write_failure
 from utils.checks import check_before_training, check_options, check_steps_per_process
 from utils.cli import (
-    CPU_DEFAULTS,
-    GPU_DEFAULTS,
     PRECISIONS,
     ConfigError,
-    build_parser,
-    build_predict_parser,
-    parse_args,
+    PredictOptions,
+    TestOptions,
+    TrainOptions,
+    parse_command,
+    to_yaml_dict,
 )
 from utils.guards import NonFiniteGuard, TrainingFailed
 from utils.memory import MemoryMonitorCallback, optimize_memory_usage
@@ -63,6 +74,7 @@ from utils.metrics import (
     write_json,
 )
 from utils.run_dir import (
+    check_output_dir,
     check_prediction_output,
     claim_run_folder,
     find_last_checkpoint,
@@ -74,6 +86,7 @@ from utils.throughput import GraphCapture, ThroughputMonitor
 
 log = logging.getLogger("train")
 MEMBER_SEED_STEP = 1000
+
 
 
 # ---------------------------------------------------------------------------------- set-up
@@ -96,81 +109,74 @@ def resolve_device(accelerator: str, precision: str) -> tuple[bool, str]:
     return on_gpu, precision
 
 
-def resolve_hardware(args: argparse.Namespace) -> tuple[bool, str]:
-    """(on_gpu, Lightning precision) for the options; fills CPU/GPU size defaults into args."""
-    on_gpu, precision = resolve_device(args.accelerator, args.precision)
-    for key, value in (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.sync_batchnorm and not on_gpu:
+def resolve_hardware(options: TrainOptions) -> tuple[bool, str]:
+    """(on_gpu, Lightning precision) for the options; fills hardware.sync_batchnorm."""
+    hardware = options.hardware
+    on_gpu, precision = resolve_device(hardware.accelerator, hardware.precision)
+    if hardware.sync_batchnorm and not on_gpu:
         raise ConfigError("--sync-batchnorm needs GPUs (PyTorch's SyncBatchNorm is CUDA-only)")
-    if args.sync_batchnorm is None:
-        args.sync_batchnorm = on_gpu  # a no-op for a single process
+    if hardware.sync_batchnorm is None:
+        hardware.sync_batchnorm = on_gpu  # a no-op for a single process
     return on_gpu, precision
 
 
-def data_config(args: argparse.Namespace) -> DataConfig:
-    return DataConfig(
-        source=args.data, test_source=args.test_data, format=args.format,
-        reader_options=dict(args.reader_option or []), synthetic_num_signals=args.synthetic_signals,
-        synthetic_imbalance=args.synthetic_imbalance, sample_rate=args.sample_rate,
-        length=args.length, length_policy=args.length_policy, window_stride=args.window_stride,
-        normalize=args.normalize, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, balance=args.balance, augment=args.augment,
-        batch_size=args.batch_size, num_workers=args.num_workers,
-        # an ensemble's members differ in their training seed only: one split for all
-        seed=getattr(args, "split_seed", args.seed),
-        cv_folds=args.cv, cv_fold=getattr(args, "cv_fold", 0),
-    )
+LOGGER_PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
 
 
-def fill_data_defaults(args: argparse.Namespace, datamodule: SignalDataModule) -> dict:
-    """Fill the options left unset (None) from the data (models/defaults.py); returns the
-    automatic settings, explicit options already winning over them."""
-    facts = DataFacts(len(datamodule.train_dataset), datamodule.signal_length,
-                      datamodule.sample_rate, datamodule.num_classes)
-    auto = auto_model(facts)
-    if args.n_fft is not None:  # an explicit STFT size moves the settings that follow it
-        n_freq = args.n_fft // 2 + 1
-        auto.update(hop_length=max(1, args.n_fft // 4),
-                    freq_mask_param=min(auto["freq_mask_param"], n_freq // 4))
-    for key in ("hidden_size", "num_layers", "patch_size", "cnn_channels", "spectrogram",
-                "n_fft", "hop_length", "n_mels"):
-        if getattr(args, key) is None:
-            setattr(args, key, auto[key])
-    if args.epochs is None and args.max_steps is None:
-        args.max_steps = auto_train_steps(facts.train_items, datamodule.batch_size)
-    return auto
+def check_logger(kind: str) -> None:
+    """Refuse --logger mlflow / wandb where the package is missing, in one line."""
+    package = LOGGER_PACKAGES.get(kind)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"--logger {kind} needs the {package} package, which is not installed "
+                          f"(pip install {package}); or pass --logger tensorboard or csv")
 
 
-def model_settings(args: argparse.Namespace, sample_rate: float | None,
-                   auto: dict[str, Any]) -> dict[str, Any]:
-    """The `DualBranchConfig` fields (as a plain dict) the options describe."""
-    n_freq = args.n_mels if args.spectrogram == "mel" else args.n_fft // 2 + 1
-    masks = ({"freq_mask_param": min(auto["freq_mask_param"], max(0, n_freq - 1)),
-              "time_mask_param": auto["time_mask_param"]} if args.spec_augment
-             else {"freq_mask_param": 0, "time_mask_param": 0})
-    return {
-        "branches": args.branches,
-        "fusion": args.fusion,
-        "dropout": args.dropout,
-        "instance_norm": args.instance_norm,
-        "keep_amplitude": args.keep_amplitude and args.instance_norm,
-        "time": {
-            "hidden_size": args.hidden_size, "num_layers": args.num_layers,
-            "patch_size": args.patch_size, "stem": args.stem, "pooling": args.pooling,
-            "bidirectional": args.bidirectional,
-            "dropout": args.rwkv_dropout, "gradient_checkpointing": args.gradient_checkpointing,
-            "compile_blocks": args.compile, "compile_mode": args.compile_mode,
-            "wkv_backend": args.wkv_backend,
-        },
-        "freq": {
-            "spectrogram": args.spectrogram, "sample_rate": round(sample_rate or 16000),
-            "n_fft": args.n_fft, "hop_length": args.hop_length,
-            "n_mels": min(args.n_mels, args.n_fft // 2 + 1), "channels": list(args.cnn_channels),
-            **masks,
-        },
-    }
+def make_logger(kind: str, save_dir: str | Path, name: str, version: str | None) -> Logger:
+    """The experiment logger of --logger, logging into SAVE_DIR/NAME/VERSION."""
+    check_logger(kind)
+    if kind == "tensorboard":
+        return TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)
+    if kind == "csv":
+        return CSVLogger(save_dir, name=name, version=version)
+    if kind == "mlflow":
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        return MLFlowLogger(experiment_name=name, run_name=version or None,
+                            save_dir=str(Path(save_dir, "mlruns")))
+    from pytorch_lightning.loggers import WandbLogger
+
+    return WandbLogger(project=name, name=version or None, save_dir=str(save_dir))
+
+
+def flat_hparams(options: Any) -> dict[str, Any]:
+    """Options as one level of 'section.key': value, every value a number, bool or text (what
+    TensorBoard's HParams tab compares)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        else:
+            flat[prefix] = str(value)
+    walk("", to_yaml_dict(options))
+    return flat
+
+
+def log_final_metrics(logger: Logger | None, options: Any, metrics: dict[str, float]) -> None:
+    """The run's final test metrics beside its options: TensorBoard's HParams tab then
+    compares runs by them; other loggers get both as hyperparameters and metrics."""
+    if logger is None or not metrics:
+        return
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if isinstance(logger, TensorBoardLogger):
+        logger.log_hyperparams(flat_hparams(options), metrics)
+    else:
+        logger.log_hyperparams(flat_hparams(options))
+        logger.log_metrics(metrics)
+    logger.save()
 
 
 def _version_of(checkpoint: Path, output_dir: str, name: str) -> str | None:
@@ -181,59 +187,38 @@ def _version_of(checkpoint: Path, output_dir: str, name: str) -> str | None:
     return None
 
 
-class EpochSummary(Callback):
-    """One line per epoch on rank 0 (loss, validation metrics, seconds): readable in batch-job
-    logs, where a progress bar is not."""
-
-    KEYS = ("train/loss_epoch", "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1")
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # a run resumed from a mid-epoch checkpoint (--max-steps, kill -9) starts without
-        # on_train_epoch_start for that epoch
-        self._started = time.perf_counter()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # on every rank: reading callback_metrics computes the epoch's synced metrics, a
-        # collective that a rank-0-only read leaves the other ranks out of (DDP then hangs)
-        metrics = trainer.callback_metrics
-        if not trainer.is_global_zero:
-            return
-        values = " ".join(f"{k.replace('_epoch', '')} {float(metrics[k]):.4g}"
-                          for k in self.KEYS if k in metrics)
-        total = "?" if trainer.max_epochs in (None, -1) else trainer.max_epochs
-        print(f"epoch {trainer.current_epoch + 1}/{total}: {values} "
-              f"({time.perf_counter() - self._started:.1f} s)", flush=True)
-
-
-def build_callbacks(args: argparse.Namespace, validation: bool) -> list[Callback]:
-    """Checkpoints (best by --monitor when there is a validation split; last always), learning
-    rate, memory, the epoch summary, early stopping and the progress bar."""
-    mode = "min" if args.monitor == "val/loss" else "max"
-    short = args.monitor.split("/")[-1]
+def build_callbacks(options: TrainOptions, validation: bool,
+                    dirpath: Path | None = None) -> list[Callback]:
+    """Checkpoints (best by --monitor when there is a validation split; last always), RNG
+    states in them, learning rate, memory, throughput, the epoch summary, early stopping and
+    the progress bar."""
+    opt = options.optimization
+    mode = "min" if opt.monitor == "val/loss" else "max"
+    short = opt.monitor.split("/")[-1]
     callbacks: list[Callback] = []
     if validation:
         callbacks.append(ModelCheckpoint(
-            monitor=args.monitor, mode=mode, save_top_k=1,
-            filename=f"best-epoch={{epoch:03d}}-{short}={{{args.monitor}:.4f}}",
+            dirpath=dirpath, monitor=opt.monitor, mode=mode, save_top_k=1,
+            filename=f"best-epoch={{epoch:03d}}-{short}={{{opt.monitor}:.4f}}",
             auto_insert_metric_name=False))
     callbacks += [
         # every epoch's end, for --resume (save_last=True only writes when the best changes)
-        ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False),
+        ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1,
+                        enable_version_counter=False),
+        RNGStateCheckpoint(),
         LearningRateMonitor(logging_interval="step"),
-        MemoryMonitorCallback(every_n_steps=args.memory_log_every),
+        MemoryMonitorCallback(every_n_steps=options.run.memory_log_every),
+        ThroughputMonitor(),
         EpochSummary(),
         GraphCapture(),  # on a GPU: the whole classifier compiled, its step as CUDA graphs
         ThroughputMonitor(every_n_steps=args.memory_log_every),
     ]
-    if args.patience > 0 and validation:
+    if opt.patience > 0 and validation:
         # checked after each validation, not at the training epoch's end: a --max-steps run
         # that stops mid-epoch skips that epoch's validation and has nothing to check
-        callbacks.append(EarlyStopping(monitor=args.monitor, mode=mode, patience=args.patience,
+        callbacks.append(EarlyStopping(monitor=opt.monitor, mode=mode, patience=opt.patience,
                                        check_on_train_epoch_end=False))
-    if args.progress_bar:
+    if options.run.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     return callbacks
 
@@ -254,18 +239,28 @@ def _checksum(module: torch.nn.Module) -> float:
 
 @dataclass
 class Run:
-    """Everything `train` sets up before fitting."""
+    """Everything `train_one` sets up before fitting."""
 
+    options: TrainOptions  # with the automatic values filled in
     datamodule: SignalDataModule
     module: SignalClassifierModule
     trainer: pl.Trainer
+    logger: Logger
+    run_dir: Path
     resume: Path | None
     precision: str
     effective_batch: int
     lr: float
 
 
-def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
+def resolve_options(options: TrainOptions, datamodule: SignalDataModule) -> TrainOptions:
+    """A copy of the options with what follows the data filled in (models/defaults.py):
+    model sizes, STFT settings and the step budget; explicit values win."""
+    model, optimization = fill_data_defaults(options.model, options.optimization, datamodule)
+    return dataclasses.replace(options, model=model, optimization=optimization)
+
+
+def set_up(options: TrainOptions, extra_callbacks: list[Callback] | None = None,
            log_dir: tuple[Path, str] | None = None,
            datamodule: SignalDataModule | None = None) -> Run:
     """Data, Trainer and module for the options. Bad values raise ConfigError/DataError.
@@ -273,9 +268,10 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
     datamodule: one already set up for these options (an ensemble's members share one)."""
     # first: the CUDA allocator settings only take effect before CUDA initialises
     memory_settings = optimize_memory_usage()
-    on_gpu, precision = resolve_hardware(args)
-    check_options(args, on_gpu)  # output folder, devices, --length vs memory: before any work
-    pl.seed_everything(args.seed, workers=True, verbose=False)
+    on_gpu, precision = resolve_hardware(options)
+    check_options(options, on_gpu)  # output folder, devices, --length vs memory: before any work
+    check_logger(options.run.logger)
+    pl.seed_everything(options.seed, workers=True, verbose=False)
     if on_gpu:
         # Build the CUDA WKV extension here, before Lightning starts the other ranks; they find
         # it cached (models/wkv_build.py holds a file lock while building).
@@ -284,15 +280,16 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
         if load_extension_or_none() is None:
             rank_zero_only(log.warning)("WKV CUDA kernel unavailable (%s)", why_unavailable())
 
+    run_opts, hardware = options.run, options.hardware
     resume = None
     version = None
     resume_weights = None
-    if args.resume:
-        resume = (find_last_checkpoint(args.output_dir, args.name) if args.resume == "last"
-                  else Path(args.resume))
-        version = _version_of(resume, args.output_dir, args.name)
+    if run_opts.resume:
+        resume = (find_last_checkpoint(run_opts.output_dir, run_opts.name)
+                  if run_opts.resume == "last" else Path(run_opts.resume))
+        version = _version_of(resume, run_opts.output_dir, run_opts.name)
         if version is not None and is_launching_process():  # refused if a live run holds it
-            lock_run_folder(Path(args.output_dir, args.name, version))
+            lock_run_folder(Path(run_opts.output_dir, run_opts.name, version))
         checkpoint = read_checkpoint(resume)
         if "optimizer_states" not in checkpoint:
             raise ConfigError(f"--resume {resume}: the checkpoint holds weights only (no "
@@ -301,54 +298,51 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
     run_folder = None
     try:
         if datamodule is None:
-            datamodule = prepare_data(args)
-        auto = fill_data_defaults(args, datamodule)
+            datamodule = prepare_data(options)
+        options = resolve_options(options, datamodule)
+        opt = options.optimization
         batch_size = datamodule.batch_size
-        check_before_training(args, datamodule, model_settings(args, datamodule.sample_rate, auto),
+        check_before_training(options, datamodule,
+                              model_settings(options.model, data_facts(datamodule)),
                               batch_size, on_gpu, precision)
         if log_dir is None:
             if version is None and is_launching_process():  # other ranks use rank 0's folder
-                run_folder = claim_run_folder(args.output_dir, args.name)
+                run_folder = claim_run_folder(run_opts.output_dir, run_opts.name)
                 version = run_folder.name
-            logger = TensorBoardLogger(args.output_dir, name=args.name, version=version,
-                                       default_hp_metric=False)
+            logger = make_logger(run_opts.logger, run_opts.output_dir, run_opts.name, version)
+            run_dir = Path(run_opts.output_dir, run_opts.name, version or "")
         else:  # an ensemble member: FOLDER/NAME, no version level
-            logger = TensorBoardLogger(log_dir[0], name=log_dir[1], version="",
-                                       default_hp_metric=False)
+            logger = make_logger(run_opts.logger, log_dir[0], log_dir[1], "")
+            run_dir = Path(log_dir[0], log_dir[1])
+        # TensorBoard and CSV loggers place checkpoints in their folder themselves (rank 0's,
+        # broadcast); the others log elsewhere, so the run folder is named
+        dirpath = None if run_opts.logger in ("tensorboard", "csv") else run_dir / "checkpoints"
         steps_per_epoch = max(1, len(datamodule.train_dataset) // batch_size)
-        nonfinite_guard = NonFiniteGuard(hint=f"; lower --lr (now {args.lr:g}) or check the data")
+        nonfinite_guard = NonFiniteGuard(hint=f"; lower --lr (now {opt.lr:g}) or check the data")
         trainer = pl.Trainer(
             accelerator="gpu" if on_gpu else "cpu",
-            devices=args.devices,
-            num_nodes=args.num_nodes,
-            strategy=args.strategy,
+            devices=hardware.devices,
+            num_nodes=hardware.num_nodes,
+            strategy=hardware.strategy,
             precision=precision,
-            max_epochs=args.epochs if args.max_steps is None else -1,
-            max_steps=args.max_steps or -1,
-            gradient_clip_val=args.grad_clip or None,
-            accumulate_grad_batches=args.accumulate,
-            sync_batchnorm=args.sync_batchnorm,
+            max_epochs=opt.epochs if opt.max_steps is None else -1,
+            max_steps=opt.max_steps or -1,
+            gradient_clip_val=opt.grad_clip or None,
+            accumulate_grad_batches=opt.accumulate,
+            sync_batchnorm=hardware.sync_batchnorm,
             logger=logger,
-            callbacks=build_callbacks(args, datamodule.has_validation) + [nonfinite_guard]
-            + list(extra_callbacks or []),
+            callbacks=build_callbacks(options, datamodule.has_validation, dirpath)
+            + [nonfinite_guard] + list(extra_callbacks or []),
             plugins=[AtomicCheckpointIO()],  # checkpoints whole or absent, even on a full disk
             log_every_n_steps=min(50, steps_per_epoch),
-            enable_progress_bar=args.progress_bar,
+            enable_progress_bar=run_opts.progress_bar,
             num_sanity_val_steps=0,
         )
         check_steps_per_process(len(datamodule.train_dataset), batch_size, trainer.world_size)
         world = trainer.world_size * trainer.accumulate_grad_batches
-        scale = {"none": 1.0, "linear": float(world), "sqrt": world**0.5}[args.lr_scaling]
-        class_weights = datamodule.class_weights
-        module = SignalClassifierModule(
-            model=model_settings(args, datamodule.sample_rate, auto),
-            num_classes=datamodule.num_classes,
-            class_names=datamodule.class_names,
-            class_weights=None if class_weights is None else class_weights.tolist(),
-            lr=args.lr * scale, weight_decay=args.weight_decay, warmup=args.warmup,
-            min_lr_ratio=args.min_lr_ratio, label_smoothing=args.label_smoothing,
-            mixup=args.mixup, data=to_plain(datamodule.trained_settings()),
-        )
+        scale = {"none": 1.0, "linear": float(world), "sqrt": world**0.5}[opt.lr_scaling]
+        module = SignalClassifierModule.from_options(options.model, opt, datamodule,
+                                                     lr=opt.lr * scale)
         if resume_weights is not None:
             difference = state_dict_difference(module, resume_weights)
             if difference:
@@ -361,42 +355,45 @@ def set_up(args: argparse.Namespace, extra_callbacks: list[Callback] | None = No
         if isinstance(exc, (ValueError, MisconfigurationException)):
             raise ConfigError(str(exc).strip().splitlines()[0]) from exc
         raise
-    run = Run(datamodule, module, trainer, resume, precision, batch_size * world,
-              args.lr * scale)
+    run = Run(options, datamodule, module, trainer, logger, run_dir, resume, precision,
+              batch_size * world, opt.lr * scale)
     n_params = sum(p.numel() for p in module.parameters())
     rank_zero_only(print)(
-        f"model: branches={args.branches}, {n_params / 1e6:.3f} M parameters; "
+        f"model: branches={options.model.branches}, {n_params / 1e6:.3f} M parameters; "
         f"precision {precision}; {trainer.world_size} process(es) x batch {batch_size} x "
         f"accumulate {trainer.accumulate_grad_batches} = effective batch {run.effective_batch}, "
-        f"lr {run.lr:.3g} (scaling {args.lr_scaling})\n"
+        f"lr {run.lr:.3g} (scaling {opt.lr_scaling})\n"
         f"memory settings: {memory_settings}\n"
-        f"logs: {logger.log_dir}" + (f"\nresuming from {resume}" if resume else ""),
+        f"logs: {run_dir}" + (f"\nresuming from {resume}" if resume else ""),
         flush=True,
     )
     return run
 
 
-def train(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None
+def train(options: TrainOptions, extra_callbacks: list[Callback] | None = None
           ) -> dict[str, Any]:
     """Fit and test one model, or with --ensemble K, K models whose test probabilities are
-    averaged. Returns the summary of train_one (or of the ensemble)."""
-    if args.cv:
-        return train_cv(args, extra_callbacks)
+    averaged, or with --cv K one run per fold. Returns the summary of train_one (or of the
+    ensemble / cross-validation)."""
+    options = copy.deepcopy(options)  # the automatic values are filled into a copy
+    check_logger(options.run.logger)  # before any folder is claimed
+    if options.data.cv_folds:
+        return train_cv(options, extra_callbacks)
     datamodule = None
-    if args.ensemble is None:  # automatic: by the size of the training part
-        on_gpu, _ = resolve_hardware(args)  # the data module needs the hardware defaults
-        check_options(args, on_gpu)  # before reading any data
-        datamodule = prepare_data(args)
-        args.ensemble = choose_ensemble(args, len(datamodule.train_dataset))
-    if args.ensemble == 1:
-        return train_one(args, extra_callbacks, datamodule=datamodule)
-    return train_ensemble(args, extra_callbacks, datamodule=datamodule)
+    if options.run.ensemble is None:  # automatic: by the size of the training part
+        on_gpu, _ = resolve_hardware(options)
+        check_options(options, on_gpu)  # before reading any data
+        datamodule = prepare_data(options)
+        options.run.ensemble = choose_ensemble(options, len(datamodule.train_dataset))
+    if options.run.ensemble == 1:
+        return train_one(options, extra_callbacks, datamodule=datamodule)
+    return train_ensemble(options, extra_callbacks, datamodule=datamodule)
 
 
-def prepare_data(args: argparse.Namespace) -> SignalDataModule:
+def prepare_data(options: TrainOptions) -> SignalDataModule:
     """The data module for the options, set up (read, split); ConfigError for bad values."""
     try:
-        datamodule = SignalDataModule(data_config(args))
+        datamodule = SignalDataModule(options.data)
         datamodule.setup("fit")
     except DataError:
         raise
@@ -405,45 +402,48 @@ def prepare_data(args: argparse.Namespace) -> SignalDataModule:
     return datamodule
 
 
-def choose_ensemble(args: argparse.Namespace, train_items: int) -> int:
+def _one_process(options: TrainOptions) -> bool:
+    return options.hardware.devices in ("auto", 1, "1") and options.hardware.num_nodes == 1
+
+
+def choose_ensemble(options: TrainOptions, train_items: int) -> int:
     """--ensemble's automatic value: auto_ensemble's, or 1 where an ensemble cannot run
     (several processes, or resuming one run)."""
-    one_process = args.devices in ("auto", 1, "1") and args.num_nodes == 1
-    return auto_ensemble(train_items) if one_process and not args.resume else 1
+    return auto_ensemble(train_items) if _one_process(options) and not options.run.resume else 1
 
 
-def _one_process_only(args: argparse.Namespace, option: str) -> None:
-    if args.resume:
+def _one_process_only(options: TrainOptions, option: str) -> None:
+    if options.run.resume:
         raise ConfigError(f"--resume continues one run; it cannot be combined with {option}")
-    if args.devices not in ("auto", 1, "1") or args.num_nodes != 1:
+    if not _one_process(options):
         raise ConfigError(f"{option} trains its runs one after another in one process; "
                           "use --devices 1")
 
 
-def train_cv(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None
+def train_cv(options: TrainOptions, extra_callbacks: list[Callback] | None = None
              ) -> dict[str, Any]:
     """--cv K: K runs, fold k of K stratified (and grouped) folds as the test part of run k,
     in DIR/NAME/version_N/fold_k; per-fold metrics, their mean and sd, and the metrics of
     all folds' predictions pooled (every record tested once) in DIR/NAME/version_N."""
-    _one_process_only(args, "--cv")
-    if args.test_data:
+    _one_process_only(options, "--cv")
+    if options.data.test_source:
         raise ConfigError("--cv splits --data itself into folds; drop --test-data (an "
                           "official test set is for one final test, not for folds)")
     started = time.perf_counter()
-    folder = claim_run_folder(args.output_dir, args.name)
+    folder = claim_run_folder(options.run.output_dir, options.run.name)
     folds, probabilities, labels = [], [], []
-    for k in range(args.cv):
-        fold_args = argparse.Namespace(**vars(args), cv_fold=k)
-        print(f"cross-validation fold {k + 1}/{args.cv}", flush=True)
-        resolve_hardware(fold_args)
-        fold_data = prepare_data(fold_args)
-        if fold_args.ensemble is None:
-            fold_args.ensemble = choose_ensemble(fold_args, len(fold_data.train_dataset))
-        if fold_args.ensemble > 1:
-            result = train_ensemble(fold_args, extra_callbacks, folder / f"fold_{k}",
-                                    fold_data)
+    for k in range(options.data.cv_folds):
+        fold = copy.deepcopy(options)
+        fold.data.cv_fold = k
+        print(f"cross-validation fold {k + 1}/{options.data.cv_folds}", flush=True)
+        resolve_hardware(fold)
+        fold_data = prepare_data(fold)
+        if fold.run.ensemble is None:
+            fold.run.ensemble = choose_ensemble(fold, len(fold_data.train_dataset))
+        if fold.run.ensemble > 1:
+            result = train_ensemble(fold, extra_callbacks, folder / f"fold_{k}", fold_data)
         else:
-            result = train_one(fold_args, extra_callbacks, (folder, f"fold_{k}"), quiet=True,
+            result = train_one(fold, extra_callbacks, (folder, f"fold_{k}"), quiet=True,
                                datamodule=fold_data)
         if result.get("probabilities") is None:
             raise ConfigError(f"fold {k} has no test items; use fewer --cv folds")
@@ -455,7 +455,7 @@ def train_cv(args: argparse.Namespace, extra_callbacks: list[Callback] | None = 
                                                    "test/macro_f1", "test/kappa")]
     per_fold = {k: [float(f["metrics"][k]) for f in folds] for k in keys}
     summary = {
-        "cv_folds": args.cv,
+        "cv_folds": options.data.cv_folds,
         "fold_metrics": per_fold,
         "fold_mean": {k: float(np.mean(v)) for k, v in per_fold.items()},
         "fold_sd": {k: float(np.std(v, ddof=1)) for k, v in per_fold.items()},
@@ -464,45 +464,46 @@ def train_cv(args: argparse.Namespace, extra_callbacks: list[Callback] | None = 
         "run_dir": str(folder),
         **evaluate_probabilities(torch.cat(probabilities), torch.cat(labels), names),
     }
-    _write_results(folder, summary, args)
+    _write_results(folder, summary, options)
     return summary
 
 
-def train_ensemble(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
+def train_ensemble(options: TrainOptions, extra_callbacks: list[Callback] | None = None,
                    folder: Path | None = None,
                    datamodule: SignalDataModule | None = None) -> dict[str, Any]:
-    """K members with seeds --seed + 1000 k in DIR/NAME/version_N/member_k (or
+    """K members with seeds seed + 1000 k in DIR/NAME/version_N/member_k (or
     FOLDER/member_k); the ensemble's test metrics (mean of the members' probabilities) in
     that folder. Returns the summary with the ensemble's test probabilities and labels."""
-    _one_process_only(args, "--ensemble")
+    _one_process_only(options, "--ensemble")
     started = time.perf_counter()
     nested = folder is not None
     if datamodule is not None and not nested:  # the members' set-up checks, before the folder
-        probe = argparse.Namespace(**vars(args))
+        probe = copy.deepcopy(options)
         on_gpu, precision = resolve_hardware(probe)
         try:
-            auto = fill_data_defaults(probe, datamodule)
+            probe = resolve_options(probe, datamodule)
             check_before_training(probe, datamodule,
-                                  model_settings(probe, datamodule.sample_rate, auto),
+                                  model_settings(probe.model, data_facts(datamodule)),
                                   datamodule.batch_size, on_gpu, precision)
         except ValueError as exc:
             raise ConfigError(str(exc).strip().splitlines()[0]) from exc
-    folder = folder or claim_run_folder(args.output_dir, args.name)
+    folder = folder or claim_run_folder(options.run.output_dir, options.run.name)
     members = []
-    for k in range(args.ensemble):
-        member_args = argparse.Namespace(**vars(args))
-        member_args.split_seed = getattr(args, "split_seed", args.seed)
-        # 1000 apart: ensembles of neighbouring --seed values share no member
-        member_args.seed = args.seed + MEMBER_SEED_STEP * k
-        print(f"ensemble member {k + 1}/{args.ensemble} (seed {member_args.seed})", flush=True)
-        members.append(train_one(member_args, extra_callbacks, (folder, f"member_{k}"),
+    for k in range(options.run.ensemble):
+        member = copy.deepcopy(options)
+        # the members differ in their training seed only (one split for all); 1000 apart:
+        # ensembles of neighbouring seeds share no member
+        member.run.seed = options.seed + MEMBER_SEED_STEP * k
+        print(f"ensemble member {k + 1}/{options.run.ensemble} (seed {member.run.seed})",
+              flush=True)
+        members.append(train_one(member, extra_callbacks, (folder, f"member_{k}"),
                                  quiet=True, datamodule=datamodule))
     probabilities = [m.pop("probabilities") for m in members]
     labels = members[0].pop("labels")
     for m in members[1:]:
         m.pop("labels")
     summary = {
-        "ensemble": args.ensemble,
+        "ensemble": options.run.ensemble,
         "members": members,
         "seconds": time.perf_counter() - started,
         "run_dir": str(folder),
@@ -511,15 +512,16 @@ def train_ensemble(args: argparse.Namespace, extra_callbacks: list[Callback] | N
     if probabilities[0] is not None and labels is not None:
         mean = torch.stack(probabilities).mean(0)
         summary.update(evaluate_probabilities(mean, labels, members[0]["class_names"]))
-    _write_results(folder, summary, args, quiet=nested)
+    _write_results(folder, summary, options, quiet=nested)
     return {**summary, "probabilities": mean, "labels": labels}
 
 
 def evaluate_probabilities(probabilities: torch.Tensor, labels: torch.Tensor,
-                           class_names: list[str]) -> dict[str, Any]:
+                           class_names: list[str],
+                           predicted: np.ndarray | None = None) -> dict[str, Any]:
     """Test metrics, bootstrap 95% intervals, report and confusion matrix of (N, K) class
-    probabilities against (N,) labels."""
-    predicted = probabilities.argmax(-1).numpy()
+    probabilities against (N,) labels (predicted: (N,) classes, default the most probable)."""
+    predicted = probabilities.argmax(-1).numpy() if predicted is None else np.asarray(predicted)
     truth = labels.numpy()
     k = len(class_names)
     confusion = confusion_from_predictions(truth, predicted, k)
@@ -530,21 +532,22 @@ def evaluate_probabilities(probabilities: torch.Tensor, labels: torch.Tensor,
             "class_names": list(class_names)}
 
 
-def train_one(args: argparse.Namespace, extra_callbacks: list[Callback] | None = None,
+def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = None,
               log_dir: tuple[Path, str] | None = None, quiet: bool = False,
               datamodule: SignalDataModule | None = None) -> dict[str, Any]:
     """Fit, then test the best checkpoint (or, without a validation split, the last
-    weights); rank 0 writes the results. Returns a summary (test metrics, checkpoints, run
-    folder, and the test probabilities for an ensemble) on every rank."""
+    weights); rank 0 writes the results and logs the test metrics with the options. Returns
+    a summary (test metrics, checkpoints, run folder, and the test probabilities for an
+    ensemble) on every rank."""
     started = time.perf_counter()
-    run = set_up(args, extra_callbacks, log_dir, datamodule)
-    trainer, module = run.trainer, run.module
+    run = set_up(options, extra_callbacks, log_dir, datamodule)
+    trainer, module, options = run.trainer, run.module, run.options
     trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.resume, weights_only=True)
     if trainer.global_step == 0:
         raise TrainingFailed(f"no training step was taken ({len(run.datamodule.train_dataset)} "
                              f"training items, batch {run.datamodule.batch_size}, "
                              f"{trainer.world_size} "
-                             f"process(es)); nothing was tested, see {trainer.log_dir}")
+                             f"process(es)); nothing was tested, see {run.run_dir}")
     print(f"rank {trainer.global_rank}/{trainer.world_size}: trained on "
           f"{module.samples_trained} samples this session, global step {trainer.global_step}, "
           f"parameter checksum {_checksum(module):.9e}", flush=True)
@@ -554,7 +557,7 @@ def train_one(args: argparse.Namespace, extra_callbacks: list[Callback] | None =
     last = next((c for c in trainer.checkpoint_callbacks if c.monitor is None), None)
     test_results = trainer.test(module, datamodule=run.datamodule, ckpt_path=best or None,
                                 weights_only=True, verbose=False)
-    run_dir = Path(trainer.log_dir or args.output_dir)
+    run_dir = run.run_dir
     test = module.test_results
     summary = {
         "metrics": to_plain(test_results[0] if test_results else {}),
@@ -581,7 +584,8 @@ def train_one(args: argparse.Namespace, extra_callbacks: list[Callback] | None =
             labels.numpy(), probabilities.argmax(-1).numpy(), len(test["class_names"]))
     if trainer.is_global_zero:
         try:
-            _write_results(run_dir, summary, args, quiet=quiet)
+            log_final_metrics(run.logger, options, summary["metrics"])
+            _write_results(run_dir, summary, options, quiet=quiet)
         except OSError as exc:  # a full disk, a folder removed under the run
             raise write_failure(exc, Path(exc.filename or run_dir), atomic=False) from exc
     if log_dir is not None:  # an ensemble member: the ensemble averages these
@@ -589,21 +593,20 @@ def train_one(args: argparse.Namespace, extra_callbacks: list[Callback] | None =
     return summary
 
 
-def _write_results(run_dir: Path, summary: dict[str, Any], args: argparse.Namespace,
+def _write_results(run_dir: Path, summary: dict[str, Any], options: Any,
                    quiet: bool = False) -> None:
     """test_metrics.json, classification_report.txt, confusion_matrix.png and config.yaml in
     run_dir; the summary printed unless quiet."""
     run_dir.mkdir(parents=True, exist_ok=True)
     text = summary.pop("report_text", "")
-    payload = {**summary, "options": vars(args)}
-    write_json(run_dir / "test_metrics.json", payload)
+    config = to_yaml_dict(options)
+    write_json(run_dir / "test_metrics.json", {**summary, "options": config})
     (run_dir / "classification_report.txt").write_text(text + "\n")
     if summary.get("confusion_matrix") is not None:
         save_confusion_matrix_png(summary["confusion_matrix"], summary["class_names"],
                                   run_dir / "confusion_matrix.png", title="test confusion matrix")
     with open(run_dir / "config.yaml", "w") as f:
-        yaml.safe_dump(to_plain({k: v for k, v in vars(args).items() if k != "config"}), f,
-                       sort_keys=False)
+        yaml.safe_dump(to_plain(config), f, sort_keys=False)
     if quiet:
         return
     metrics = summary.get("metrics", {})
@@ -626,7 +629,7 @@ def _write_results(run_dir: Path, summary: dict[str, Any], args: argparse.Namesp
     print("\n".join(lines), flush=True)
 
 
-# ---------------------------------------------------------------------------------- prediction
+# ---------------------------------------------------------------------------------- checkpoints
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -699,90 +702,151 @@ def model_checkpoints(path: str | Path) -> list[Path]:
     return found
 
 
-def predict(args: argparse.Namespace) -> Path:
-    """Write per-window class probabilities of --data to --output (CSV); the label column is
-    empty for records without a label."""
-    on_gpu, precision = resolve_device(args.accelerator, args.precision)
-    checkpoints = model_checkpoints(args.checkpoint)
-    if not source_exists(args.data):
-        raise ConfigError(f"--data: {args.data} does not exist")
-    # before predicting: a result that cannot be written, or that replaces an input, is lost
-    check_prediction_output(args.output, [Path(args.data), *checkpoints])
+
+
+# ---------------------------------------------------------------------------------- test, predict
+
+
+def load_ensemble(checkpoint: str | Path) -> tuple[SignalEnsemble, list[Path]]:
+    """The model(s) `--checkpoint` names (a file, a run folder, an ensemble's folder) as one
+    `SignalEnsemble`, and their checkpoint files; ConfigError where members disagree."""
+    checkpoints = model_checkpoints(checkpoint)
     modules = [load_checkpoint(path) for path in checkpoints]
-    module = modules[0]
-    names = list(module.class_names)
+    first = modules[0]
     for other in modules[1:]:
-        if list(other.class_names) != names or other.hparams.data != module.hparams.data:
-            raise ConfigError(f"--checkpoint {args.checkpoint}: its members were not trained "
+        if list(other.class_names) != list(first.class_names) or \
+                other.hparams.data != first.hparams.data:
+            raise ConfigError(f"--checkpoint {checkpoint}: its members were not trained "
                               "on the same data (class names or data settings differ)")
-    inputs = prediction_inputs(args.data, module.hparams.data, names, format=args.format,
-                               reader_options=dict(args.reader_option or []),
-                               window_stride=args.window_stride)
-    loader = DataLoader(inputs.items, batch_size=args.batch_size)
+    return SignalEnsemble(modules).eval(), checkpoints
+
+
+def _predict_with(options: TestOptions | PredictOptions, ensemble: SignalEnsemble,
+                  output: Path, labels: str) -> tuple[PredictionCSVWriter, SignalDataModule]:
+    """Run the ensemble over --data (read with labels='optional' or 'required') and write the
+    prediction CSV to `output`; returns the writer (its rows) and the data module."""
+    on_gpu, precision = resolve_device(options.accelerator, options.precision)
+    trained = ensemble.members[0].hparams.data
+    # prediction: labels optional unless --reader-option says (labels=none for a headerless
+    # CSV without them); testing: labels required
+    reader_options = ({"labels": "optional", **options.reader_options} if labels == "optional"
+                      else {**options.reader_options, "labels": "required"})
+    datamodule = SignalDataModule.for_prediction(
+        options.data, trained, ensemble.class_names, format=options.format,
+        reader_options=reader_options,
+        window_stride=options.window_stride, batch_size=options.batch_size)
+    datamodule.setup("predict")
+    writer = PredictionCSVWriter(output, datamodule.prediction, ensemble.class_names,
+                                 options.aggregate)
     trainer = pl.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=1, precision=precision,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    # an ensemble: the mean of its members' probabilities, as in its test metrics
-    probs = torch.stack([torch.cat(trainer.predict(m, loader)).float()
-                         for m in modules]).mean(0).numpy()
+                         enable_model_summary=False, callbacks=[writer])
+    trainer.predict(ensemble, datamodule=datamodule, return_predictions=False)
+    return writer, datamodule
 
-    dataset, output = inputs.dataset, Path(args.output)
+
+def predict(options: PredictOptions) -> Path:
+    """Write the class probabilities of --data to --output (CSV): one row per record
+    (--aggregate mean or vote) or per window (none); the label column is empty for records
+    without a label."""
+    resolve_device(options.accelerator, options.precision)
+    checkpoints = model_checkpoints(options.checkpoint)
+    if not source_exists(options.data):
+        raise ConfigError(f"--data: {options.data} does not exist")
+    # before predicting: a result that cannot be written, or that replaces an input, is lost
+    check_prediction_output(options.output, [Path(options.data), *checkpoints])
+    ensemble, _ = load_ensemble(options.checkpoint)
+    writer, datamodule = _predict_with(options, ensemble, Path(options.output), "optional")
+    inputs = datamodule.prediction
+    print(f"wrote {len(writer.rows)} rows ({len(inputs.dataset)} signals, "
+          f"{len(inputs.windows)} model inputs, --aggregate {options.aggregate}) to "
+          f"{options.output}")
+    return Path(options.output)
+
+
+def evaluate_checkpoint(options: TestOptions) -> dict[str, Any]:
+    """A checkpoint's (or an ensemble folder's) test metrics on the labelled file --data,
+    per record (--aggregate mean or vote) or per model input (none): test_metrics.json,
+    classification_report.txt, confusion_matrix.png and predictions.csv in
+    --output-dir/--name/version_N."""
+    resolve_device(options.accelerator, options.precision)
+    checkpoints = model_checkpoints(options.checkpoint)
+    if not source_exists(options.data):
+        raise ConfigError(f"--data: {options.data} does not exist")
+    check_output_dir(options.output_dir, options.name)
+    started = time.perf_counter()
+    ensemble, checkpoints = load_ensemble(options.checkpoint)
+    folder = claim_run_folder(options.output_dir, options.name)
     try:
-        _write_predictions(output, inputs, probs, names)
-    except OSError as exc:
-        raise write_failure(exc, output) from exc
-    print(f"wrote {len(inputs.windows)} rows ({len(dataset)} signals) to {output}")
-    return output
-
-
-def _write_predictions(output: Path, inputs: Any, probs: Any, names: list[str]) -> None:
-    """The prediction CSV, written whole or not at all (an older file stays until then)."""
-    dataset = inputs.dataset
-    with atomic_open(output, "w") as f:
-        writer = csv.writer(f)
-        writer.writerow(["record", "group", "start", "end", "label", "predicted",
-                         *[f"p_{n}" for n in names]])
-        for (record, start), end, p in zip(inputs.windows, inputs.ends, probs, strict=True):
-            group = "" if dataset.groups is None else dataset.groups[record]
-            label = dataset.labels[record]
-            writer.writerow([record, group, start, end,
-                             "" if label == UNLABELLED else names[label],
-                             names[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+        writer, datamodule = _predict_with(options, ensemble, folder / "predictions.csv",
+                                           "required")
+    except BaseException:
+        release_run_folder(folder, remove_if_empty=True)
+        raise
+    rows, dataset = writer.rows, datamodule.prediction.dataset
+    labels = torch.as_tensor(dataset.labels[rows.records], dtype=torch.int64)
+    summary = {
+        "checkpoints": [str(p) for p in checkpoints],
+        "data": str(options.data),
+        "aggregate": options.aggregate,
+        "items": len(rows),
+        "seconds": time.perf_counter() - started,
+        "run_dir": str(folder),
+        **evaluate_probabilities(torch.as_tensor(rows.probabilities), labels,
+                                 ensemble.class_names, predicted=rows.predicted),
+    }
+    _write_results(folder, summary, options)
+    return summary
 
 
 # ---------------------------------------------------------------------------------- entry
 
 
 def main(argv: list[str] | None = None, extra_callbacks: list[Callback] | None = None) -> int:
-    """Command-line entry: `train.py [options]` or `train.py predict [options]`."""
+    """Command-line entry: `train.py [fit] [options]`, `train.py test ...`,
+    `train.py predict ...`; errors are one line (exit 2 for bad options or data, 1 for a
+    run that failed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("train", "models", "data", "utils", "cuda"):
         logging.getLogger(name).setLevel(logging.INFO)
     _quiet_known_warnings()
-    predicting = bool(argv) and argv[0] == "predict"
-    parser = build_predict_parser() if predicting else build_parser()
-    args = parser.parse_args(argv[1:]) if predicting else parse_args(argv)
+    prog = "train.py" + (f" {argv[0]}" if argv and argv[0] in ("fit", "test", "predict") else "")
+
+    def fail(code: int, message: str) -> None:
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        raise SystemExit(code)
+
     try:
-        if predicting:
-            predict(args)
+        command, options = parse_command(argv)
+        if command == "predict":
+            predict(options)
+        elif command == "test":
+            evaluate_checkpoint(options)
         else:
-            train(args, extra_callbacks)
+            train(options, extra_callbacks)
     except (ConfigError, DataError, MisconfigurationException, FileNotFoundError) as exc:
         # bad options or data: one line, not a traceback
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        hint = f" (see {prog} --help)" if isinstance(exc, ConfigError) and "\n" not in str(exc) \
+            and _is_parse_error(exc) else ""
+        fail(2, f"{exc}{hint}")
     except TrainingFailed as exc:  # the run went wrong: status 1, apart from bad input
-        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+        fail(1, str(exc))
     except KeyboardInterrupt:  # outside fit (Lightning handles Ctrl-C during it)
-        parser.exit(130, f"{parser.prog}: interrupted (Ctrl-C)\n")
+        sys.stderr.write(f"{prog}: interrupted (Ctrl-C)\n")
+        raise SystemExit(130) from None
     except (MemoryError, torch.OutOfMemoryError) as exc:
         reason = (str(exc).strip().splitlines() or ["out of memory"])[0]
-        parser.exit(1, f"{parser.prog}: error: out of memory ({reason[:200]}); pass a smaller "
-                       "--batch-size or --length, or --gradient-checkpointing\n")
+        fail(1, f"out of memory ({reason[:200]}); pass a smaller --batch-size or --length, or "
+                "--gradient-checkpointing")
     except OSError as exc:  # the machine's, not the code's: a disk, a permission, a device
         where = f" ({exc.filename})" if exc.filename else ""
-        parser.exit(1, f"{parser.prog}: error: {exc.strerror or exc}{where}\n")
+        fail(1, f"{exc.strerror or exc}{where}")
     return 0
+
+
+def _is_parse_error(exc: ConfigError) -> bool:
+    return str(exc).startswith(("argument ", "unknown option", "unexpected argument"))
 
 
 if __name__ == "__main__":

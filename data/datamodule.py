@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +40,15 @@ from data.transforms import (
     resample_dataset,
     znormalize,
 )
+from utils.options import (
+    Check,
+    at_least,
+    check_fields,
+    in_range,
+    option,
+    positive_finite,
+    seed_range,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,43 +60,81 @@ MIN_RECORDS_FOR_VALIDATION = 1000
 BALANCE_MODES = ("none", "loss", "sampler")
 
 
+FORMATS = Literal["npz", "npy", "csv", "tsv", "ts", "wfdb", "edf"]
+
+
 @dataclass
 class DataConfig:
-    """Everything the data side needs; YAML/CLI 'data:' maps onto these fields."""
+    """Everything the data side needs; the `data:` section of a YAML config and the data flags
+    of train.py are derived from these fields (utils/cli.py)."""
 
-    source: str = "synthetic"  # 'synthetic', or a file/folder for data.formats.read_dataset
-    test_source: str | None = None  # explicit official test file (UCR pairs are found alone)
-    format: str | None = None  # reader name; None = by extension
-    reader_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"channel": "MLII"}
-    synthetic_num_signals: int = 2000
-    synthetic_imbalance: float = 1.0  # largest / smallest class count
-    sample_rate: float | None = None  # Hz to resample to; None keeps the source rate
-    length: int | None = None  # model input samples (after resampling); None: from the policy
-    length_policy: Literal["pad", "crop", "window"] = "pad"
-    window_stride: int | None = None  # for 'window'; None = length (no overlap)
-    bandpass: tuple[float, float] | None = None  # Hz; low 0 = low-pass
-    notch: float | None = None  # Hz, e.g. 50 or 60 mains
-    # "dataset": (x - mean) / std with the training set's statistics (one pair for all);
-    # "window"/"record": z-normalise each model input / each record; "none"
-    normalize: Literal["dataset", "window", "record", "none"] = "dataset"
-    nan_policy: Literal["raise", "drop", "interpolate"] = "raise"
-    # None: 0.1 from MIN_RECORDS_FOR_VALIDATION training records on, else no validation
-    val_fraction: float | None = None
-    test_fraction: float = 0.15  # only used when the source has no official test set
-    balance: Literal["none", "loss", "sampler"] = "none"
-    augment: bool = True
-    aug_scale: tuple[float, float] | None = (0.8, 1.25)
-    aug_noise: float = 0.05
-    aug_shift: float = 0.0  # circular shift, fraction of L; 0 keeps event positions
-    batch_size: int | None = None  # None: a quarter of the training items, 4 to 32
-    num_workers: int = 0
-    pin_memory: bool | None = None  # None: when CUDA is available
-    persistent_workers: bool = True  # only with num_workers > 0
-    seed: int = 0
-    # cross-validation of a source without an official test set: cv_folds stratified (and
-    # grouped) folds, fold cv_fold is the test part; 0: a single --test-fraction split
-    cv_folds: int = 0
-    cv_fold: int = 0
+    source: str = option("synthetic", "'synthetic' (the built-in dataset) or a file/folder "
+                         "(.npz .npy .csv .tsv .ts, WFDB, EDF; see docs/data.md)",
+                         flag="data", metavar="PATH")
+    test_source: str | None = option(None, "official test file (UCR *_TRAIN/*_TEST pairs are "
+                                     "found alone); default: hold out test_fraction",
+                                     flag="test-data", metavar="PATH")
+    format: FORMATS | None = option(None, "reader for the source (default: by extension)")
+    reader_options: dict[str, Any] = option(
+        help="reader options, e.g. {channel: MLII}; flag: --reader-option KEY=VALUE, "
+             "repeatable", flag="reader-option", metavar="KEY=VALUE", default_factory=dict)
+    synthetic_num_signals: int = option(2000, "signals in the built-in dataset", at_least(14),
+                                        flag="synthetic-signals", metavar="N")
+    synthetic_imbalance: float = option(1.0, "built-in dataset: largest / smallest class count",
+                                        in_range(1.0, float("inf")), metavar="RATIO")
+    sample_rate: float | None = option(None, "resample to this rate (default: keep the source "
+                                       "rate; synthetic: 125)", positive_finite(), metavar="HZ")
+    length: int | None = option(None, "model input length in samples after resampling "
+                                "(default: the dataset's; synthetic: 3750)", at_least(1),
+                                metavar="N")
+    length_policy: Literal["pad", "crop", "window"] = option(
+        "pad", "records vs length: pad/truncate, random crop, or cut into windows")
+    window_stride: int | None = option(None, "stride of length_policy window (default: the "
+                                       "length)", at_least(1), metavar="N")
+    bandpass: tuple[float, float] | None = option(None, "band-pass filter [low, high] Hz; low 0 "
+                                                  "= low-pass", metavar="[LOW,HIGH]")
+    notch: float | None = option(None, "notch filter at this frequency, e.g. 50 or 60 Hz mains",
+                                 positive_finite(), metavar="HZ")
+    normalize: Literal["dataset", "window", "record", "none"] = option(
+        "dataset", "scale by the training set's mean and std (keeps relative amplitude; the "
+        "model z-normalises each signal itself), z-normalise per model input or per record, "
+        "or not at all")
+    nan_policy: Literal["raise", "drop", "interpolate"] = option(
+        "raise", "NaN samples in a record: refuse the file, drop the record, or interpolate")
+    val_fraction: float | None = option(
+        None, "held out for validation (best checkpoint, early stopping); 0: none, keep the "
+        "last weights (default: 0.1 from 1000 training records on, else 0)",
+        in_range(0.0, 1.0), metavar="F")
+    test_fraction: float = option(0.15, "held out when there is no official test set",
+                                  in_range(0.0, 1.0), metavar="F")
+    balance: Literal["none", "loss", "sampler"] = option(
+        "none", "class imbalance: class-weighted loss, or a class-balanced sampler")
+    augment: bool = option(True, "random gain and noise on training inputs")
+    aug_scale: tuple[float, float] | None = option((0.8, 1.25), "random gain range of "
+                                                   "augmentation", metavar="[LOW,HIGH]")
+    aug_noise: float = option(0.05, "augmentation noise std (relative to the signal's)",
+                              in_range(0.0, float("inf")), metavar="STD")
+    aug_shift: float = option(0.0, "random circular shift, fraction of the length; 0 keeps "
+                              "event positions", in_range(0.0, 1.0, high_open=False),
+                              metavar="F")
+    batch_size: int | None = option(None, "per device; the effective batch is this x devices x "
+                                    "nodes x accumulate (default: a quarter of the training "
+                                    "items, 4 to 32)", at_least(1), metavar="N")
+    num_workers: int | None = option(None, "DataLoader workers per process (default: 4 where "
+                                     "CUDA is available, else 0)", at_least(0), metavar="N")
+    pin_memory: bool | None = option(None, "pin loader memory (default: when CUDA is "
+                                     "available)")
+    persistent_workers: bool = option(True, "keep loader workers between epochs (with workers)")
+    seed: int = option(0, "seeds the split (and, unless run.seed is given, init, shuffles and "
+                       "augmentation)", seed_range(), metavar="N")
+    cv_folds: int = option(0, "K-fold cross-validation of the source (no official test set): "
+                           "stratified, grouped by record/subject when the data has groups; "
+                           "per-fold and mean +- sd metrics (0: one test_fraction split)",
+                           Check("0 (off) or at least 2 folds",
+                                 lambda v: isinstance(v, int) and (v == 0 or v >= 2)),
+                           flag="cv", metavar="K")
+    cv_fold: int = option(0, "the fold that is the test part (a --cv run sets it per fold)",
+                          at_least(0), metavar="K")
 
     def __post_init__(self) -> None:
         val = self.val_fraction or 0.0
@@ -98,7 +145,7 @@ class DataConfig:
             raise ValueError("val_fraction + test_fraction must leave a training part")
         if self.length is not None and self.length < 1:
             raise ValueError(f"length must be positive; got {self.length}")
-        if (self.batch_size is not None and self.batch_size < 1) or self.num_workers < 0:
+        if (self.batch_size is not None and self.batch_size < 1) or (self.num_workers or 0) < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
         # a misspelt choice would otherwise fall through silently (normalize='Window': none)
         for name, choices in (("length_policy", LENGTH_POLICIES), ("normalize", NORMALIZATIONS),
@@ -116,6 +163,14 @@ class DataConfig:
             raise ValueError(f"reader_options labels={self.reader_options['labels']!r}: "
                              "training needs labelled data (labels='required'); unlabelled "
                              "files are for prediction")
+        check_fields(self)  # the ranges the fields declare (the same checks as the CLI's)
+
+    @property
+    def workers(self) -> int:
+        """num_workers, or for None 4 where CUDA is available, else 0."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return 4 if torch.cuda.is_available() else 0
 
 
 class SignalItems(Dataset):
@@ -276,13 +331,42 @@ class SignalDataModule(pl.LightningDataModule):
     After setup(): num_classes, class_names, signal_length (L), sample_rate (Hz or None),
     class_counts (training items per class), class_weights ((C,) tensor when balance='loss',
     else None) and has_official_test.
+
+    `SignalDataModule.for_prediction(path, trained, class_names)` makes one whose
+    predict_dataloader() serves a file prepared as a checkpoint's training data was; after
+    setup("predict") it knows class_names, num_classes, signal_length, sample_rate and
+    `prediction` (the `PredictionInputs`, in loader order).
     """
 
     def __init__(self, config: DataConfig | None = None):
         super().__init__()
         self.config = config or DataConfig()
-        self.save_hyperparameters(asdict(self.config))
+        # plain lists, not tuples: hparams.yaml stays loadable with yaml.safe_load
+        self.save_hyperparameters(_plain(asdict(self.config)))
         self._ready = False
+        self._predict_request: dict[str, Any] | None = None
+        self.prediction: PredictionInputs | None = None
+
+    @classmethod
+    def for_prediction(cls, path: str | Path, trained: Mapping[str, Any],
+                       class_names: Sequence[str], *, format: str | None = None,
+                       reader_options: Mapping[str, Any] | None = None,
+                       window_stride: int | None = None,
+                       batch_size: int = 64) -> SignalDataModule:
+        """A data module for `trainer.predict`: `path` read and cut into model inputs as
+        `prediction_inputs` does, from `trained` (a checkpoint's data settings) and the
+        checkpoint's class names; reader_options {'labels': 'required'} for labelled data."""
+        known = {f.name for f in fields(DataConfig)}
+        settings = {k: v for k, v in trained.items() if k in known and k != "reader_options"}
+        for name in ("bandpass", "aug_scale"):
+            if settings.get(name) is not None:
+                settings[name] = tuple(settings[name])
+        module = cls(DataConfig(**{**settings, "batch_size": batch_size}))
+        module._predict_request = {"path": path, "trained": dict(trained),
+                                   "class_names": list(class_names), "format": format,
+                                   "reader_options": dict(reader_options or {}),
+                                   "window_stride": window_stride}
+        return module
 
     # -- reading and preprocessing --------------------------------------------------------
 
@@ -304,8 +388,12 @@ class SignalDataModule(pl.LightningDataModule):
         return filter_dataset(dataset, cfg.bandpass, cfg.notch)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read, preprocess and split once; later calls (fit, then test) reuse the result."""
+        """Read, preprocess and split once; later calls (fit, then test) reuse the result.
+        A data module made by `for_prediction` reads its file instead."""
         if self._ready:
+            return
+        if self._predict_request is not None:
+            self._setup_prediction()
             return
         cfg = self.config
         full, official_test = self._load()
@@ -421,8 +509,8 @@ class SignalDataModule(pl.LightningDataModule):
         cfg = self.config
         pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
-                          drop_last=drop_last, num_workers=cfg.num_workers, pin_memory=pin,
-                          persistent_workers=cfg.persistent_workers and cfg.num_workers > 0)
+                          drop_last=drop_last, num_workers=cfg.workers, pin_memory=pin,
+                          persistent_workers=cfg.persistent_workers and cfg.workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         cfg = self.config
@@ -443,6 +531,35 @@ class SignalDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The inputs of the file given to `for_prediction`, in `prediction.windows` order."""
+        if self.prediction is None:
+            raise RuntimeError("predict_dataloader needs a data module from for_prediction, "
+                               "set up with setup('predict')")
+        return self._loader(self.prediction.items, shuffle=False)
+
+    def _setup_prediction(self) -> None:
+        request = self._predict_request
+        trained = request["trained"]
+        self.prediction = prediction_inputs(
+            request["path"], trained, request["class_names"], format=request["format"],
+            reader_options=request["reader_options"], window_stride=request["window_stride"])
+        self.class_names = list(request["class_names"])
+        self.num_classes = len(self.class_names)
+        self.signal_length = self.prediction.length
+        self.sample_rate = trained.get("trained_sample_rate")
+        self.batch_size = self.config.batch_size or 64
+        self._ready = True
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (YAML- and JSON-safe)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 class InMemoryDataModule(SignalDataModule):

@@ -6,17 +6,18 @@ cosine schedule, and torchmetrics for accuracy, balanced accuracy, macro-F1 and 
 (torchmetrics sync their state across DDP ranks before computing). At validation and test end it
 logs the confusion matrix as a figure and sklearn's per-class report as text to TensorBoard.
 
-Hyperparameters are plain dicts/lists/numbers so checkpoints load with `weights_only=True`.
-Checkpoints also carry every rank's RNG states (torch, CUDA, numpy, random): Lightning does not
-store them, and without them a resumed run draws different shuffles and dropout masks.
+Hyperparameters are plain dicts/lists/numbers so checkpoints load with `weights_only=True`
+(and hparams.yaml with `yaml.safe_load`). Every rank's RNG states go into checkpoints through
+the `utils.callbacks.RNGStateCheckpoint` callback (the helpers `rng_states` / `set_rng_states`
+/ `gather_rng_states` are here), throughput through `utils.callbacks.ThroughputMonitor`.
+`SignalClassifierModule.from_options` builds the module from the option dataclasses and a
+set-up data module; `SignalEnsemble` averages the probabilities of several for prediction.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 from torchmetrics import MeanMetric, MetricCollection
@@ -37,7 +37,7 @@ from torchmetrics.classification import (
 )
 
 from models.dual_branch import DualBranchClassifier, DualBranchConfig
-from utils.metrics import classification_report_from_confusion, plot_confusion_matrix
+from utils.metrics import classification_report_from_confusion, plot_confusion_matrix, to_plain
 
 RNG_KEY = "rng_states"
 
@@ -163,7 +163,28 @@ class SignalClassifierModule(pl.LightningModule):
         # Filled at test end (all ranks) for train.py to write out.
         self.test_results: dict[str, Any] = {}
         self.samples_trained = 0  # by this process, since it started
-        self._clock: dict[str, float] = {}
+
+    @classmethod
+    def from_options(cls, model: Any, optimization: Any, datamodule: Any,
+                     lr: float | None = None) -> SignalClassifierModule:
+        """The module that `models.options.ModelOptions` (filled: see
+        `models.defaults.fill_model_defaults`) and `OptimizationOptions` describe for a set-up
+        `SignalDataModule` (classes, class weights, sample rate and the data settings that
+        prediction needs come from it). lr: the learning rate to use (e.g. scaled for several
+        devices), default optimization.lr."""
+        from models.defaults import data_facts, model_settings
+
+        weights = datamodule.class_weights
+        return cls(
+            model=model_settings(model, data_facts(datamodule)),
+            num_classes=datamodule.num_classes,
+            class_names=datamodule.class_names,
+            class_weights=None if weights is None else weights.tolist(),
+            lr=optimization.lr if lr is None else lr, weight_decay=optimization.weight_decay,
+            warmup=optimization.warmup, min_lr_ratio=optimization.min_lr_ratio,
+            label_smoothing=optimization.label_smoothing, mixup=optimization.mixup,
+            data=to_plain(datamodule.trained_settings()),
+        )
 
     # ------------------------------------------------------------------ forward and steps
 
@@ -195,7 +216,6 @@ class SignalClassifierModule(pl.LightningModule):
             logits = self(x, lengths)
             loss = self.loss(logits, y)
         self.train_metrics.update(logits.detach(), y)
-        self._count("train", x.shape[0])
         self.samples_trained += x.shape[0]
         self.train_loss(loss.detach(), len(y))
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -237,7 +257,6 @@ class SignalClassifierModule(pl.LightningModule):
         if stage == "test":
             self._test_probs.append(torch.softmax(logits.float(), -1).detach().cpu())
             self._test_labels.append(y.detach().cpu())
-        self._count(stage, len(y))
         mean_loss.update(self.loss(logits, y), len(y))
         metrics.update(logits, y)
         confusion.update(logits, y)
@@ -266,34 +285,20 @@ class SignalClassifierModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ epoch ends
 
-    def on_train_epoch_start(self) -> None:
-        self._start_clock("train")
-
-    def on_train_epoch_end(self) -> None:
-        self._log_throughput("train")
-
-    def on_validation_epoch_start(self) -> None:
-        if self.trainer.state.fn == TrainerFn.FITTING and "train" in self._clock:
-            self._stop_clock("train")  # validation inside the epoch is not training time
-        self._start_clock("val")
-
     def on_validation_epoch_end(self) -> None:
         cm = self.val_confusion.compute()  # collective: every rank computes
         self.val_confusion.reset()
         if self.trainer.sanity_checking:
             return
-        self._log_throughput("val")
         self._log_report("val", cm)
 
     def on_test_epoch_start(self) -> None:
-        self._start_clock("test")
         self._test_probs: list[Tensor] = []
         self._test_labels: list[Tensor] = []
 
     def on_test_epoch_end(self) -> None:
         cm = self.test_confusion.compute()
         self.test_confusion.reset()
-        self._log_throughput("test")
         text, report = self._log_report("test", cm)
         self.test_results = {
             "confusion_matrix": cm.cpu(),
@@ -317,32 +322,6 @@ class SignalClassifierModule(pl.LightningModule):
             experiment.add_text(f"{stage}/classification_report", _indent(text), step)
         return text, report
 
-    # ------------------------------------------------------------------ throughput
-
-    def _start_clock(self, stage: str) -> None:
-        self._clock[stage] = time.perf_counter()
-        self._clock[f"{stage}_elapsed"] = 0.0
-        self._clock[f"{stage}_samples"] = 0
-
-    def _stop_clock(self, stage: str) -> None:
-        started = self._clock.pop(stage, None)
-        if started is not None:
-            self._clock[f"{stage}_elapsed"] += time.perf_counter() - started
-
-    def _count(self, stage: str, n: int) -> None:
-        key = f"{stage}_samples"
-        self._clock[key] = self._clock.get(key, 0) + n
-
-    def _log_throughput(self, stage: str) -> None:
-        """Log the stage's samples/s over the epoch, summed over ranks (they run in
-        lock-step, so the global rate is the sum of the per-rank rates)."""
-        self._stop_clock(stage)
-        elapsed = self._clock.get(f"{stage}_elapsed", 0.0)
-        samples = self._clock.get(f"{stage}_samples", 0)
-        rate = torch.tensor(samples / elapsed if elapsed > 0 else 0.0, device=self.device)
-        self.log(f"{stage}/samples_per_s", rate, on_step=False, on_epoch=True, sync_dist=True,
-                 reduce_fx="sum")
-
     # ------------------------------------------------------------------ optimizer
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -360,26 +339,29 @@ class SignalClassifierModule(pl.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
         }
 
-    # ------------------------------------------------------------------ exact resume
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RNG_KEY] = gather_rng_states()
+class SignalEnsemble(pl.LightningModule):
+    """Prediction with several trained `SignalClassifierModule`s (an ensemble's members, or
+    one): `predict_step` gives the mean of their class probabilities (B, num_classes)."""
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get(RNG_KEY)
-        if not states:
-            return
-        if self._trainer is None or not self._trainer.training:
-            return  # loading weights for evaluation or prediction: leave the RNGs alone
-        rank, world = _rank_and_world()
-        if len(states) != world:
-            warnings.warn(
-                f"checkpoint holds RNG states of {len(states)} ranks, this run has {world}: "
-                "rank 0's states are used everywhere, so the continuation is not bit-exact",
-                stacklevel=2,
-            )
-            rank = 0
-        set_rng_states(states[rank])
+    def __init__(self, members: Sequence[SignalClassifierModule]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.class_names = list(members[0].class_names)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """x: (B, T) float signal -> (B, num_classes) mean class probabilities."""
+        return torch.stack([torch.softmax(m(x, lengths).float(), -1)
+                            for m in self.members]).mean(0)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if isinstance(batch, (tuple, list)):
+            x, _, lengths = _unpack(batch)
+        else:
+            x, lengths = batch, None
+        return self(x, lengths)
 
 
 def _unpack(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:

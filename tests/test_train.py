@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import importlib.util
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import train
 from data.synthetic import SyntheticConfig, make_synthetic
 from data.transforms import fit_length
 from models.lightning_module import WarmupCosine
+from utils.cli import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model and dataset small enough for seconds per epoch on two CPU cores.
@@ -86,7 +88,24 @@ def test_cli_end_to_end_writes_logs_checkpoints_and_results(cli_run) -> None:
     assert results["effective_batch_size"] == 16 and results["world_size"] == 1
     assert (run_dir / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert "macro avg" in (run_dir / "classification_report.txt").read_text()
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["batch_size"] == 16
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"]["batch_size"] == 16 and config["model"]["cnn_channels"] == [4, 8]
+    assert results["options"] == config
+    # hparams.yaml holds plain data only (no !!python/tuple)
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    assert hparams["aug_scale"] == [0.8, 1.25] and hparams["model"]["time"]["hidden_size"] == 16
+    # the final test metrics beside the options, for TensorBoard's HParams tab
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    sessions = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
+    experiment = next(s.experiment for s in sessions if s.HasField("experiment"))
+    assert "test/acc" in {m.name.tag for m in experiment.metric_infos}
+    start = next(s.session_start_info for s in sessions if s.HasField("session_start_info"))
+    assert start.hparams["data.length"].number_value == 512
+    assert start.hparams["model.branches"].string_value == "both"
+    test_acc = [e.value for e in events.Scalars("test/acc")]
+    assert test_acc[-1] == pytest.approx(results["metrics"]["test/acc"], abs=1e-6)
 
 
 def test_predict_writes_probabilities_per_window(cli_run, tmp_path) -> None:
@@ -99,13 +118,14 @@ def test_predict_writes_probabilities_per_window(cli_run, tmp_path) -> None:
     np.savez(tmp_path / "new.npz", X=signals.signals, y=names[signals.labels], fs=125.0)
     output = tmp_path / "out" / "probs.csv"
     code = train.main(["predict", "--checkpoint", str(checkpoint), "--data",
-                       str(tmp_path / "new.npz"), "--output", str(output)])
+                       str(tmp_path / "new.npz"), "--output", str(output), "--aggregate", "none"])
     assert code == 0
     with open(output) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 9
-    assert [(r["record"], r["start"], r["end"]) for r in rows[:3]] == [
-        ("0", "0", "512"), ("0", "512", "1024"), ("0", "588", "1100")]
+    assert len(rows) == 9 and all(r["windows"] == "1" for r in rows)
+    # the rate is known (125 Hz): times in seconds
+    assert [(r["record"], round(float(r["start_s"]) * 125), round(float(r["end_s"]) * 125))
+            for r in rows[:3]] == [("0", 0, 512), ("0", 512, 1024), ("0", 588, 1100)]
     probs = np.array([[float(r[f"p_{n}"]) for n in names] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
     assert [r["predicted"] for r in rows] == list(names[probs.argmax(1)])
@@ -117,6 +137,42 @@ def test_predict_writes_probabilities_per_window(cli_run, tmp_path) -> None:
     with torch.no_grad():
         expected = torch.softmax(module(x), -1)[0].numpy()
     np.testing.assert_allclose(probs[2], expected, atol=1e-5)
+
+
+def test_predict_aggregates_windows_per_record(cli_run, tmp_path) -> None:
+    run_dir, _ = cli_run
+    # 2 records: 1100 samples (windows at 0, 512 and 588) and 400 (one padded input)
+    rng = np.random.default_rng(7)
+    signals = [rng.standard_normal(n).astype(np.float32) for n in (1100, 400)]
+    np.savez(tmp_path / "new.npz", X=np.concatenate(signals), lengths=[1100, 400], fs=125.0,
+             ids=np.array(["rec_a", "rec_b"]))
+
+    def rows(aggregate: str) -> list[dict]:
+        output = tmp_path / f"{aggregate}.csv"
+        assert train.main(["predict", "--checkpoint", str(run_dir), "--data",
+                           str(tmp_path / "new.npz"), "--output", str(output),
+                           "--aggregate", aggregate]) == 0
+        with open(output) as f:
+            return list(csv.DictReader(f))
+
+    names = list(SyntheticConfig.classes)
+    windows, mean, vote = rows("none"), rows("mean"), rows("vote")
+    probs = np.array([[float(r[f"p_{n}"]) for n in names] for r in windows])
+    assert [r["record"] for r in windows] == ["rec_a"] * 3 + ["rec_b"]  # ids from the file
+    assert [(r["record"], r["index"], r["windows"]) for r in mean] == [("rec_a", "0", "3"),
+                                                                      ("rec_b", "1", "1")]
+    assert float(mean[0]["start_s"]) == 0 and float(mean[0]["end_s"]) == pytest.approx(8.8)
+    # the tail window [588, 1100) adds only its 76 new samples: no duplicated coverage
+    expected = (512 * probs[0] + 512 * probs[1] + 76 * probs[2]) / 1100
+    got = np.array([[float(r[f"p_{n}"]) for n in names] for r in mean])
+    np.testing.assert_allclose(got[0], expected, atol=2e-6)
+    np.testing.assert_allclose(got[1], probs[3], atol=2e-6)
+    assert mean[0]["predicted"] == names[int(expected.argmax())]
+    votes = np.zeros(len(names))
+    for weight, p in zip((512, 512, 76), probs[:3], strict=True):
+        votes[p.argmax()] += weight
+    winners = np.flatnonzero(votes == votes.max())
+    assert vote[0]["predicted"] == names[winners[np.argmax(expected[winners])]]
 
 
 def write_unlabelled_npz(path: Path, signals: list[np.ndarray]) -> None:
@@ -153,13 +209,17 @@ def test_predict_on_files_without_labels(writer, cli_run, tmp_path) -> None:
     writer(data, signals)
     output = tmp_path / "probs.csv"
     code = train.main(["predict", "--checkpoint", str(checkpoint), "--data", str(data),
-                       "--output", str(output)])
+                       "--output", str(output), "--aggregate", "none"])
     assert code == 0
     with open(output) as f:
         rows = list(csv.DictReader(f))
     names = list(SyntheticConfig.classes)
-    assert list(rows[0]) == ["record", "group", "start", "end", "label", "predicted",
-                             *[f"p_{n}" for n in names]]
+    rate = 125.0 if suffix == ".npz" else None  # only the .npz states its rate
+    times = ["start_s", "end_s"] if rate else ["start", "end"]
+    assert list(rows[0]) == ["record", "index", "group", *times, "windows", "label",
+                             "predicted", *[f"p_{n}" for n in names]]
+    for r in rows:
+        r["start"], r["end"] = (str(round(float(r[t]) * (rate or 1))) for t in times)
     assert [(r["record"], r["start"], r["end"]) for r in rows] == [
         ("0", "0", "512"), ("0", "88", "600"), ("1", "0", "512"), ("2", "0", "300")]
     assert all(r["label"] == "" for r in rows)  # unknown: left empty
@@ -198,6 +258,51 @@ def test_training_on_a_file_without_labels_fails_clearly(writer, message, tmp_pa
         train.main([*TINY, "--data", str(data), "--reader-option", "labels=optional",
                     "--output-dir", str(tmp_path / "runs")])
     assert "training needs labelled data" in capsys.readouterr().err
+
+
+def test_test_command_evaluates_a_checkpoint_on_labelled_data(cli_run, tmp_path,
+                                                              capsys) -> None:
+    run_dir, _ = cli_run
+    signals = make_synthetic(SyntheticConfig(num_signals=14, length=512, seed=9))
+    names = np.array(signals.class_names)
+    np.savez(tmp_path / "labelled.npz", X=signals.signals, y=names[signals.labels], fs=125.0)
+    runs = tmp_path / "runs"
+    code = train.main(["test", "--checkpoint", str(run_dir), "--data",
+                       str(tmp_path / "labelled.npz"), "--output-dir", str(runs)])
+    assert code == 0
+    folder = runs / "test" / "version_0"
+    results = json.loads((folder / "test_metrics.json").read_text())
+    with open(folder / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 14 and [r["label"] for r in rows] == list(names[signals.labels])
+    correct = np.mean([r["label"] == r["predicted"] for r in rows])
+    assert results["metrics"]["test/acc"] == pytest.approx(correct)
+    cm = np.array(results["confusion_matrix"])
+    assert cm.sum() == 14 and np.trace(cm) == round(14 * correct)
+    assert results["checkpoints"][0].endswith(".ckpt") and results["aggregate"] == "mean"
+    assert (folder / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "macro avg" in (folder / "classification_report.txt").read_text()
+    assert "Test results:" in capsys.readouterr().out
+    # a file without labels cannot be tested: refused in one line, no folder left
+    write_unlabelled_npz(tmp_path / "new.npz", [np.ones(512, dtype=np.float32)])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["test", "--checkpoint", str(run_dir), "--data", str(tmp_path / "new.npz"),
+                    "--output-dir", str(runs)])
+    assert "new.npz [y]: is missing" in _one_line_error(capsys, 2, exit_info)
+    assert not (runs / "test" / "version_1").exists()
+
+
+def test_csv_logger_records_metrics_and_plain_hparams(tmp_path) -> None:
+    result = run_cli([*TINY, "--max-steps", "2", "--logger", "csv"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "runs" / "dual_branch" / "version_0"
+    results = json.loads((folder / "test_metrics.json").read_text())
+    with open(folder / "metrics.csv") as f:
+        logged = [r["test/acc"] for r in csv.DictReader(f) if r.get("test/acc")]
+    assert float(logged[-1]) == pytest.approx(results["metrics"]["test/acc"], abs=1e-6)
+    hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
+    assert hparams["data.length"] == 512 and hparams["aug_scale"] == [0.8, 1.25]
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
 
 
 class StopAfterEpochs(Callback):
@@ -259,26 +364,6 @@ def test_max_steps_may_stop_mid_epoch(tmp_path) -> None:
     assert "Traceback" not in result.stderr and "epoch 2/" in result.stdout
 
 
-def test_yaml_config_is_checked_and_flags_override_it(tmp_path) -> None:
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"synthetic_signals": 300, "augment": False},
-        "model": {"branches": "time", "cnn_channels": [8, 16]},
-        "lr": 0.01, "batch_size": 7, "reader_option": {"channel": "MLII"}, "run": None,
-    }))
-    args = train.parse_args(["--config", str(config), "--lr", "0.5"])
-    assert (args.synthetic_signals, args.augment, args.branches) == (300, False, "time")
-    assert args.cnn_channels == [8, 16] and args.batch_size == 7
-    assert args.lr == 0.5  # the flag wins
-    assert args.reader_option == [("channel", "MLII")]
-
-
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_shipped_configs_parse(name: str) -> None:
-    args = train.parse_args(["--config", str(ROOT / "configs" / name)])
-    assert args.batch_size >= 1
-
-
 def test_help_is_complete(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--help"])
@@ -317,8 +402,11 @@ BAD_OPTIONS = [
     (["--resume", "last"], "--resume last: no last.ckpt under"),
     (["--n-fft", "32", "--hop-length", "64"], "hop_length <= n_fft"),
     (["--config", "CONFIG:batch_sise: 3"], "unknown option 'batch_sise' (did you mean "
-                                           "'batch_size'?)"),
-    (["--config", "CONFIG:augment: 3"], "augment must be true or false"),
+                                           "'data.batch_size'?)"),
+    (["--config", "CONFIG:data: {augment: 3}"], "data.augment: expected true or false; got 3"),
+    (["--batch-sise", "3"], "unknown option --batch-sise (did you mean --batch-size?)"),
+    (["--logger", "mlflow"] if importlib.util.find_spec("mlflow") is None
+     else ["--logger", "nope"], "--logger"),
     (["--config", "CONFIG:lr: [1, 2"], "is not valid YAML"),
     (["--config", "CONFIG:\udcff\udcfebad"], "is not UTF-8 text (byte 0)"),
     (["--config"], "argument --config: expected one argument (see train.py --help)"),
@@ -406,7 +494,7 @@ def test_ensemble_averages_its_members(tmp_path) -> None:
     summary = json.loads((folder / "test_metrics.json").read_text())
     members = [json.loads((folder / f"member_{k}" / "test_metrics.json").read_text())
                for k in range(2)]
-    assert [m["options"]["seed"] for m in members] == [0, 1000]
+    assert [m["options"]["run"]["seed"] for m in members] == [0, 1000]
     assert summary["ensemble"] == 2 and len(summary["members"]) == 2
     cm = np.array(summary["confusion_matrix"])
     assert cm.sum() == 21 and summary["metrics"]["test/acc"] == pytest.approx(
@@ -633,8 +721,8 @@ def test_predict_refuses_to_overwrite_its_input(cli_run, tmp_path, capsys) -> No
 
 def test_wfdb_record_names_are_accepted_as_data(tmp_path) -> None:
     (tmp_path / "100.hea").write_text("100 1 360 3600\n")
-    args = train.parse_args(["--data", str(tmp_path / "100")])  # records/100, as documented
-    assert args.data == str(tmp_path / "100")
+    options = parse_args(["--data", str(tmp_path / "100")])  # records/100, as documented
+    assert options.data.source == str(tmp_path / "100")
 
 
 def test_ctrl_c_while_reading_exits_with_one_line(tmp_path, capsys, monkeypatch) -> None:

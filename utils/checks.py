@@ -29,7 +29,7 @@ import torch
 
 from data.formats import DataError
 from models.dual_branch import DualBranchClassifier, DualBranchConfig
-from utils.cli import ConfigError
+from utils.options import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -308,33 +308,37 @@ def check_informative_signals(signals: Sequence[np.ndarray] | np.ndarray,
 # ---------------------------------------------------------------------------------- train.py
 
 
-def check_options(args: Any, on_gpu: bool) -> None:
-    """train.py's checks of its options before anything is read or written: --output-dir and
-    --name, --devices, and an explicit --length against memory."""
-    from utils.run_dir import check_output_dir  # run_dir and this module share utils.cli
+def check_options(options: Any, on_gpu: bool) -> None:
+    """train.py's checks of its options (`utils.cli.TrainOptions`) before anything is read or
+    written: --output-dir and --name, --devices, and an explicit --length against memory."""
+    from utils.run_dir import check_output_dir
 
-    check_output_dir(args.output_dir, args.name)
-    check_devices(args.devices, on_gpu)
+    data = options.data
+    check_output_dir(options.run.output_dir, options.run.name)
+    check_devices(options.hardware.devices, on_gpu)
     # an unset --batch-size follows the data: the lower bound takes one input
-    check_memory_for_length(args.length, args.batch_size or 1,
-                            args.synthetic_signals if args.data == "synthetic" else None)
+    check_memory_for_length(data.length, data.batch_size or 1,
+                            data.synthetic_num_signals if data.source == "synthetic" else None)
 
 
-def check_before_training(args: Any, datamodule: Any, settings: Mapping[str, Any],
+def check_before_training(options: Any, datamodule: Any, settings: Mapping[str, Any],
                           batch_size: int, on_gpu: bool, precision: str) -> None:
     """train.py's checks once the data is set up and before the run folder is claimed: the
     training inputs carry information, the model takes inputs of their length, and a training
-    step fits in memory. settings: the model's `DualBranchConfig` fields; batch_size: the
-    batch in use (the option, or the one that follows the data)."""
+    step fits in memory. options: `utils.cli.TrainOptions`; settings: the model's
+    `DualBranchConfig` fields; batch_size: the batch in use (the option, or the one that
+    follows the data)."""
+    data = options.data
     train = datamodule.train_dataset
     length = datamodule.signal_length
-    check_informative_signals(train.signals, train.items[:, 0], length, args.normalize,
-                              str(args.data))
-    if args.length is not None:
-        length_source = f"--length {args.length}"
+    check_informative_signals(train.signals, train.items[:, 0], length, data.normalize,
+                              str(data.source))
+    if data.length is not None:
+        length_source = f"--length {data.length}"
     else:
-        which = "longest" if args.length_policy == "pad" else "shortest"
-        length_source = f"the {which} training record, --length-policy {args.length_policy}"
-    processes = int(args.devices) if str(args.devices).isdigit() and not on_gpu else 1
+        which = "longest" if data.length_policy == "pad" else "shortest"
+        length_source = f"the {which} training record, --length-policy {data.length_policy}"
+    devices = options.hardware.devices
+    processes = int(devices) if str(devices).isdigit() and not on_gpu else 1
     check_model_for_data(settings, datamodule.num_classes, length, length_source,
                          batch_size, on_gpu, precision, processes)

@@ -1,439 +1,638 @@
-"""The train.py command line: options, their checks, and --config YAML files.
+"""The train.py command line, derived from the option dataclasses.
 
-Every error is one line on stderr with exit status 2 (`_Parser.error`); YAML values are turned
-into flags so they are checked exactly like the command line (`_config_argv`).
+The dataclasses are the one source of truth: `TrainOptions` is the tree `data` (DataConfig),
+`model` (ModelOptions), `optimization` (OptimizationOptions), `hardware` (HardwareOptions) and
+`run` (RunOptions); `TestOptions` and `PredictOptions` are the `test` and `predict` commands.
+From their fields (type, default, help and check, see utils/options.py) come:
+
+- the nested flags `--data.length 512` and YAML keys `data: {length: 512}` (jsonargparse, on
+  which Lightning's CLI is built, parses and type-checks them);
+- the flat flags users type, `--length 512`: the field name with '-' (or the field's `flag`,
+  e.g. `--data` for data.source), booleans as `--augment` / `--no-augment`, lists as
+  `--cnn-channels 16 32`, `--reader-option KEY=VALUE` repeatable;
+- `--help` and `--print-config` (the whole nested YAML, loadable with `--config`).
+
+Values are applied in order: defaults < `--config` YAML < flags. Every error is one line,
+exit status 2, naming the flag or YAML key, and an unknown key or flag suggests the nearest one.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import difflib
-import math
+import json
 import re
 import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from data.datamodule import FORMATS, DataConfig
 from data.formats import source_exists
-from models.rwkv import COMPILE_MODES
+from models.options import ModelOptions, OptimizationOptions
+from utils.options import Check, ConfigError, at_least, check_fields, option
 
-# What follows the hardware; model sizes, STFT settings and the step budget follow the data
-# (models/defaults.py), the same on a CPU and a GPU.
-CPU_DEFAULTS = {"num_workers": 0}
-GPU_DEFAULTS = {"num_workers": 4}
-AUTO = "(default: from the data, see docs/training.md)"
+__all__ = ["COMMANDS", "ConfigError", "HardwareOptions", "PRECISIONS", "PredictOptions",
+           "RunOptions", "TestOptions", "TrainOptions", "build_parser", "format_help",
+           "parse_args", "parse_command", "to_yaml_dict"]
+
 PRECISIONS = {"auto": "auto", "32": "32-true", "32-true": "32-true", "16": "16-mixed",
               "16-mixed": "16-mixed", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
-GROUPS = ("data", "model", "optimization", "hardware", "run")  # YAML sections (optional)
-SEED_MAX = 2**32 - 1
+Precision = Literal["auto", "32", "32-true", "16", "16-mixed", "bf16", "bf16-mixed"]
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
 
-# opens the epilog of `train.py --help`
+
+def _devices_ok(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value == -1 or value >= 1
+    return value == "auto" or bool(re.fullmatch(r"\d+(,\d+)*,?", str(value))
+                                    and "," in str(value))
+
+
+def _run_name_ok(value: Any) -> bool:
+    from utils.run_dir import check_run_name  # run_dir imports ConfigError via this package
+
+    try:
+        check_run_name(value)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class HardwareOptions:
+    """Where and how precisely to train."""
+
+    accelerator: Literal["auto", "cpu", "gpu"] = option(
+        "auto", "auto: a CUDA GPU if one is visible, else the CPU")
+    devices: int | str = option("auto", "devices per node: a count, 'auto', -1, or GPU ids "
+                                "like 0,1", Check("a count >= 1, -1, 'auto' or GPU ids like "
+                                                  "0,1", _devices_ok))
+    strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, "
+                           "ddp_find_unused_parameters_true, fsdp ...")
+    num_nodes: int = option(1, "hosts (torchrun/SLURM start the processes; see "
+                            "docs/training.md)", at_least(1), metavar="N")
+    precision: Precision = option("auto", "auto: bf16-mixed on GPUs that support it, 16-mixed "
+                                  "on other GPUs, 32-true on CPU")
+    sync_batchnorm: bool | None = option(None, "BatchNorm statistics over all ranks' batches "
+                                         "(default: on for multi-GPU runs; PyTorch's "
+                                         "SyncBatchNorm needs GPUs)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class RunOptions:
+    """Where a run writes, how it is logged, seeds, ensembles and resume."""
+
+    output_dir: str = option("runs", "logs, checkpoints and results go to DIR/NAME/version_N",
+                             metavar="DIR")
+    name: str = option("dual_branch", "experiment name: one folder inside output_dir",
+                       Check("a plain folder name inside --output-dir (no '/', '..' or "
+                             "absolute path)", _run_name_ok))
+    seed: int | None = option(None, "seeds init, shuffles and augmentation (default: "
+                              "data.seed, which --seed sets)", at_least(0), flag="run-seed",
+                              metavar="N")
+    ensemble: int | None = option(None, "train K models (seeds seed + 1000 k) and average their "
+                                  "class probabilities (default: 3 below 1000 training items, "
+                                  "else 1); predict takes the ensemble's run folder",
+                                  at_least(1), metavar="K")
+    resume: str | None = option(None, "checkpoint to continue from, or 'last': the newest "
+                                "last.ckpt of output_dir/name", metavar="CKPT")
+    logger: Literal["tensorboard", "csv", "mlflow", "wandb"] = option(
+        "tensorboard", "experiment logger (mlflow and wandb when installed)")
+    memory_log_every: int = option(50, "log memory every this many steps", at_least(1),
+                                   metavar="STEPS")
+    progress_bar: bool = option(True, "a live progress bar (off: one summary line per epoch)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class TrainOptions:
+    """`train.py [fit]`: every option of a training run, one section per dataclass."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelOptions = dataclasses.field(default_factory=ModelOptions)
+    optimization: OptimizationOptions = dataclasses.field(default_factory=OptimizationOptions)
+    hardware: HardwareOptions = dataclasses.field(default_factory=HardwareOptions)
+    run: RunOptions = dataclasses.field(default_factory=RunOptions)
+
+    @property
+    def seed(self) -> int:
+        """The training seed: run.seed, else data.seed."""
+        return self.data.seed if self.run.seed is None else self.run.seed
+
+
+@dataclass
+class _CheckpointInput:
+    checkpoint: str = option(None, "a train.py checkpoint, a run folder (its best, else last "
+                             "checkpoint) or an ensemble run folder (the mean of its members)",
+                             metavar="CKPT")
+    data: str = option(None, "signal file or folder", metavar="PATH")
+    format: FORMATS | None = option(None, "reader (default: the training run's, else by "
+                                    "extension)")
+    reader_options: dict[str, Any] = option(
+        help="reader options (default: the training run's); flag: --reader-option KEY=VALUE",
+        flag="reader-option", metavar="KEY=VALUE", default_factory=dict)
+    window_stride: int | None = option(None, "stride between windows of signals longer than the "
+                                       "model input (default: the training stride, else the "
+                                       "input length)", at_least(1), metavar="N")
+    aggregate: Literal["none", "mean", "vote"] = option(
+        "mean", "one row per record from its windows: probabilities averaged over the samples "
+        "each window newly covers (mean), the majority class by samples (vote), or one row per "
+        "window (none)")
+    batch_size: int = option(64, "inputs per batch", at_least(1), metavar="N")
+    accelerator: Literal["auto", "cpu", "gpu"] = option(
+        "auto", "one device: a CUDA GPU if one is visible, else the CPU")
+    precision: Precision = option("auto", "as for training")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class PredictOptions(_CheckpointInput):
+    """`train.py predict`: class probabilities of new signals to CSV."""
+
+    output: str = option("predictions.csv", "CSV: record (its id), index, group, start/end "
+                         "(seconds when the rate is known, else samples), windows, label (empty "
+                         "when unknown), predicted, p_<class>...", metavar="CSV")
+
+
+@dataclass
+class TestOptions(_CheckpointInput):
+    """`train.py test`: a checkpoint's test metrics on labelled data."""
+
+    __test__ = False  # not a pytest test class
+
+    output_dir: str = option("runs", "results go to DIR/NAME/version_N", metavar="DIR")
+    name: str = option("test", "folder inside output_dir",
+                       Check("a plain folder name inside --output-dir", _run_name_ok))
+
+
+COMMANDS = {"fit": TrainOptions, "test": TestOptions, "predict": PredictOptions}
+DESCRIPTIONS = {
+    "fit": "Train and test the dual-branch signal classifier (the default command).",
+    "test": "Test metrics (JSON, report, confusion matrix) of a checkpoint on labelled data.",
+    "predict": "Class probabilities of new signals to CSV, from a checkpoint written by\n"
+               "train.py. Signals are resampled, filtered, windowed and normalised as in\n"
+               "training. The file needs no labels (docs/data.md: files without labels).",
+}
 EXAMPLES = """examples:
   python train.py                                   # built-in dataset, then test; logs in runs/
   python train.py --config configs/gpu.yaml         # options from YAML; flags override them
   python train.py --data ecg.npz --branches time --epochs 30
   python train.py --devices 2 --strategy ddp        # DDP on one host (see docs/training.md)
   python train.py --resume last                     # continue the newest run of --name
-  python train.py predict --checkpoint runs/dual_branch/version_0/checkpoints/last.ckpt \\
-      --data new.npz --output probs.csv"""
+  python train.py --print-config > my.yaml          # every option as nested YAML
+  python train.py test --checkpoint runs/dual_branch/version_0 --data test.npz
+  python train.py predict --checkpoint runs/dual_branch/version_0 --data new.npz \\
+      --output probs.csv --aggregate mean"""
 
 
-class ConfigError(ValueError):
-    """A bad option or option value; train.main() prints it as one line."""
+# ---------------------------------------------------------------------------------- the schema
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer >= {low}; got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {value}")
-        return value
-    return parse
+@dataclass(frozen=True)
+class Option:
+    """One leaf option: its nested key, flat flag, field and dataclass."""
+
+    key: str  # 'data.length' (or 'checkpoint' for a command without sections)
+    flag: str  # '--length'
+    field: dataclasses.Field
+    owner: type
+
+    @property
+    def kind(self) -> str:
+        """'bool', 'list' (one or more values), 'dict', 'literal' or 'scalar'."""
+        args = _non_none(self.field.type)
+        if args == [bool]:
+            return "bool"
+        origin = typing.get_origin(args[0]) if len(args) == 1 else None
+        if origin in (list, tuple):
+            return "list"
+        if origin is dict:
+            return "dict"
+        if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+            return "literal"
+        return "scalar"
+
+    @property
+    def choices(self) -> list[str]:
+        args = _non_none(self.field.type)
+        return list(typing.get_args(args[0])) if self.kind == "literal" else []
+
+    @property
+    def default(self) -> Any:
+        f = self.field
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _float_in(low: float, high: float, high_open: bool = True):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-        inside = low <= value < high if high_open else low <= value <= high
-        if not inside:
-            bracket = ")" if high_open else "]"
-            raise argparse.ArgumentTypeError(f"expected a number in [{low}, {high}{bracket}; "
-                                             f"got {value}")
-        return value
-    return parse
+def _resolved_fields(cls: type) -> list[dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    for f in fields:
+        f.type = hints[f.name]
+    return list(fields)
 
 
-def _positive_float(text: str) -> float:
+def _non_none(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if a is not type(None)]
+    return [tp]
+
+
+def sections(command: str) -> dict[str, type]:
+    """Section name -> dataclass of a command ('' for a command without sections)."""
+    cls = COMMANDS[command]
+    if cls is TrainOptions:
+        return {f.name: f.type for f in _resolved_fields(cls)}
+    return {"": cls}
+
+
+def schema(command: str) -> dict[str, Option]:
+    """Every option of a command by nested key."""
+    options: dict[str, Option] = {}
+    flags: set[str] = set()
+    for section, cls in sections(command).items():
+        for f in _resolved_fields(cls):
+            key = f"{section}.{f.name}" if section else f.name
+            flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+            assert flag not in flags, f"two options share the flag {flag}"  # noqa: S101
+            flags.add(flag)
+            options[key] = Option(key, flag, f, cls)
+    return options
+
+
+def build_parser(command: str = "fit"):
+    """The jsonargparse parser of a command's nested options (type checks, --print-config)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog=_prog(command), exit_on_error=False, add_help=False)
+    for section, cls in sections(command).items():
+        parser.add_class_arguments(cls, section or None, sub_configs=False,
+                                   instantiate=False, fail_untyped=True)
+    return parser
+
+
+def _prog(command: str) -> str:
+    return "train.py" if command == "fit" else f"train.py {command}"
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+def _yaml_value(text: str, flag: str) -> Any:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):  # inf would train NaN weights, or resample
-        raise argparse.ArgumentTypeError(f"expected a positive finite number; got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1]; "
-                                         f"got {text!r}") from None
-    if not 0 <= value <= SEED_MAX:  # the range numpy's and Lightning's seeding accept
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}]; got {value}")
-    return value
-
-
-def _run_name(text: str) -> str:
-    from utils.run_dir import check_run_name  # run_dir imports ConfigError from here
-
-    try:
-        return check_run_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _devices(text: str) -> int | str:
-    if text == "auto" or re.fullmatch(r"\d+(,\d+)*,?", text) and "," in text:
-        return text
-    if text == "-1":
-        return -1
-    return _int_at_least(1)(text)
-
-
-def _cv_folds(text: str) -> int:
-    value = _int_at_least(0)(text)
-    if value == 1:
-        raise argparse.ArgumentTypeError("expected 0 (off) or at least 2 folds; got 1")
-    return value
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError:  # a tag safe_load will not build, e.g. !!python
+        raise ConfigError(f"{flag} {text!r}: YAML tags like '!!python/...' are not allowed; give "
+                          "a plain value (quote it to pass the text)") from None
+    except yaml.YAMLError as exc:
+        reason = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"{flag} {text!r} is not a valid YAML value ({reason}); quote it to "
+                          "pass the text") from None
 
 
 def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE; got {text!r}")
+        raise ConfigError(f"--reader-option: expected KEY=VALUE; got {text!r}")
     key, value = text.split("=", 1)
     try:
         return key.strip(), yaml.safe_load(value)
-    except yaml.constructor.ConstructorError:  # a tag safe_load will not build, e.g. !!python
-        raise argparse.ArgumentTypeError(
-            f"{key.strip()}={value!r}: YAML tags like '!!python/...' are not allowed; give a "
-            "plain value (quote it to pass the text)") from None
+    except yaml.constructor.ConstructorError:
+        raise ConfigError(f"--reader-option: {key.strip()}={value!r}: YAML tags like "
+                          "'!!python/...' are not allowed; give a plain value (quote it to pass "
+                          "the text)") from None
     except yaml.YAMLError as exc:
         reason = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
-        raise argparse.ArgumentTypeError(
-            f"{key.strip()}={value!r} is not a valid YAML value ({reason}); quote it to pass "
-            "the text") from None
+        raise ConfigError(f"--reader-option: {key.strip()}={value!r} is not a valid YAML value "
+                          f"({reason}); quote it to pass the text") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with errors as one line (no usage dump) that points to --help."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:
-        # "(default: None)" says nothing; those options explain their default themselves
-        if action.default is None or action.default is argparse.SUPPRESS:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The training command line. YAML keys (--config) are the option names with '_'."""
-    p = _Parser(
-        prog="train.py",
-        description="Train and test the dual-branch signal classifier; "
-                    "`train.py predict -h` for prediction.",
-        epilog=EXAMPLES + "\n\nOutputs, TensorBoard tags, DDP/torchrun/SLURM "
-               "and resume semantics: docs/training.md",
-        formatter_class=_Formatter,
-    )
-    p.add_argument("--config", metavar="YAML",
-                   help="YAML file of options (keys as below with '_', optionally under "
-                        f"sections {', '.join(GROUPS)}); command-line flags override it")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic", metavar="PATH",
-                   help="'synthetic' (the built-in dataset) or a file/folder "
-                        "(.npz .npy .csv .tsv .ts, WFDB, EDF; see docs/data.md)")
-    g.add_argument("--test-data", metavar="PATH",
-                   help="official test file (UCR *_TRAIN/*_TEST pairs are found alone); "
-                        "default: hold out --test-fraction")
-    g.add_argument("--format", choices=["npz", "npy", "csv", "tsv", "ts", "wfdb", "edf"],
-                   help="reader for --data (default: by extension)")
-    g.add_argument("--reader-option", action="append", type=_key_value, metavar="KEY=VALUE",
-                   help="reader option, repeatable (e.g. channel=MLII); YAML: a mapping")
-    g.add_argument("--length", type=_int_at_least(1), metavar="N",
-                   help="model input length in samples after resampling (default: the "
-                        "dataset's; synthetic: 3750)")
-    g.add_argument("--sample-rate", type=_positive_float, metavar="HZ",
-                   help="resample to this rate (default: keep the source rate; synthetic: 125)")
-    g.add_argument("--length-policy", choices=["pad", "crop", "window"], default="pad",
-                   help="records vs --length: pad/truncate, random crop, or cut into windows")
-    g.add_argument("--window-stride", type=_int_at_least(1), metavar="N",
-                   help="stride of --length-policy window (default: --length)")
-    g.add_argument("--normalize", choices=["dataset", "window", "record", "none"],
-                   default="dataset",
-                   help="scale by the training set's mean and std (keeps relative amplitude; "
-                        "the model z-normalises each signal itself), z-normalise per model "
-                        "input or per record, or not at all")
-    g.add_argument("--synthetic-signals", type=_int_at_least(14), default=2000, metavar="N",
-                   help="signals in the built-in dataset")
-    g.add_argument("--synthetic-imbalance", type=_float_in(1.0, float("inf")), default=1.0,
-                   metavar="RATIO",
-                   help="built-in dataset: largest / smallest class count")
-    g.add_argument("--val-fraction", type=_float_in(0.0, 1.0), metavar="F",
-                   help="held out for validation (best checkpoint, early stopping); 0: none, "
-                        "keep the last weights (default: 0.1 from 1000 training records on, "
-                        "else 0)")
-    g.add_argument("--test-fraction", type=_float_in(0.0, 1.0), default=0.15, metavar="F",
-                   help="held out when there is no official test set")
-    g.add_argument("--cv", type=_cv_folds, default=0, metavar="K",
-                   help="K-fold cross-validation of --data (no official test set): stratified, "
-                        "grouped by record/subject when the data has groups; per-fold and "
-                        "mean +- sd metrics (0: one --test-fraction split)")
-    g.add_argument("--balance", choices=["none", "loss", "sampler"], default="none",
-                   help="class imbalance: class-weighted loss, or a class-balanced sampler")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="random gain and noise on training inputs")
-    g.add_argument("--num-workers", type=_int_at_least(0), metavar="N",
-                   help=f"DataLoader workers per process (default: {CPU_DEFAULTS['num_workers']}"
-                        f" on CPU, {GPU_DEFAULTS['num_workers']} on GPU)")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--branches", choices=["both", "time", "freq"], default="both",
-                   help="RWKV time branch, spectrogram-CNN frequency branch, or both")
-    g.add_argument("--hidden-size", type=_int_at_least(1), metavar="C",
-                   help="RWKV width " + AUTO)
-    g.add_argument("--num-layers", type=_int_at_least(1), metavar="L",
-                   help="RWKV blocks " + AUTO)
-    g.add_argument("--patch-size", type=_int_at_least(1), metavar="N",
-                   help="samples per RWKV step after the stem " + AUTO)
-    g.add_argument("--stem", choices=["conv", "patch"], default="conv",
-                   help="RWKV input stem: multi-scale convolution then patch means, or plain "
-                        "patches (needed for streaming)")
-    g.add_argument("--pooling", choices=["meanmax", "mean", "last"], default="meanmax",
-                   help="RWKV per-step features -> one vector")
-    g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=True,
-                   help="add a time-reversed WKV scan to every RWKV block (no streaming)")
-    g.add_argument("--instance-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="z-normalise each signal inside the model")
-    g.add_argument("--keep-amplitude", action=argparse.BooleanOptionalAction, default=True,
-                   help="give the model each signal's level and gain beside its shape "
-                        "(needs --instance-norm)")
-    g.add_argument("--cnn-channels", type=_int_at_least(1), nargs="+", metavar="C",
-                   help="frequency CNN stage widths " + AUTO)
-    g.add_argument("--spectrogram", choices=["mel", "linear"],
-                   help="frequency-branch input: mel or linear power spectrogram in dB "
-                        "(default: mel when the sample rate is known and n_fft >= 128)")
-    g.add_argument("--n-fft", type=_int_at_least(2), metavar="N",
-                   help="STFT size in samples; also the shortest input the branch accepts "
-                        "(default: a power of two near length / 4, 8 to 256)")
-    g.add_argument("--hop-length", type=_int_at_least(1), metavar="N",
-                   help="STFT hop in samples (default: n_fft / 4)")
-    g.add_argument("--n-mels", type=_int_at_least(1), metavar="N",
-                   help="mel bands (default: 64, capped at n_fft / 2 + 1)")
-    g.add_argument("--spec-augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="SpecAugment frequency/time masks in training")
-    g.add_argument("--fusion", choices=["concat", "gated"], default="concat",
-                   help="how the two branches' features are combined")
-    g.add_argument("--dropout", type=_float_in(0.0, 1.0), default=0.1, metavar="P",
-                   help="dropout before the classifier head")
-    g.add_argument("--rwkv-dropout", type=_float_in(0.0, 1.0), default=0.0, metavar="P",
-                   help="residual dropout inside the RWKV blocks")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   default=False, help="recompute RWKV block activations in backward")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile every RWKV block (GPU; slow to start)")
-    g.add_argument("--compile-mode", choices=list(COMPILE_MODES), default="default",
-                   help="torch.compile mode for --compile; reduce-overhead also replays each "
-                        "block as a CUDA graph (fewer kernel launches, more memory)")
-    g.add_argument("--wkv-backend", choices=["auto", "torch", "cuda", "cpu", "reference"],
-                   default="auto", help="WKV operator backend")
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=_int_at_least(1), metavar="N",
-                   help="per device; the effective batch is this x devices x nodes x "
-                        "--accumulate (default: a quarter of the training items, 4 to 32)")
-    g.add_argument("--epochs", type=_int_at_least(1), metavar="N",
-                   help="train for this many epochs instead of the step budget")
-    g.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
-                   help="optimizer steps (overrides --epochs for the schedule; default: 20 "
-                        "epochs, at least 1000 and at most 10000 steps)")
-    g.add_argument("--mixup", type=_float_in(0.0, float("inf")), default=0.2, metavar="ALPHA",
-                   help="mixup Beta(alpha, alpha) in training (0: off)")
-    g.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate")
-    g.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="none",
-                   help="scale --lr by (effective batch / --batch-size) for multi-device runs")
-    g.add_argument("--weight-decay", type=_float_in(0.0, float("inf")), default=0.05,
-                   metavar="W", help="AdamW weight decay, on weight matrices and conv kernels "
-                                     "only (not on norms, biases or RWKV decay/first/mix)")
-    g.add_argument("--warmup", type=_float_in(0.0, float("inf")), default=0.05, metavar="W",
-                   help="warmup: fraction of all steps if < 1, else a step count")
-    g.add_argument("--min-lr-ratio", type=_float_in(0.0, 1.0, high_open=False), default=0.01,
-                   metavar="R",
-                   help="the cosine schedule ends at lr x this")
-    g.add_argument("--label-smoothing", type=_float_in(0.0, 1.0), default=0.0, metavar="E",
-                   help="cross-entropy label smoothing")
-    g.add_argument("--grad-clip", type=_float_in(0.0, float("inf")), default=1.0, metavar="NORM",
-                   help="clip the gradient norm to this (0: off)")
-    g.add_argument("--accumulate", type=_int_at_least(1), default=1, metavar="N",
-                   help="batches per optimizer step")
-    g.add_argument("--monitor", default="val/macro_f1",
-                   choices=["val/macro_f1", "val/balanced_acc", "val/acc", "val/kappa",
-                            "val/loss"],
-                   help="metric for the best checkpoint and early stopping")
-    g.add_argument("--patience", type=_int_at_least(0), default=0, metavar="EPOCHS",
-                   help="early stopping after this many validations without improvement "
-                        "(0: off; needs a validation split)")
-
-    g = p.add_argument_group("hardware")
-    g.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="auto: a CUDA GPU if one is visible, else the CPU")
-    g.add_argument("--devices", type=_devices, default="auto",
-                   help="devices per node: a count, 'auto', or GPU ids like 0,1")
-    g.add_argument("--strategy", default="auto",
-                   help="Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters"
-                        "_true, fsdp ...")
-    g.add_argument("--num-nodes", type=_int_at_least(1), default=1, metavar="N",
-                   help="hosts (torchrun/SLURM start the processes; see docs/training.md)")
-    g.add_argument("--precision", choices=list(PRECISIONS), default="auto",
-                   help="auto: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, "
-                        "32-true on CPU")
-    g.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction,
-                   help="BatchNorm statistics over all ranks' batches (default: on for "
-                        "multi-GPU runs; PyTorch's SyncBatchNorm needs GPUs)")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=_seed, default=0, metavar="N",
-                   help="seeds the split, init and shuffles (0 .. 2**32 - 1)")
-    g.add_argument("--output-dir", default="runs", metavar="DIR",
-                   help="TensorBoard logs, checkpoints and results go to DIR/NAME/version_N")
-    g.add_argument("--name", type=_run_name, default="dual_branch",
-                   help="experiment name: one folder inside --output-dir")
-    g.add_argument("--ensemble", type=_int_at_least(1), metavar="K",
-                   help="train K models (seeds --seed + 1000 k) and average their "
-                        "class probabilities (default: 3 below 1000 training items, else 1); "
-                        "predict takes the ensemble's run folder")
-    g.add_argument("--resume", metavar="CKPT",
-                   help="checkpoint to continue from, or 'last': the newest last.ckpt of "
-                        "--output-dir/--name")
-    g.add_argument("--memory-log-every", type=_int_at_least(1), default=50, metavar="STEPS",
-                   help="log memory to TensorBoard every this many steps")
-    g.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
-                   help="a live progress bar (off: one summary line per epoch only)")
-    return p
-
-
-def build_predict_parser() -> argparse.ArgumentParser:
-    """The `train.py predict` command line."""
-    p = _Parser(
-        prog="train.py predict",
-        description="Write class probabilities per signal (or per window of a long signal)\n"
-                    "to CSV, from a checkpoint written by train.py. Signals are resampled,\n"
-                    "filtered, windowed and normalised as in training. The file needs no\n"
-                    "labels (docs/data.md: files without labels).",
-        formatter_class=_Formatter,
-    )
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="a train.py checkpoint, a run folder (its best, else last checkpoint) "
-                        "or an --ensemble run folder (the mean of its members)")
-    p.add_argument("--data", required=True, metavar="PATH", help="signal file or folder")
-    p.add_argument("--format", choices=["npz", "npy", "csv", "tsv", "ts", "wfdb", "edf"],
-                   help="reader (default: the training run's, else by extension)")
-    p.add_argument("--reader-option", action="append", type=_key_value, metavar="KEY=VALUE",
-                   help="reader option, repeatable (default: the training run's)")
-    p.add_argument("--output", default="predictions.csv", metavar="CSV",
-                   help="columns: record, group, start, end, label (empty for a record "
-                        "without one), predicted, p_<class>...")
-    p.add_argument("--window-stride", type=_int_at_least(1), metavar="N",
-                   help="stride between windows of signals longer than the model input "
-                        "(default: the training stride, else the input length)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="N")
-    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="one device: a CUDA GPU if one is visible, else the CPU")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
-                   help="as for training")
-    return p
-
-
-def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """A YAML config as command-line tokens, so its values are checked like flags."""
+def read_config(path: str, command: str) -> dict[str, Any]:
+    """A --config YAML file as {nested key: value}; one-line errors for an unreadable file,
+    invalid YAML, or an unknown key (with the nearest known one)."""
     try:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if loaded is None:
+        return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path}: expected a mapping of option: value")
-    flat: dict[str, Any] = {}
-    for key, value in loaded.items():
-        if key in GROUPS and (value is None or isinstance(value, dict)):
-            flat.update(value or {})  # an empty section reads as null
-        else:
-            flat[key] = value
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
-    argv: list[str] = []
-    for key, value in flat.items():
-        key = str(key).replace("-", "_")
-        if key not in actions or key in ("config", "help"):
-            close = difflib.get_close_matches(key, list(actions), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"config {path}: unknown option {key!r}{hint}")
-        action = actions[key]
-        flag = "--" + key.replace("_", "-")
-        if value is None:
+    known = schema(command)
+    names = sections(command)
+    values: dict[str, Any] = {}
+
+    def unknown(key: str) -> ConfigError:
+        # the nearest known key, by its last part: 'batch_sise' and 'data.batch_sise' both
+        # suggest 'data.batch_size', naming where the option lives in the tree
+        leaf = key.split(".")[-1]
+        by_leaf = {k: k for k in names if k}
+        by_leaf.update({k.split(".")[-1]: k for k in known})
+        by_leaf.update({o.flag[2:].replace("-", "_"): k for k, o in known.items()})
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=1)
+        hint = f" (did you mean {by_leaf[close[0]]!r}?)" if close else ""
+        return ConfigError(f"config {path}: unknown option {key!r}{hint}")
+
+    for top, value in loaded.items():
+        top = str(top).replace("-", "_")
+        if "" in names:
+            if top not in known:
+                raise unknown(top)
+            values[top] = value
             continue
-        if isinstance(action, argparse.BooleanOptionalAction):
-            if not isinstance(value, bool):
-                raise ConfigError(f"config {path}: {key} must be true or false; got {value!r}")
-            argv.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif key == "reader_option":
-            if not isinstance(value, dict):
-                raise ConfigError(f"config {path}: reader_option must be a mapping")
-            for k, v in value.items():
-                argv += [flag, f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"]
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
+        if top not in names:
+            raise unknown(top)
+        if value is None:  # an empty section
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"config {path}: {top} must be a mapping of option: value")
+        for key, inner in value.items():
+            full = f"{top}.{str(key).replace('-', '_')}"
+            if full not in known:
+                raise unknown(full)
+            values[full] = inner
+    return values
+
+
+class _Tokens:
+    """Command-line tokens rewritten to nested `--key=value` for jsonargparse, remembering
+    where each value came from (a flag or a config file) for the error messages."""
+
+    def __init__(self) -> None:
+        self.argv: list[str] = []
+        self.origin: dict[str, str] = {}
+        self.dicts: dict[str, dict[str, Any]] = {}
+
+    def add(self, option: Option, text: str, origin: str) -> None:
+        self.argv.append(f"--{option.key}={text}")
+        self.origin[option.key] = origin
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _rewrite(argv: list[str], command: str) -> tuple[_Tokens, bool, bool]:
+    """(tokens, help asked, print-config asked) for a command's argv."""
+    known = schema(command)
+    by_flag = {o.flag: o for o in known.values()}
+    negated = {"--no-" + o.flag[2:]: o for o in known.values() if o.kind == "bool"}
+    tokens = _Tokens()
+    want_help = want_print = False
+    i = 0
+    config_values: list[tuple[str, dict[str, Any]]] = []
+    cli: list[tuple[Option, Any, str]] = []  # (option, text or parsed dict item, origin)
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token in ("-h", "--help"):
+            want_help = True
+            continue
+        if token in ("--print-config", "--print_config"):
+            want_print = True
+            continue
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; options start with '--'")
+        name, has_value, inline = token.partition("=")
+        if name == "--config":
+            if not has_value:
+                if i >= len(argv) or argv[i].startswith("--"):
+                    raise ConfigError("argument --config: expected one argument")
+                inline, i = argv[i], i + 1
+            config_values.append((inline, read_config(inline, command)))
+            continue
+        option = by_flag.get(name) or known.get(name[2:].replace("-", "_"))
+        if option is None and name in negated:
+            cli.append((negated[name], "false", name))
+            continue
+        if option is None:
+            choices = list(by_flag) + list(negated) + ["--config", "--help", "--print-config"]
+            close = difflib.get_close_matches(name, choices, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown option {name}{hint}")
+        values: list[str] = [inline] if has_value else []
+        if not has_value:
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+                if option.kind != "list":
+                    break
+        if option.kind == "bool" and not values:
+            values = ["true"]
+        if not values:
+            raise ConfigError(f"argument {name}: expected "
+                              + ("one or more values" if option.kind == "list" else "a value"))
+        if option.kind == "dict":
+            key, value = _key_value(values[0])
+            cli.append((option, (key, value), name))
+        elif option.kind == "list":
+            text = values[0] if len(values) == 1 and values[0].startswith("[") else (
+                "[" + ", ".join(values) + "]")
+            cli.append((option, text, name))
         else:
-            argv += [flag, str(value)]
-    return argv
+            cli.append((option, values[0], name))
+
+    for path, values in config_values:
+        for key, value in values.items():
+            option = known[key]
+            if option.kind == "dict":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config {path}: {key} must be a mapping")
+                tokens.dicts.setdefault(key, {}).update(value)
+                tokens.origin[key] = f"config {path}: {key}"
+            elif value is not None or option.default is None:
+                tokens.add(option, _as_text(value), f"config {path}: {key}")
+    for option, value, origin in cli:
+        if option.kind == "dict":
+            tokens.dicts.setdefault(option.key, {}).update([value])
+            tokens.origin[option.key] = origin
+        else:
+            tokens.add(option, value, origin)
+    for key, mapping in tokens.dicts.items():
+        tokens.argv.append(f"--{key}={json.dumps(mapping)}")
+    return tokens, want_help, want_print
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse training options: defaults < --config YAML < flags."""
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_GIVEN = re.compile(r"(?:Given value|Got value): (.*)$", re.S)
+
+
+def _shown(text: str) -> str:
+    try:
+        return repr(float(text)) if text.strip().lower() in ("inf", "-inf", "nan") else repr(text)
+    except ValueError:
+        return repr(text)
+
+
+def _type_error(message: str, known: dict[str, Option], tokens: _Tokens) -> ConfigError:
+    """jsonargparse's multi-line type error as one line naming the flag or YAML key."""
+    match = _PARSER_KEY.search(message)
+    if not match or match.group(1) not in known:
+        return ConfigError(message.strip().splitlines()[0])
+    option = known[match.group(1)]
+    origin = tokens.origin.get(option.key, option.flag)
+    given = _GIVEN.search(message)
+    value = given.group(1).strip().splitlines()[0] if given else "?"
+    if option.kind == "literal":
+        choices = ", ".join(repr(c) for c in option.choices)
+        return ConfigError(f"{origin}: invalid choice: {value!r} (choose from {choices})")
+    if option.kind == "bool":
+        return ConfigError(f"{origin}: expected true or false; got {value}")
+    check = option.field.metadata.get("check")
+    args = _non_none(option.field.type)
+    what = (check.describe if check else
+            {int: "an integer", float: "a number", str: "text"}.get(args[0], str(args[0])))
+    return ConfigError(f"{origin}: expected {what}; got {_shown(value)}")
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[str, Any]:
+    """(command, options) for a train.py command line: 'fit' (also with no command word),
+    'test' or 'predict', and its `TrainOptions` / `TestOptions` / `PredictOptions`. `--help`
+    and `--print-config` print and exit 0; bad options raise ConfigError."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    pre = _Parser(prog=parser.prog, add_help=False)  # `--config` without a file: one line too
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        try:
-            argv = _config_argv(known.config, parser) + argv
-        except ConfigError as exc:
-            parser.error(str(exc))
-    args = parser.parse_args(argv)
-    if (args.val_fraction or 0) + args.test_fraction >= 1:
-        parser.error("--val-fraction + --test-fraction must be < 1")
-    if args.resume and args.resume != "last" and not Path(args.resume).is_file():
-        parser.error(f"--resume: no checkpoint file {args.resume}")
-    if args.data != "synthetic" and not source_exists(args.data):
-        parser.error(f"--data: {args.data} does not exist")
-    if args.test_data and not source_exists(args.test_data):
-        parser.error(f"--test-data: {args.test_data} does not exist")
-    return args
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "fit"
+    tokens, want_help, want_print = _rewrite(argv, command)
+    if want_help:
+        print(format_help(command))
+        raise SystemExit(0)
+    from jsonargparse import ArgumentError
+
+    parser = build_parser(command)
+    known = schema(command)
+    try:
+        namespace = parser.parse_args(tokens.argv)
+    except ArgumentError as exc:
+        raise _type_error(str(exc), known, tokens) from None
+    values = namespace.as_dict()
+    for key, leaf in known.items():  # the ranges the fields declare
+        check = leaf.field.metadata.get("check")
+        problem = check.problem(_get(values, key)) if check else None
+        if problem:
+            raise ConfigError(f"{tokens.origin.get(key, leaf.flag)}: {problem}")
+    if command == "fit" and (values["data"]["val_fraction"] or 0) + \
+            values["data"]["test_fraction"] >= 1:
+        raise ConfigError("--val-fraction + --test-fraction must be < 1")
+    options = _instantiate(command, values)
+    if want_print:
+        print(yaml.safe_dump(to_yaml_dict(options), sort_keys=False), end="")
+        raise SystemExit(0)
+    _check_paths(command, options)
+    return command, options
+
+
+def _get(values: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        values = values[part]
+    return values
+
+
+def _instantiate(command: str, values: dict[str, Any]) -> Any:
+    cls = COMMANDS[command]
+    try:
+        if cls is TrainOptions:
+            return TrainOptions(**{name: section(**values[name])
+                                   for name, section in sections(command).items()})
+        return cls(**values)
+    except ValueError as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+
+
+def _check_paths(command: str, options: Any) -> None:
+    """What can be told from the options alone, before anything is read."""
+    if command != "fit":
+        for name in ("checkpoint", "data"):
+            if getattr(options, name) is None:
+                raise ConfigError(f"the following arguments are required: --{name}")
+        return
+    data = options.data
+    resume = options.run.resume
+    if resume and resume != "last" and not Path(resume).is_file():
+        raise ConfigError(f"--resume: no checkpoint file {resume}")
+    if data.source != "synthetic" and not source_exists(data.source):
+        raise ConfigError(f"--data: {data.source} does not exist")
+    if data.test_source and not source_exists(data.test_source):
+        raise ConfigError(f"--test-data: {data.test_source} does not exist")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainOptions:
+    """Training options: defaults < --config YAML < flags."""
+    command, options = parse_command(["fit", *(sys.argv[1:] if argv is None else argv)])
+    return options
+
+
+def to_yaml_dict(options: Any) -> dict[str, Any]:
+    """Options as plain nested data (tuples as lists): what --print-config prints,
+    config.yaml holds and `yaml.safe_load` reads back."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(options))
+
+
+# ---------------------------------------------------------------------------------- help
+
+SECTION_TITLES = {
+    "data": "files, preprocessing, splits and loaders (DataConfig)",
+    "model": "the dual-branch classifier (ModelOptions)",
+    "optimization": "loss, optimizer, schedule and budget (OptimizationOptions)",
+    "hardware": "devices and precision (HardwareOptions)",
+    "run": "output folder, logger, seeds, ensembles and resume (RunOptions)",
+}
+
+
+def format_help(command: str = "fit") -> str:
+    """`train.py [command] --help`: every option by section with its flag, YAML key, help and
+    default, all from the dataclasses."""
+    lines = [f"usage: {_prog(command)} [--config YAML] [--print-config] [options]",
+             "       train.py {fit,test,predict} ... (fit is the default)", "",
+             DESCRIPTIONS[command], "",
+             "  --config YAML      options from a YAML file of nested sections (as "
+             "--print-config writes); flags override it",
+             "  --print-config     print every option as nested YAML and exit",
+             "  -h, --help         this help (`train.py test --help`, `train.py predict --help`)"]
+    for section, cls in sections(command).items():
+        title = SECTION_TITLES.get(section) or (cls.__doc__ or "").strip().splitlines()[0]
+        lines += ["", f"{section or 'options'}: {title}"]
+        for f in _resolved_fields(cls):
+            key = f"{section}.{f.name}" if section else f.name
+            option = Option(key, "--" + (f.metadata.get("flag") or f.name.replace("_", "-")),
+                            f, cls)
+            if option.kind == "bool":
+                shown = f"{option.flag}, --no-{option.flag[2:]}"
+            else:
+                metavar = (f.metadata.get("metavar") or
+                           ("{" + ",".join(option.choices) + "}" if option.choices else "VALUE"))
+                shown = f"{option.flag} {metavar}"
+            text = f.metadata.get("help", "")
+            if option.default is not None and option.default != {} and "(default:" not in text:
+                text += f" (default: {option.default})"
+            if section:
+                text += f" [{key}]"
+            lines.append(f"  {shown}")
+            lines += textwrap.wrap(text, 96, initial_indent="      ",
+                                   subsequent_indent="      ")
+    if command == "fit":
+        lines += ["", EXAMPLES, "", "Outputs, TensorBoard tags, DDP/torchrun/SLURM and resume "
+                  "semantics: docs/training.md"]
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ import re
 from contextlib import suppress
 from pathlib import Path
 
-from utils.cli import ConfigError
+from utils.options import ConfigError
 
 try:  # POSIX; elsewhere runs are not locked (claiming a folder still cannot collide)
     import fcntl

@@ -1,0 +1,92 @@
+"""Tests for utils/callbacks.py: RNG states in checkpoints, throughput, and the prediction CSV
+writer (aggregation, record ids, seconds)."""
+
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from data.datamodule import PredictionInputs, SignalItems
+from data.formats import UNLABELLED, SignalDataset
+from models.lightning_module import gather_rng_states
+from utils.callbacks import PredictionCSVWriter, RNGStateCheckpoint, ThroughputMonitor
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_rng_states_are_restored_only_when_training_resumes(training: bool) -> None:
+    torch.manual_seed(1)
+    checkpoint = {"rng_states": gather_rng_states()}
+    from_checkpoint = torch.rand(1)
+    torch.manual_seed(2)
+    untouched = torch.rand(1)
+    torch.manual_seed(2)
+    trainer = SimpleNamespace(training=training, global_rank=0, world_size=1)
+    RNGStateCheckpoint().on_load_checkpoint(trainer, None, checkpoint)
+    # resuming a fit continues the saved streams; loading weights to test or predict does not
+    assert torch.equal(torch.rand(1), from_checkpoint if training else untouched)
+
+
+def test_rng_states_are_saved_for_every_rank() -> None:
+    checkpoint: dict = {}
+    RNGStateCheckpoint().on_save_checkpoint(None, None, checkpoint)
+    assert len(checkpoint["rng_states"]) == 1
+    assert set(checkpoint["rng_states"][0]) >= {"torch", "numpy", "python"}
+
+
+class Identity(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+    def predict_step(self, batch, batch_idx):
+        return batch[0]  # the "probabilities" are the inputs themselves
+
+
+def test_throughput_counts_every_test_item() -> None:
+    monitor = ThroughputMonitor()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[monitor])
+    data = DataLoader(TensorDataset(torch.zeros(13, 4)), batch_size=5)
+    logged = trainer.test(Identity(), dataloaders=data, verbose=False)[0]
+    assert monitor._samples["test"] == 13
+    assert logged["test/samples_per_s"] == pytest.approx(13 / monitor._elapsed["test"], rel=1e-4)
+
+
+def test_prediction_writer_aggregates_records(tmp_path) -> None:
+    # record 0: 10 samples, windows [0, 4), [4, 8), [6, 10); record 1: 3 samples, one window
+    signals = [np.zeros(10, np.float32), np.zeros(3, np.float32)]
+    dataset = SignalDataset(signals=signals, labels=np.array([1, UNLABELLED]),
+                            class_names=["a", "b"], sample_rate=2.0, source="x.npz",
+                            names=np.array(["r0", "r1"]))
+    windows = np.array([[0, 0], [0, 4], [0, 6], [1, 0]])
+    inputs = PredictionInputs(dataset, SignalItems(signals, dataset.labels, windows, 4, "none"))
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    for mode in ("mean", "none"):
+        output = tmp_path / f"{mode}.csv"
+        writer = PredictionCSVWriter(output, inputs, ["a", "b"], aggregate=mode)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[writer])
+        trainer.predict(Identity(), dataloaders=DataLoader(TensorDataset(probs), batch_size=3),
+                        return_predictions=False)
+        with open(output) as f:
+            rows = list(csv.DictReader(f))
+        if mode == "none":
+            assert [(r["record"], r["start_s"], r["end_s"]) for r in rows] == [
+                ("r0", "0", "2"), ("r0", "2", "4"), ("r0", "3", "5"), ("r1", "0", "1.5")]
+            continue
+        assert [(r["record"], r["label"], r["windows"]) for r in rows] == [("r0", "b", "3"),
+                                                                           ("r1", "", "1")]
+        # weights 4, 4 and 2 samples newly covered: the overlap counts once
+        expected = (4 * probs[0] + 4 * probs[1] + 2 * probs[2]) / 10
+        assert float(rows[0]["p_a"]) == pytest.approx(float(expected[0]), abs=1e-6)
+        assert rows[0]["predicted"] == "b" and rows[1]["predicted"] == "a"
+        np.testing.assert_allclose(writer.probabilities, probs.numpy())

@@ -1,0 +1,179 @@
+"""Lightning callbacks for the cross-cutting work of a run: every rank's RNG states in the
+checkpoints (exact resume), throughput, a one-line epoch summary, and writing predictions.
+
+The memory monitor lives with the memory utilities (utils.memory.MemoryMonitorCallback).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback
+from pytorch_lightning.trainer.states import TrainerFn
+
+from data.aggregate import aggregate_windows, prediction_table
+from models.lightning_module import RNG_KEY, gather_rng_states, set_rng_states
+from utils.checkpoint_io import atomic_open, write_failure
+
+
+class RNGStateCheckpoint(Callback):
+    """Saves every rank's RNG states (torch, CUDA, numpy, random) in each checkpoint under
+    `rng_states`, and restores this rank's when a fit resumes from one. Lightning does not
+    store them, and without them a resumed run draws other shuffles and dropout masks."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = gather_rng_states()  # a collective: every rank calls it
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(RNG_KEY)
+        if not states or not trainer.training:
+            return  # loading weights to test or predict: leave the RNGs alone
+        rank, world = trainer.global_rank, trainer.world_size
+        if len(states) != world:
+            warnings.warn(
+                f"checkpoint holds RNG states of {len(states)} ranks, this run has {world}: "
+                "rank 0's states are used everywhere, so the continuation is not bit-exact",
+                stacklevel=2,
+            )
+            rank = 0
+        set_rng_states(states[rank])
+
+
+class ThroughputMonitor(Callback):
+    """Logs `train/samples_per_s`, `val/samples_per_s` and `test/samples_per_s` per epoch,
+    summed over ranks (they run in lock-step); validation inside a training epoch does not
+    count as training time."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+        self._elapsed: dict[str, float] = {}
+        self._samples: dict[str, int] = {}
+
+    def _start(self, stage: str, reset: bool = True) -> None:
+        self._started[stage] = time.perf_counter()
+        if reset:
+            self._elapsed[stage], self._samples[stage] = 0.0, 0
+
+    def _stop(self, stage: str) -> None:
+        started = self._started.pop(stage, None)
+        if started is not None:
+            self._elapsed[stage] = self._elapsed.get(stage, 0.0) + time.perf_counter() - started
+
+    def _count(self, stage: str, batch: Any) -> None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self._samples[stage] = self._samples.get(stage, 0) + int(x.shape[0])
+
+    def _log(self, stage: str, pl_module: pl.LightningModule) -> None:
+        self._stop(stage)
+        elapsed, samples = self._elapsed.get(stage, 0.0), self._samples.get(stage, 0)
+        rate = torch.tensor(samples / elapsed if elapsed > 0 else 0.0, device=pl_module.device)
+        pl_module.log(f"{stage}/samples_per_s", rate, on_step=False, on_epoch=True,
+                      sync_dist=True, reduce_fx="sum")
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start("train")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._count("train", batch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._log("train", pl_module)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._stop("train")
+        self._start("val")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        self._count("val", batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._log("val", pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and "train" in self._elapsed:
+            self._start("train", reset=False)  # the rest of the epoch trains again
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._start("test")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                          dataloader_idx=0) -> None:
+        self._count("test", batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log("test", pl_module)
+
+
+class EpochSummary(Callback):
+    """One line per epoch on rank 0 (loss, validation metrics, seconds): readable in batch-job
+    logs, where a progress bar is not."""
+
+    KEYS = ("train/loss_epoch", "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a run resumed from a mid-epoch checkpoint (--max-steps, kill -9) starts without
+        # on_train_epoch_start for that epoch
+        self._started = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on every rank: reading callback_metrics computes the epoch's synced metrics, a
+        # collective that a rank-0-only read leaves the other ranks out of (DDP then hangs)
+        metrics = trainer.callback_metrics
+        if not trainer.is_global_zero:
+            return
+        values = " ".join(f"{k.replace('_epoch', '')} {float(metrics[k]):.4g}"
+                          for k in self.KEYS if k in metrics)
+        total = "?" if trainer.max_epochs in (None, -1) else trainer.max_epochs
+        print(f"epoch {trainer.current_epoch + 1}/{total}: {values} "
+              f"({time.perf_counter() - self._started:.1f} s)", flush=True)
+
+
+class PredictionCSVWriter(BasePredictionWriter):
+    """Writes the probabilities of a predict run as the prediction CSV, one row per record
+    (`aggregate` 'mean' or 'vote') or per window ('none'), with the records' ids from the file
+    and times in seconds where the rate is known (data.aggregate). The file is written whole
+    or not at all (an older one stays until then). After the run, `rows` holds the
+    `RecordPredictions` written and `probabilities` the (M, K) window probabilities.
+
+    inputs: the `data.datamodule.PredictionInputs` the predict loader serves, in its order.
+    """
+
+    def __init__(self, output: str | Path, inputs: Any, class_names: Sequence[str],
+                 aggregate: str = "mean") -> None:
+        super().__init__(write_interval="epoch")
+        self.output, self.inputs = Path(output), inputs
+        self.class_names, self.aggregate = list(class_names), aggregate
+        self.rows = self.probabilities = None
+
+    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
+        if predictions and isinstance(predictions[0], (list, tuple)):
+            predictions = predictions[0]  # one list per dataloader
+        probs = torch.cat([p.float().cpu() for p in predictions]).numpy()
+        windows = self.inputs.windows
+        self.probabilities = probs
+        self.rows = aggregate_windows(windows[:, 0], windows[:, 1], self.inputs.ends, probs,
+                                      self.aggregate)
+        if not trainer.is_global_zero:
+            return
+        header, table = prediction_table(self.rows, self.inputs.dataset, self.class_names)
+        try:
+            with atomic_open(self.output, "w") as f:
+                writer = csv.writer(f)
+                writer.writerow(header)
+                writer.writerows(table)
+        except OSError as exc:
+            raise write_failure(exc, self.output) from exc
