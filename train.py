@@ -50,6 +50,7 @@ from models.defaults import (
     model_settings,
 )
 from models.lightning_module import SignalClassifierModule, SignalEnsemble
+from utils import throughput
 from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoint, ThroughputMonitor
 from utils.checkpoint_io import AtomicCheckpointIO, write_failure
 from utils.checks import check_before_training, check_options, check_steps_per_process
@@ -82,7 +83,6 @@ from utils.run_dir import (
     lock_run_folder,
     release_run_folder,
 )
-from utils.throughput import GraphCapture, ThroughputMonitor
 
 log = logging.getLogger("train")
 MEMBER_SEED_STEP = 1000
@@ -210,8 +210,9 @@ def build_callbacks(options: TrainOptions, validation: bool,
         MemoryMonitorCallback(every_n_steps=options.run.memory_log_every),
         ThroughputMonitor(),
         EpochSummary(),
-        GraphCapture(),  # on a GPU: the whole classifier compiled, its step as CUDA graphs
-        ThroughputMonitor(every_n_steps=args.memory_log_every),
+        throughput.GraphCapture(),  # on a GPU: the classifier compiled, its step as CUDA graphs
+        # per-step figures: samples/s, step time, data wait, GPU busy fraction, launches
+        throughput.ThroughputMonitor(every_n_steps=options.run.memory_log_every),
     ]
     if opt.patience > 0 and validation:
         # checked after each validation, not at the training epoch's end: a --max-steps run
