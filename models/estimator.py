@@ -5,14 +5,18 @@
     proba = clf.predict_proba(X_new)                     # (n, K); records of any length
     clf.save("clf.pt"); clf = SignalClassifier.load("clf.pt")
 
-It trains what `train.py` trains: the same data pipeline (`InMemoryDataModule`, the
+It trains what `train.py` trains, through the same library: its parameters become the option
+dataclasses train.py parses (`DataConfig`, `ModelOptions`, `OptimizationOptions`, the ensemble
+of `RunOptions`, the device of `HardwareOptions`: `_train_options`), whose defaults are its
+defaults and whose checks refuse its bad values; the data pipeline is `InMemoryDataModule` (the
 `SignalDataModule` over arrays: length policy, dataset normalisation, augmentation, the
-automatic validation split), the same defaults (models/defaults.py: model size, STFT, step
-budget, ensemble size, all from the data when left None), the same `SignalClassifierModule` and
-Lightning's Trainer, but with no logger, no run folder and no output unless `verbose`.
-`predict_proba` prepares new arrays with the preprocessing stored at fit (input length, the
-training set's mean and std, the window stride): a record longer than the training length is
-cut into windows whose probabilities are averaged per record (data/aggregate.py).
+automatic validation split); models.defaults.fill_data_defaults fills what follows the data
+(model size, STFT, step budget) and auto_ensemble the ensemble size;
+`SignalClassifierModule.from_options` builds each model, and Lightning's Trainer trains it,
+with no logger, no run folder and no output unless `verbose`. `predict_proba` prepares new
+arrays with the preprocessing stored at fit (input length, the training set's mean and std,
+the window stride): a record longer than the training length is cut into windows whose
+probabilities are averaged per record (data/aggregate.py).
 
 fit is deterministic for a given `seed` on the CPU (seeded split, initialisation, shuffles,
 augmentation and mixup) and leaves the caller's random number generators as it found them.
@@ -21,10 +25,12 @@ augmentation and mixup) and leaves the caller's random number generators as it f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import tempfile
+import typing
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -43,24 +49,47 @@ from torch.utils.data import DataLoader
 from data.aggregate import aggregate_windows
 from data.datamodule import DataConfig, InMemoryDataModule, prepare_prediction_inputs
 from data.formats import UNLABELLED, SignalDataset
-from models.defaults import DataFacts, auto_ensemble, auto_model, auto_train_steps
+from models.defaults import auto_ensemble, fill_data_defaults
 from models.lightning_module import SignalClassifierModule, rng_states, set_rng_states
+from models.options import ModelOptions, OptimizationOptions
 from utils.checkpoint_io import atomic_open
+from utils.cli import PRECISIONS, HardwareOptions, RunOptions, TrainOptions
 from utils.guards import NonFiniteGuard
 from utils.metrics import to_plain
+from utils.options import SEED_MAX
 
 FORMAT = "rwkv-signal-classifier/SignalClassifier"
 FORMAT_VERSION = 1
 MEMBER_SEED_STEP = 1000  # as train.py: member k of an ensemble trains with seed + 1000 k
-SEED_MAX = 2**32 - 1  # what numpy's and Lightning's seeding accept
 PREDICT_BATCH = 64
-MONITOR = "val/macro_f1"  # train.py's --monitor default: the best weights by validation F1
-PRECISIONS = {"auto": "auto", "32": "32-true", "32-true": "32-true", "16": "16-mixed",
-              "16-mixed": "16-mixed", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
+# what differs from train.py's data options: arrays in memory, no test split (the caller holds
+# out its own), no loader workers (a few dozen arrays; workers would copy them per epoch)
+ARRAY_DATA = {"source": "arrays", "test_fraction": 0.0, "num_workers": 0}
+ACCELERATORS = typing.get_args(typing.get_type_hints(HardwareOptions)["accelerator"])
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 _QUIET_WARNINGS = (r".*does not have many workers.*", r".*is smaller than the logging interval.*",
                    r".*`srun` command is available on your system.*", r".*LeafSpec.*deprecated.*",
                    r".*Total length of `list` across ranks is zero.*")  # no validation split
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The field defaults of an option dataclass: the estimator's defaults are train.py's."""
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
+
+
+_MODEL, _OPTIMIZATION, _DATA, _HARDWARE, _RUN = map(
+    _defaults, (ModelOptions, OptimizationOptions, DataConfig, HardwareOptions, RunOptions))
+# the estimator's parameters, by the option section they fill (the rest are its own:
+# sample_rate, the rate of X rather than DataConfig's resampling rate, and verbose)
+MODEL_PARAMS = ("branches", "hidden_size", "num_layers", "patch_size", "cnn_channels",
+                "spectrogram", "n_fft", "fusion", "dropout", "bidirectional", "wkv_backend")
+DATA_PARAMS = ("length", "length_policy", "window_stride", "normalize", "augment", "balance",
+               "val_fraction", "batch_size", "seed")
+OPTIMIZATION_PARAMS = ("epochs", "max_steps", "lr", "weight_decay", "mixup", "label_smoothing",
+                       "grad_clip")
+HARDWARE_PARAMS = ("accelerator", "precision")
+RUN_PARAMS = ("ensemble",)
 
 
 class SignalClassifier(ClassifierMixin, BaseEstimator):
@@ -71,12 +100,14 @@ class SignalClassifier(ClassifierMixin, BaseEstimator):
     hashable values sklearn accepts). groups: n record/subject ids that keep one group out of
     both sides of the internal validation split.
 
-    Every parameter left None is chosen from the data as `train.py` chooses it
-    (models/defaults.py): hidden_size, num_layers, patch_size, cnn_channels, spectrogram and
-    n_fft from the training items, length and rate; max_steps from the items and batch size
-    (unless epochs is given); batch_size a quarter of the items, 4 to 32; ensemble 3 models
-    below 1000 training items, else 1; val_fraction 0.1 from 1000 records on, else none (the
-    last weights are kept). The other defaults are train.py's.
+    The parameters are train.py's options of the same names, with train.py's defaults (the
+    option dataclasses' fields), and every one left None is chosen from the data as train.py
+    chooses it (models/defaults.py): hidden_size, num_layers, patch_size, cnn_channels,
+    spectrogram and n_fft from the training items, length and rate; max_steps from the items
+    and batch size (unless epochs is given); batch_size a quarter of the items, 4 to 32;
+    ensemble 3 models below 1000 training items, else 1; val_fraction 0.1 from 1000 records on,
+    else none (the last weights are kept). The options without a parameter here (stem,
+    pooling, warmup, monitor ...) keep train.py's defaults.
 
     Model: branches ("both", "time", "freq"), hidden_size, num_layers, patch_size (RWKV),
     cnn_channels, spectrogram ("mel"/"linear"), n_fft (frequency branch), fusion ("concat"/
@@ -98,37 +129,37 @@ class SignalClassifier(ClassifierMixin, BaseEstimator):
     def __init__(
         self,
         *,
-        branches: str = "both",
-        hidden_size: int | None = None,
-        num_layers: int | None = None,
-        patch_size: int | None = None,
-        cnn_channels: Sequence[int] | None = None,
-        spectrogram: str | None = None,
-        n_fft: int | None = None,
-        fusion: str = "concat",
-        dropout: float = 0.1,
-        bidirectional: bool = True,
-        wkv_backend: str = "auto",
+        branches: str = _MODEL["branches"],
+        hidden_size: int | None = _MODEL["hidden_size"],
+        num_layers: int | None = _MODEL["num_layers"],
+        patch_size: int | None = _MODEL["patch_size"],
+        cnn_channels: Sequence[int] | None = _MODEL["cnn_channels"],
+        spectrogram: str | None = _MODEL["spectrogram"],
+        n_fft: int | None = _MODEL["n_fft"],
+        fusion: str = _MODEL["fusion"],
+        dropout: float = _MODEL["dropout"],
+        bidirectional: bool = _MODEL["bidirectional"],
+        wkv_backend: str = _MODEL["wkv_backend"],
         sample_rate: float | None = None,
-        length: int | None = None,
-        length_policy: str = "pad",
-        window_stride: int | None = None,
-        normalize: str = "dataset",
-        augment: bool = True,
-        balance: str = "none",
-        val_fraction: float | None = None,
-        epochs: int | None = None,
-        max_steps: int | None = None,
-        batch_size: int | None = None,
-        lr: float = 2e-3,
-        weight_decay: float = 0.05,
-        mixup: float = 0.2,
-        label_smoothing: float = 0.0,
-        grad_clip: float = 1.0,
-        ensemble: int | None = None,
-        seed: int = 0,
-        accelerator: str = "auto",
-        precision: str = "auto",
+        length: int | None = _DATA["length"],
+        length_policy: str = _DATA["length_policy"],
+        window_stride: int | None = _DATA["window_stride"],
+        normalize: str = _DATA["normalize"],
+        augment: bool = _DATA["augment"],
+        balance: str = _DATA["balance"],
+        val_fraction: float | None = _DATA["val_fraction"],
+        epochs: int | None = _OPTIMIZATION["epochs"],
+        max_steps: int | None = _OPTIMIZATION["max_steps"],
+        batch_size: int | None = _DATA["batch_size"],
+        lr: float = _OPTIMIZATION["lr"],
+        weight_decay: float = _OPTIMIZATION["weight_decay"],
+        mixup: float = _OPTIMIZATION["mixup"],
+        label_smoothing: float = _OPTIMIZATION["label_smoothing"],
+        grad_clip: float = _OPTIMIZATION["grad_clip"],
+        ensemble: int | None = _RUN["ensemble"],
+        seed: int = _DATA["seed"],
+        accelerator: str = _HARDWARE["accelerator"],
+        precision: str = _HARDWARE["precision"],
         verbose: bool = False,
     ) -> None:
         # sklearn convention: store the parameters as given, check them in fit
@@ -176,62 +207,56 @@ class SignalClassifier(ClassifierMixin, BaseEstimator):
             if len(groups) != len(signals):
                 raise ValueError(f"groups has {len(groups)} ids for {len(signals)} signals; "
                                  "expected one per signal")
-        self._check_params()
-        on_gpu, precision = resolve_device(self.accelerator, self.precision)
+        options = self._train_options()
+        on_gpu, precision = resolve_device(options.hardware.accelerator,
+                                           options.hardware.precision)
         records = SignalDataset(signals, codes, [str(c) for c in classes], groups,
                                 self.sample_rate, "SignalClassifier.fit(X)")
         with _quiet(self.verbose):
-            datamodule = InMemoryDataModule(records, self._data_config())
+            datamodule = InMemoryDataModule(records, options.data)
             datamodule.setup("fit")
-            train_items = len(datamodule.train_dataset)
-            auto = auto_model(DataFacts(train_items, datamodule.signal_length,
-                                        datamodule.sample_rate, datamodule.num_classes))
-            model = self._model_settings(auto, datamodule.sample_rate)
-            max_steps = self.max_steps
-            if self.epochs is None and max_steps is None:
-                max_steps = auto_train_steps(train_items, datamodule.batch_size)
-            ensemble = self.ensemble or auto_ensemble(train_items)
-            if self.seed + MEMBER_SEED_STEP * (ensemble - 1) > SEED_MAX:
-                raise ValueError(f"seed {self.seed} is too large for {ensemble} members (seeds "
-                                 f"seed + {MEMBER_SEED_STEP} k must stay <= 2**32 - 1)")
-            module_args = {
-                "model": model, "num_classes": datamodule.num_classes,
-                "class_names": datamodule.class_names,
-                "class_weights": (None if datamodule.class_weights is None
-                                  else datamodule.class_weights.tolist()),
-                "lr": self.lr, "weight_decay": self.weight_decay, "warmup": 0.05,
-                "min_lr_ratio": 0.01, "label_smoothing": self.label_smoothing,
-                "mixup": self.mixup, "data": to_plain(datamodule.trained_settings()),
-            }
-            members = [self._fit_member(module_args, datamodule, self.seed + MEMBER_SEED_STEP * k,
-                                        on_gpu, precision, max_steps)
+            # as train.py's resolve_options: sizes, STFT and step budget from the data
+            model, optimization = fill_data_defaults(options.model, options.optimization,
+                                                     datamodule)
+            # as train.py's choose_ensemble (the estimator is always one process, no resume)
+            ensemble = options.run.ensemble or auto_ensemble(len(datamodule.train_dataset))
+            if options.seed + MEMBER_SEED_STEP * (ensemble - 1) > SEED_MAX:
+                raise ValueError(f"seed {options.seed} is too large for {ensemble} members "
+                                 f"(seeds seed + {MEMBER_SEED_STEP} k must stay <= 2**32 - 1)")
+            members = [self._fit_member(model, optimization, datamodule,
+                                        options.seed + MEMBER_SEED_STEP * k, on_gpu, precision)
                        for k in range(ensemble)]
         self.classes_ = classes
         if two_d:
             self.n_features_in_ = signals.shape[1]
         elif hasattr(self, "n_features_in_"):
             del self.n_features_in_
-        self.preprocessing_ = module_args["data"]
-        self.max_steps_ = max_steps
+        self.preprocessing_ = to_plain(datamodule.trained_settings())  # what from_options keeps
+        self.max_steps_ = optimization.max_steps
         self.members_ = members
         return self
 
-    def _fit_member(self, module_args: dict[str, Any], datamodule: InMemoryDataModule,
-                    seed: int, on_gpu: bool, precision: str,
-                    max_steps: int | None) -> SignalClassifierModule:
+    def _fit_member(self, model: ModelOptions, optimization: OptimizationOptions,
+                    datamodule: InMemoryDataModule, seed: int, on_gpu: bool,
+                    precision: str) -> SignalClassifierModule:
         """One model trained with `seed`; returned on the CPU in eval mode, with the best
-        weights by validation macro-F1 when there is a validation split, else the last."""
+        weights by optimization.monitor (validation macro-F1) when there is a validation split,
+        else the last."""
         validation = datamodule.has_validation
+        monitor = optimization.monitor
         with _seeded(seed), tempfile.TemporaryDirectory(prefix="signal-classifier-") as tmp:
-            module = SignalClassifierModule(**module_args)
-            best = ModelCheckpoint(dirpath=tmp, monitor=MONITOR, mode="max", save_top_k=1)
+            module = SignalClassifierModule.from_options(model, optimization, datamodule)
+            best = ModelCheckpoint(dirpath=tmp, monitor=monitor, save_top_k=1,
+                                   mode="min" if monitor == "val/loss" else "max")
             trainer = pl.Trainer(
                 accelerator="gpu" if on_gpu else "cpu", devices=1, precision=precision,
-                max_epochs=self.epochs if max_steps is None else -1,
-                max_steps=max_steps or -1, gradient_clip_val=self.grad_clip or None,
+                max_epochs=optimization.epochs if optimization.max_steps is None else -1,
+                max_steps=optimization.max_steps or -1,
+                gradient_clip_val=optimization.grad_clip or None,
+                accumulate_grad_batches=optimization.accumulate,
                 logger=False, default_root_dir=tmp, enable_checkpointing=validation,
-                callbacks=[NonFiniteGuard(hint=f"; lower lr (now {self.lr:g}) or check X"),
-                           *([best] if validation else [])],
+                callbacks=[NonFiniteGuard(hint=f"; lower lr (now {optimization.lr:g}) or "
+                                          "check X"), *([best] if validation else [])],
                 enable_progress_bar=self.verbose, enable_model_summary=self.verbose,
                 num_sanity_val_steps=0, log_every_n_steps=1,
             )
@@ -241,69 +266,30 @@ class SignalClassifier(ClassifierMixin, BaseEstimator):
                 state = torch.load(best.best_model_path, map_location="cpu",
                                    weights_only=True)["state_dict"]
             # a fresh module: no trainer attached, so the estimator pickles and clones cleanly
-            trained = SignalClassifierModule(**module_args)
+            trained = SignalClassifierModule.from_options(model, optimization, datamodule)
         trained.load_state_dict({k: v.cpu() for k, v in state.items()})
         return trained.eval()
 
-    def _data_config(self) -> DataConfig:
-        return DataConfig(
-            source="arrays", length=self.length, length_policy=self.length_policy,
-            window_stride=self.window_stride, normalize=self.normalize,
-            val_fraction=self.val_fraction, test_fraction=0.0, balance=self.balance,
-            augment=self.augment, batch_size=self.batch_size, num_workers=0, seed=self.seed)
-
-    def _model_settings(self, auto: dict[str, Any], sample_rate: float | None) -> dict[str, Any]:
-        """The `DualBranchConfig` fields, as train.py's fill_data_defaults + model_settings
-        make them: explicit parameters win over the automatic ones."""
-        if self.n_fft is not None:  # an explicit STFT size moves the settings that follow it
-            n_freq = self.n_fft // 2 + 1
-            auto = {**auto, "hop_length": max(1, self.n_fft // 4),
-                    "freq_mask_param": min(auto["freq_mask_param"], n_freq // 4)}
-        chosen = {key: auto[key] if getattr(self, key, None) is None else getattr(self, key)
-                  for key in ("hidden_size", "num_layers", "patch_size", "cnn_channels",
-                              "spectrogram", "n_fft")}
-        n_fft = int(chosen["n_fft"])
-        n_mels = min(auto["n_mels"], n_fft // 2 + 1)
-        n_freq = n_mels if chosen["spectrogram"] == "mel" else n_fft // 2 + 1
-        return {
-            "branches": self.branches, "fusion": self.fusion, "dropout": float(self.dropout),
-            "instance_norm": True, "keep_amplitude": True,
-            "time": {
-                "hidden_size": int(chosen["hidden_size"]), "num_layers": int(chosen["num_layers"]),
-                "patch_size": int(chosen["patch_size"]), "stem": "conv", "pooling": "meanmax",
-                "bidirectional": bool(self.bidirectional), "dropout": 0.0,
-                "gradient_checkpointing": False, "compile_blocks": False,
-                "compile_mode": "default", "wkv_backend": self.wkv_backend,
-            },
-            "freq": {
-                "spectrogram": chosen["spectrogram"], "sample_rate": round(sample_rate or 16000),
-                "n_fft": n_fft, "hop_length": int(auto["hop_length"]), "n_mels": n_mels,
-                "channels": [int(c) for c in chosen["cnn_channels"]],
-                "freq_mask_param": min(auto["freq_mask_param"], max(0, n_freq - 1)),
-                "time_mask_param": auto["time_mask_param"],
-            },
-        }
-
-    def _check_params(self) -> None:
-        """What DataConfig and the model do not check themselves (they check the rest)."""
-        for name in ("hidden_size", "num_layers", "patch_size", "n_fft", "epochs", "max_steps",
-                     "ensemble", "length", "window_stride", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(
-                    value, (int, np.integer)) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
-        for name in ("lr", "weight_decay", "grad_clip", "mixup", "dropout", "label_smoothing"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive; got {self.lr!r}")
-        if self.sample_rate is not None and not (
-                isinstance(self.sample_rate, (int, float)) and self.sample_rate > 0):
+    def _train_options(self) -> TrainOptions:
+        """The train.py options these parameters are (data, model, optimization, hardware and
+        the ensemble), automatic values still None; the dataclasses check the values as they
+        check train.py's flags (ValueError 'NAME: expected ...')."""
+        params = {key: _plain(value) for key, value in self.get_params(deep=False).items()}
+        if params["sample_rate"] is not None and not (
+                isinstance(params["sample_rate"], (int, float)) and params["sample_rate"] > 0
+                and math.isfinite(params["sample_rate"])):
             raise ValueError(f"sample_rate must be positive Hz or None; got {self.sample_rate!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
-                or not 0 <= self.seed <= SEED_MAX:
-            raise ValueError(f"seed must be an integer in [0, 2**32 - 1]; got {self.seed!r}")
+
+        def section(cls: type, names: tuple[str, ...], **fixed: Any) -> Any:
+            return cls(**{name: params[name] for name in names}, **fixed)
+
+        return TrainOptions(
+            data=section(DataConfig, DATA_PARAMS, **ARRAY_DATA),
+            model=section(ModelOptions, MODEL_PARAMS),
+            optimization=section(OptimizationOptions, OPTIMIZATION_PARAMS),
+            hardware=section(HardwareOptions, HARDWARE_PARAMS),
+            run=section(RunOptions, RUN_PARAMS),
+        )
 
     # ------------------------------------------------------------------ predict
 
@@ -393,9 +379,10 @@ class SignalClassifier(ClassifierMixin, BaseEstimator):
 
 def resolve_device(accelerator: str, precision: str) -> tuple[bool, str]:
     """(on_gpu, Lightning precision) for an accelerator ("auto", "cpu", "gpu") and precision
-    ("auto", "32", "16-mixed", "bf16-mixed" ...), as train.py resolves them."""
-    if accelerator not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"accelerator must be 'auto', 'cpu' or 'gpu'; got {accelerator!r}")
+    ("auto", "32", "16-mixed", "bf16-mixed" ...): train.py's resolve_device, with the values
+    checked here (train.py's command line checks them before)."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator must be one of {ACCELERATORS}; got {accelerator!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}; got {precision!r}")
     if accelerator == "gpu" and not torch.cuda.is_available():

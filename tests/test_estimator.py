@@ -1,6 +1,7 @@
 """models/estimator.py: SignalClassifier as a scikit-learn estimator (tiny models, few steps)."""
 
 import copy
+import dataclasses
 import pickle
 
 import numpy as np
@@ -14,7 +15,9 @@ from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from sklearn.utils.validation import check_is_fitted
 
-from models.estimator import SignalClassifier
+from models.defaults import data_facts, fill_data_defaults, model_settings
+from models.estimator import SignalClassifier, resolve_device
+from utils.cli import PRECISIONS, TrainOptions, parse_args
 
 # a model small enough for a 2-core CI machine: a few seconds per fit
 TINY = {"hidden_size": 8, "num_layers": 1, "cnn_channels": (4,), "ensemble": 1}
@@ -149,8 +152,10 @@ def test_cross_val_score_and_a_pipeline():
 
 
 @pytest.mark.parametrize(("params", "X", "message"), [
-    ({"hidden_size": 0}, None, "hidden_size must be a positive integer"),
-    ({"lr": -1.0}, None, "lr must be"),
+    ({"hidden_size": 0}, None, "hidden_size: expected an integer >= 1"),  # ModelOptions' check
+    ({"lr": -1.0}, None, "lr: expected a positive finite number"),
+    ({"seed": 2**32}, None, "seed: expected an integer in"),
+    ({"accelerator": "tpu"}, None, "accelerator must be one of"),
     ({"normalize": "Window"}, None, "normalize"),
     ({"branches": "neither"}, None, "branches must be"),
     ({}, np.zeros(50), "Reshape your data"),
@@ -169,36 +174,81 @@ def test_one_class_is_refused():
         SignalClassifier(**TINY, max_steps=1).fit(tones(4, seed=12)[0], ["a"] * 4)
 
 
-def test_defaults_are_train_pys():
-    """The estimator's defaults and its model settings are train.py's (the same options, the
-    same fill_data_defaults + model_settings). When the CLI rewrite replaces these functions,
-    this test is where the estimator is pointed at the new single source of truth."""
-    import argparse
-
-    import train
-    from utils.cli import build_parser
-
-    parser = build_parser()
-    options = {action.dest for action in parser._actions}
-    params = SignalClassifier().get_params()
-    assert set(params) - options == {"verbose"}  # every other parameter is a train.py option
+def train_py_options(**params) -> TrainOptions:
+    """What train.py parses from the estimator's parameters as its flags (utils.cli.parse_args),
+    with the data section's three differences: arrays in memory, no test split (the caller
+    holds out its own), no loader workers."""
+    argv = []
     for key, value in params.items():
-        assert key == "verbose" or value == parser.get_default(key), key
+        flag = "--" + key.replace("_", "-")
+        argv += ([flag, *map(str, value)] if isinstance(value, (list, tuple))
+                 else [f"{flag}={value}"])
+    options = parse_args(argv)
+    data = dataclasses.replace(options.data, source="arrays", test_fraction=0.0, num_workers=0)
+    return dataclasses.replace(options, data=data)
 
-    class Facts:  # what fill_data_defaults reads from a data module after setup()
+
+def test_defaults_are_train_pys():
+    """Every parameter but verbose and sample_rate is a train.py option with its default, and
+    the estimator's options are the ones train.py parses from the same values as flags."""
+    options = parse_args([])
+    sections = [options.data, options.model, options.optimization, options.hardware,
+                options.run]
+    # sample_rate: the rate of X (train.py reads it from the file; data.sample_rate resamples)
+    own = {"verbose", "sample_rate"}
+    for key, value in SignalClassifier().get_params().items():
+        if key in own:
+            continue
+        where = [s for s in sections if key in {f.name for f in dataclasses.fields(s)}]
+        assert where, f"{key} is not a train.py option"
+        expected = options.seed if key == "seed" else getattr(where[0], key)
+        assert value == expected, key
+    for overrides in ({}, {"n_fft": 64, "hidden_size": 32},
+                      {"spectrogram": "linear", "cnn_channels": (8, 16), "length": 500},
+                      {"epochs": 3, "ensemble": 2, "precision": "bf16", "seed": 5,
+                       "val_fraction": 0.2, "balance": "loss", "mixup": 0.0}):
+        ours = SignalClassifier(**overrides)._train_options()
+        assert ours == train_py_options(**overrides), overrides
+    # numpy scalars (a parameter grid from np.arange) are the same options as Python ints
+    ours = SignalClassifier(hidden_size=np.int64(32), cnn_channels=np.array([8, 16]))
+    assert ours._train_options().model == train_py_options(
+        hidden_size=32, cnn_channels=(8, 16)).model
+
+
+def test_fit_trains_the_model_train_pys_library_builds(fitted):
+    """The fitted model: fill_data_defaults + model_settings (train.py's set_up) of the
+    fixture's options and data, and the optimizer settings of its OptimizationOptions."""
+    options = train_py_options(**{k: v for k, v in TINY.items() if k != "ensemble"},
+                               max_steps=30, lr=1e-2)
+
+    class Data:  # what the defaults read from the fixture's data module after setup()
+        # 48 signals, none held out (no validation split below 1000 records, no test split)
         train_dataset, signal_length, sample_rate, num_classes, batch_size = (
-            range(300), 3750, 125.0, 7, 32)
+            range(48), LENGTH, 100.0, 2, 12)
 
-    from models.defaults import DataFacts, auto_model
+    model, optimization = fill_data_defaults(options.model, options.optimization, Data)
+    hparams = fitted.members_[0].hparams
+    assert hparams["model"] == model_settings(model, data_facts(Data))
+    for key in ("lr", "weight_decay", "warmup", "min_lr_ratio", "label_smoothing", "mixup"):
+        assert hparams[key] == getattr(optimization, key), key
+    assert fitted.max_steps_ == optimization.max_steps == 30
+    assert hparams["data"] == fitted.preprocessing_
 
-    for overrides in ({}, {"n_fft": 64, "hidden_size": 32}, {"spectrogram": "linear"}):
-        args = parser.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()])
-        auto = train.fill_data_defaults(args, Facts)
-        expected = train.model_settings(args, Facts.sample_rate, auto)
-        facts = DataFacts(300, 3750, 125.0, 7)
-        ours = SignalClassifier(**overrides)._model_settings(auto_model(facts), 125.0)
-        assert ours == expected, overrides
-        assert isinstance(args, argparse.Namespace)
+
+def test_device_resolution_is_train_pys():
+    import train
+
+    def resolved(resolve, accelerator, precision):
+        try:
+            return resolve(accelerator, precision)
+        except ValueError:  # train.py's ConfigError is one
+            return "refused"
+
+    for accelerator in ("auto", "cpu", "gpu"):
+        for precision in PRECISIONS:
+            assert (resolved(resolve_device, accelerator, precision)
+                    == resolved(train.resolve_device, accelerator, precision)), (accelerator,
+                                                                                 precision)
 
 
 # ---------------------------------------------------------------------- scikit-learn's checks
