@@ -74,6 +74,7 @@ from utils.metrics import (
     to_plain,
     write_json,
 )
+from utils.report import report_pictures
 from utils.run_dir import (
     check_output_dir,
     check_prediction_output,
@@ -210,7 +211,8 @@ def build_callbacks(options: TrainOptions, validation: bool,
         MemoryMonitorCallback(every_n_steps=options.run.memory_log_every),
         ThroughputMonitor(),
         EpochSummary(),
-        throughput.GraphCapture(),  # on a GPU: the classifier compiled, its step as CUDA graphs
+        # --capture on a GPU: the classifier compiled, its step replayed as CUDA graphs
+        throughput.GraphCapture(enabled=options.hardware.capture),
         # per-step figures: samples/s, step time, data wait, GPU busy fraction, launches
         throughput.ThroughputMonitor(every_n_steps=options.run.memory_log_every),
     ]
@@ -514,6 +516,10 @@ def train_ensemble(options: TrainOptions, extra_callbacks: list[Callback] | None
         mean = torch.stack(probabilities).mean(0)
         summary.update(evaluate_probabilities(mean, labels, members[0]["class_names"]))
     _write_results(folder, summary, options, quiet=nested)
+    if mean is not None:  # the members' pictures are in their folders; no attribution here
+        report_pictures(folder, None, datamodule.test_dataset if datamodule else None, mean,
+                        labels, summary["class_names"], summary["report"],
+                        datamodule.sample_rate if datamodule else None)
     return {**summary, "probabilities": mean, "labels": labels}
 
 
@@ -587,6 +593,14 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
         try:
             log_final_metrics(run.logger, options, summary["metrics"])
             _write_results(run_dir, summary, options, quiet=quiet)
+            if trainer.world_size == 1:  # every test item is here
+                run.logger.save()  # the event files hold every scalar for the curves
+                report_pictures(run_dir, module.model, run.datamodule.test_dataset,
+                                probabilities, labels, summary["class_names"] or [],
+                                summary["report"], run.datamodule.sample_rate,
+                                monitor=options.optimization.monitor if best else None,
+                                experiment=getattr(run.logger, "experiment", None),
+                                step=trainer.global_step)
         except OSError as exc:  # a full disk, a folder removed under the run
             raise write_failure(exc, Path(exc.filename or run_dir), atomic=False) from exc
     if log_dir is not None:  # an ensemble member: the ensemble averages these

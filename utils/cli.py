@@ -84,6 +84,9 @@ class HardwareOptions:
     sync_batchnorm: bool | None = option(None, "BatchNorm statistics over all ranks' batches "
                                          "(default: on for multi-GPU runs; PyTorch's "
                                          "SyncBatchNorm needs GPUs)")
+    capture: bool = option(False, "GPU: the whole classifier under torch.compile(reduce-overhead), "
+                                  "its train step replayed as CUDA graphs (eager again, with the "
+                                  "reason logged, where that cannot work; see docs/benchmarks.md)")
 
     def __post_init__(self) -> None:
         check_fields(self)

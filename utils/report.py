@@ -46,13 +46,14 @@ def example_items(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tenso
     return torch.stack(xs), torch.tensor(ns, dtype=torch.int64)
 
 
-def pictures_of_test_set(model: nn.Module | None, dataset: Dataset, probabilities: Any, labels: Any,
-                  class_names: Sequence[str], report: Mapping[str, Any],
-                  sample_rate: float | None = None) -> dict[str, Figure]:
+def pictures_of_test_set(model: nn.Module | None, dataset: Dataset | None, probabilities: Any,
+                         labels: Any, class_names: Sequence[str], report: Mapping[str, Any],
+                         sample_rate: float | None = None) -> dict[str, Figure]:
     """{name: Figure} of the per-class scores and the example grid of a test set.
 
     model: the classifier (x, lengths) -> logits, for the attributions (None: none drawn);
-    dataset: the test items in the order of `probabilities` (N, K) and `labels` (N,);
+    dataset: the test items in the order of `probabilities` (N, K) and `labels` (N,) (None:
+    no example grid);
     report: sklearn's classification_report dict (output_dict=True) over class_names.
     """
     probabilities = torch.as_tensor(probabilities).float()
@@ -60,7 +61,7 @@ def pictures_of_test_set(model: nn.Module | None, dataset: Dataset, probabilitie
     predicted = probabilities.argmax(-1)
     figures = {"per_class_scores": plot_per_class_scores(report, class_names)}
     chosen = select_examples(labels, predicted, probabilities, per_class=EXAMPLES_PER_CLASS)
-    if len(chosen) == 0:
+    if dataset is None or len(chosen) == 0:
         return figures
     x, lengths = example_items(dataset, chosen)
     attributions, label = None, "attribution"
@@ -109,7 +110,7 @@ def report_pictures(run_dir: str | Path, model: nn.Module | None, dataset: Datas
     and skipped: the pictures never cost a run its results."""
     figures: dict[str, Figure] = {}
     try:
-        if dataset is not None and probabilities is not None and labels is not None:
+        if probabilities is not None and labels is not None:
             keep = np.asarray(labels) >= 0  # unlabelled test items have nothing to judge
             if keep.all():
                 figures.update(pictures_of_test_set(model, dataset, probabilities, labels,
