@@ -50,6 +50,7 @@ from models.defaults import (
     model_settings,
 )
 from models.lightning_module import SignalClassifierModule, SignalEnsemble
+from models.wkv_build import DropLogMessages
 from utils import throughput
 from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoint, ThroughputMonitor
 from utils.checkpoint_io import AtomicCheckpointIO, write_failure
@@ -231,6 +232,9 @@ def _quiet_known_warnings() -> None:
                     r".*`srun` command is available on your system.*",
                     r".*LeafSpec.*is deprecated.*"):
         warnings.filterwarnings("ignore", message=pattern)
+    # Lightning advertises a cloud logger and reports TPUs nobody asked about
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        DropLogMessages("Tip: For seamless cloud logging", "TPU available"))
 
 
 def _checksum(module: torch.nn.Module) -> float:
@@ -366,8 +370,8 @@ def set_up(options: TrainOptions, extra_callbacks: list[Callback] | None = None,
         f"precision {precision}; {trainer.world_size} process(es) x batch {batch_size} x "
         f"accumulate {trainer.accumulate_grad_batches} = effective batch {run.effective_batch}, "
         f"lr {run.lr:.3g} (scaling {opt.lr_scaling})\n"
-        f"memory settings: {memory_settings}\n"
-        f"logs: {run_dir}" + (f"\nresuming from {resume}" if resume else ""),
+        + (f"memory settings: {memory_settings}\n" if on_gpu else "")  # CUDA's only
+        + f"logs: {run_dir}" + (f"\nresuming from {resume}" if resume else ""),
         flush=True,
     )
     return run
@@ -555,9 +559,11 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
                              f"training items, batch {run.datamodule.batch_size}, "
                              f"{trainer.world_size} "
                              f"process(es)); nothing was tested, see {run.run_dir}")
-    print(f"rank {trainer.global_rank}/{trainer.world_size}: trained on "
-          f"{module.samples_trained} samples this session, global step {trainer.global_step}, "
-          f"parameter checksum {_checksum(module):.9e}", flush=True)
+    if trainer.world_size > 1 or "ddp" in str(options.hardware.strategy):
+        # each rank's share and weights: that the ranks agree, and match one process
+        print(f"rank {trainer.global_rank}/{trainer.world_size}: trained on "
+              f"{module.samples_trained} samples this session, global step "
+              f"{trainer.global_step}, parameter checksum {_checksum(module):.9e}", flush=True)
 
     monitored = [c for c in trainer.checkpoint_callbacks if c.monitor is not None]
     best = monitored[0].best_model_path if monitored else ""

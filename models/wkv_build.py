@@ -170,6 +170,23 @@ def _staged_sources(extension: Extension, build_dir: Path) -> list[str]:
 _in_process: dict[str, Built] = {}
 
 
+class DropLogMessages(logging.Filter):
+    """Drops log records whose message contains one of `parts`."""
+
+    def __init__(self, *parts: str) -> None:
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(part in str(record.msg) for part in self.parts)
+
+
+# cpp_extension warns at import where no CUDA runtime is installed, although the CPU library
+# it then builds does not need one: noise on every CPU-only machine
+logging.getLogger("torch.utils.cpp_extension").addFilter(
+    DropLogMessages("No CUDA runtime is found"))
+
+
 def _jit_load(extension: Extension, target: str, verbose: bool, timeout: float) -> Built:
     """Build (or find in the cache) `extension` for `target` (what its cache key must hold
     beyond sources, flags and torch: the GPU architectures, or the CPU's instruction set), and
@@ -188,6 +205,9 @@ def _jit_load(extension: Extension, target: str, verbose: bool, timeout: float) 
     cached = library.exists()
     lock_path = build_dir.parent / f"{name}.build.lock"
     start = time.perf_counter()
+    if not cached:  # the first build takes tens of seconds (minutes for CUDA): say so first
+        log.info("WKV %s kernel: building for %s (first use of these sources; cached after, "
+                 "in %s) ...", extension.prefix.split("_")[-1].upper(), target, build_dir)
     try:
         with filelock.FileLock(str(lock_path), timeout=timeout):
             # We hold the lock, so no builder of ours is alive: a baton `lock` left in the build

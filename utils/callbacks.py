@@ -137,8 +137,13 @@ class EpochSummary(Callback):
         values = " ".join(f"{k.replace('_epoch', '')} {float(metrics[k]):.4g}"
                           for k in self.KEYS if k in metrics)
         total = "?" if trainer.max_epochs in (None, -1) else trainer.max_epochs
-        print(f"epoch {trainer.current_epoch + 1}/{total}: {values} "
-              f"({time.perf_counter() - self._started:.1f} s)", flush=True)
+        line = (f"epoch {trainer.current_epoch + 1}/{total}: {values} "
+                f"({time.perf_counter() - self._started:.1f} s)")
+        bar = trainer.progress_bar_callback
+        if bar is not None and hasattr(bar, "print"):
+            bar.print(line)  # on a line of its own above the bar, not glued onto it
+        else:
+            print(line, flush=True)
 
 
 class PredictionCSVWriter(BasePredictionWriter):

@@ -78,7 +78,9 @@ class GraphCapture(Callback):
         device = trainer.strategy.root_device
         reason = "turned off" if not self.enabled else capture_blocker(pl_module.model, device)
         if reason is not None:
-            log.info("train step: eager, not captured as CUDA graphs (%s)", reason)
+            # said where capture was asked for; quiet where it is simply off
+            level = logging.INFO if self.enabled else logging.DEBUG
+            log.log(level, "train step: eager, not captured as CUDA graphs (%s)", reason)
             return
         from models.wkv import prepare_backend
 
