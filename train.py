@@ -94,6 +94,16 @@ MEMBER_SEED_STEP = 1000
 # ---------------------------------------------------------------------------------- set-up
 
 
+
+class TrainingInterrupted(Exception):
+    """A signal stopped training: the message says how to continue; `code` is the exit
+    status (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def resolve_device(accelerator: str, precision: str) -> tuple[bool, str]:
     """(on_gpu, Lightning precision) for --accelerator and --precision, training and predicting
     alike. A pair that cannot run raises ConfigError (Lightning would swap fp16 for bf16 on CPU)."""
@@ -553,7 +563,17 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
     started = time.perf_counter()
     run = set_up(options, extra_callbacks, log_dir, datamodule)
     trainer, module, options = run.trainer, run.module, run.options
-    trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.resume, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.resume, weights_only=True)
+    except SystemExit:  # Lightning's exit(1) after its graceful stop on Ctrl-C
+        if not trainer.interrupted:
+            raise
+    if trainer.received_sigterm or trainer.interrupted:  # Lightning stopped the fit
+        signal_name = "SIGTERM" if trainer.received_sigterm else "Ctrl-C"
+        raise TrainingInterrupted(f"stopped by {signal_name} at step {trainer.global_step}; "
+                                  "nothing was tested; continue with --resume last (the last "
+                                  f"epoch's checkpoint in {run.run_dir / 'checkpoints'})",
+                                  143 if trainer.received_sigterm else 130)
     if trainer.global_step == 0:
         raise TrainingFailed(f"no training step was taken ({len(run.datamodule.train_dataset)} "
                              f"training items, batch {run.datamodule.batch_size}, "
@@ -662,9 +682,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot load checkpoint {path}: not a checkpoint of plain tensors "
                           "and containers (weights_only=True refuses other objects)") from exc
     except Exception as exc:  # a damaged or foreign file fails in many ways inside pickle
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise ConfigError(f"cannot load checkpoint {path}: {type(exc).__name__}: {reason}"
-                          ) from exc
+        size = Path(path).stat().st_size if Path(path).is_file() else None
+        if size == 0:
+            what = "the file is empty"
+        elif isinstance(exc, (EOFError, OSError, RuntimeError)):
+            what = f"the file is damaged or truncated ({size} bytes)"
+        else:
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            what = f"{type(exc).__name__}: {reason}"
+        raise ConfigError(f"cannot load checkpoint {path}: {what}; pass a checkpoint train.py "
+                          "wrote (e.g. checkpoints/last.ckpt of a run)") from exc
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("hyper_parameters"), dict)
             and isinstance(ckpt.get("state_dict"), dict)):
         raise ConfigError(f"{path} is not a train.py checkpoint (no hyper_parameters)")
@@ -851,6 +878,9 @@ def main(argv: list[str] | None = None, extra_callbacks: list[Callback] | None =
         hint = f" (see {prog} --help)" if isinstance(exc, ConfigError) and "\n" not in str(exc) \
             and _is_parse_error(exc) else ""
         fail(2, f"{exc}{hint}")
+    except TrainingInterrupted as exc:  # a signal stopped the fit: 130 (Ctrl-C), 143 (TERM)
+        sys.stderr.write(f"{prog}: {exc}\n")
+        raise SystemExit(exc.code) from None
     except TrainingFailed as exc:  # the run went wrong: status 1, apart from bad input
         fail(1, str(exc))
     except KeyboardInterrupt:  # outside fit (Lightning handles Ctrl-C during it)

@@ -454,6 +454,39 @@ def test_predict_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys) -> No
     assert "cannot load checkpoint" in capsys.readouterr().err
 
 
+def test_empty_and_truncated_checkpoints_are_named_as_such(cli_run, tmp_path, capsys) -> None:
+    run_dir, _ = cli_run
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    for path, what in ((empty, "the file is empty"),
+                       (truncated, "the file is damaged or truncated (5000 bytes)")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["predict", "--checkpoint", str(path), "--data", str(path)])
+        assert exit_info.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"cannot load checkpoint {path}: {what}; pass a checkpoint train.py wrote" in line
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_with_its_own_status_and_a_way_on(tmp_path) -> None:
+    import signal
+
+    args = [*TINY, "--max-steps", "100000", "--no-progress-bar"]
+    run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:  # the first epoch's line: training is under way
+        if line.startswith("epoch 1/"):
+            break
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("train.py: stopped by SIGTERM at step ") and "--resume last" in last
+    assert not list(tmp_path.rglob("test_metrics.json"))  # nothing tested, nothing claimed
+
+
 def test_predict_rejects_checkpoints_of_other_programs(tmp_path, capsys) -> None:
     tensor_file = tmp_path / "tensor.ckpt"
     torch.save(torch.zeros(3), tensor_file)
