@@ -447,6 +447,10 @@ def train_cv(options: TrainOptions, extra_callbacks: list[Callback] | None = Non
         raise ConfigError("--cv splits --data itself into folds; drop --test-data (an "
                           "official test set is for one final test, not for folds)")
     started = time.perf_counter()
+    first = copy.deepcopy(options)  # the folds are checked (fold 0 read) before the folder
+    first.data.cv_fold = 0
+    resolve_hardware(first)
+    first_data = prepare_data(first)
     folder = claim_run_folder(options.run.output_dir, options.run.name)
     folds, probabilities, labels = [], [], []
     for k in range(options.data.cv_folds):
@@ -454,7 +458,7 @@ def train_cv(options: TrainOptions, extra_callbacks: list[Callback] | None = Non
         fold.data.cv_fold = k
         print(f"cross-validation fold {k + 1}/{options.data.cv_folds}", flush=True)
         resolve_hardware(fold)
-        fold_data = prepare_data(fold)
+        fold_data = first_data if k == 0 else prepare_data(fold)
         if fold.run.ensemble is None:
             fold.run.ensemble = choose_ensemble(fold, len(fold_data.train_dataset))
         if fold.run.ensemble > 1:

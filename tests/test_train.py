@@ -454,6 +454,15 @@ def test_predict_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys) -> No
     assert "cannot load checkpoint" in capsys.readouterr().err
 
 
+def test_too_many_folds_are_refused_before_the_run_folder(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--synthetic-signals", "70", "--cv", "100",
+                    "--output-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    assert "expected --cv 10 or fewer" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_empty_and_truncated_checkpoints_are_named_as_such(cli_run, tmp_path, capsys) -> None:
     run_dir, _ = cli_run
     empty = tmp_path / "empty.ckpt"
