@@ -42,7 +42,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from data.datamodule import SignalDataModule
-from data.formats import DataError, source_exists
+from data.formats import DataError, source_exists, why_missing
 from models.defaults import (
     auto_ensemble,
     data_facts,
@@ -804,7 +804,7 @@ def predict(options: PredictOptions) -> Path:
     resolve_device(options.accelerator, options.precision)
     checkpoints = model_checkpoints(options.checkpoint)
     if not source_exists(options.data):
-        raise ConfigError(f"--data: {options.data} does not exist")
+        raise ConfigError(f"--data: {options.data} {why_missing(options.data)}")
     # before predicting: a result that cannot be written, or that replaces an input, is lost
     check_prediction_output(options.output, [Path(options.data), *checkpoints])
     ensemble, _ = load_ensemble(options.checkpoint)
@@ -824,7 +824,7 @@ def evaluate_checkpoint(options: TestOptions) -> dict[str, Any]:
     resolve_device(options.accelerator, options.precision)
     checkpoints = model_checkpoints(options.checkpoint)
     if not source_exists(options.data):
-        raise ConfigError(f"--data: {options.data} does not exist")
+        raise ConfigError(f"--data: {options.data} {why_missing(options.data)}")
     check_output_dir(options.output_dir, options.name)
     started = time.perf_counter()
     ensemble, checkpoints = load_ensemble(options.checkpoint)

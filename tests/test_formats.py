@@ -770,3 +770,16 @@ def test_names_of_wfdb_and_edf_windows(tmp_path, rng):
     write_edf(tmp_path / "night.edf", [eeg], 100, ["EEG"], STAGES)
     ds = read_edf(tmp_path / "night.edf")  # epoch 4 ('Sleep stage ?') is skipped
     assert ds.names.tolist() == ["night@0s", "night@30s", "night@60s", "night@90s"]
+
+
+def test_links_that_loop_or_point_nowhere_are_named_as_such(tmp_path):
+    from data.formats import source_exists, why_missing
+
+    loop, dangling = tmp_path / "loop.csv", tmp_path / "dangling.csv"
+    loop.symlink_to(loop)
+    dangling.symlink_to(tmp_path / "nowhere.csv")
+    assert not source_exists(loop) and not source_exists(dangling)
+    assert why_missing(loop) == "is a symbolic link that loops; expected a link to the file"
+    assert why_missing(dangling) == (f"is a symbolic link to {tmp_path / 'nowhere.csv'}, "
+                                     "which does not exist")
+    assert why_missing(tmp_path / "absent.csv") == "does not exist"

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 
 from data.datamodule import FORMATS, DataConfig
-from data.formats import source_exists
+from data.formats import source_exists, why_missing
 from models.options import ModelOptions, OptimizationOptions
 from utils.options import Check, ConfigError, at_least, check_fields, option
 
@@ -570,9 +570,9 @@ def _check_paths(command: str, options: Any) -> None:
     if resume and resume != "last" and not Path(resume).is_file():
         raise ConfigError(f"--resume: no checkpoint file {resume}")
     if data.source != "synthetic" and not source_exists(data.source):
-        raise ConfigError(f"--data: {data.source} does not exist")
+        raise ConfigError(f"--data: {data.source} {why_missing(data.source)}")
     if data.test_source and not source_exists(data.test_source):
-        raise ConfigError(f"--test-data: {data.test_source} does not exist")
+        raise ConfigError(f"--test-data: {data.test_source} {why_missing(data.test_source)}")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainOptions:

@@ -53,7 +53,7 @@ __all__ = [
     "BEAT_SYMBOLS", "LABEL_MODES", "NAN_POLICIES", "READERS", "SLEEP_STAGES", "UNLABELLED",
     "DataError", "SignalDataset", "build_dataset", "check_label_mode", "detect_format",
     "encode_labels", "find_test_file", "read_csv", "read_dataset", "read_edf", "read_npy",
-    "read_npz", "read_train_test", "read_ts", "read_wfdb", "source_exists",
+    "read_npz", "read_train_test", "read_ts", "read_wfdb", "source_exists", "why_missing",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +71,22 @@ def source_exists(path: str | Path) -> bool:
     (`records/100` for records/100.hea)."""
     path = Path(path)
     return path.exists() or path.with_name(path.name + ".hea").exists()
+
+
+def why_missing(path: str | Path) -> str:
+    """What to say of a source that `source_exists` refused: a link that loops or points
+    nowhere is named as one, not taken for a missing file."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 raises this for a loop
+            return "is a symbolic link that loops; expected a link to the file"
+        except OSError as exc:
+            if "loop" in str(exc).lower() or getattr(exc, "errno", None) == 40:
+                return "is a symbolic link that loops; expected a link to the file"
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    return "does not exist"
 
 
 def detect_format(path: str | Path) -> str:
