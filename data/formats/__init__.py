@@ -27,6 +27,7 @@ text (.csv/.tsv, .ts), physio (WFDB, EDF/EDF+); this file picks the reader.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import numbers
 import os
@@ -83,7 +84,7 @@ def why_missing(path: str | Path) -> str:
         except RuntimeError:  # Python < 3.13 raises this for a loop
             return "is a symbolic link that loops; expected a link to the file"
         except OSError as exc:
-            if "loop" in str(exc).lower() or getattr(exc, "errno", None) == 40:
+            if exc.errno == errno.ELOOP:
                 return "is a symbolic link that loops; expected a link to the file"
             return f"is a symbolic link to {os.readlink(path)}, which does not exist"
     return "does not exist"
