@@ -14,12 +14,22 @@ throughput, memory, epoch lines, the prediction CSV) callbacks in utils/callback
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch and Lightning import: one line, no traceback
+    def _interrupted_while_starting(signum, frame) -> None:
+        sys.stderr.write("train.py: interrupted (Ctrl-C) while starting; nothing was written\n")
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
 import copy
 import dataclasses
 import importlib.util
 import logging
 import pickle
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -859,6 +869,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list[Callback] | None =
     `train.py predict ...`; errors are one line (exit 2 for bad options or data, 1 for a
     run that failed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: Ctrl-C as usual
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("train", "models", "data", "utils", "cuda"):
         logging.getLogger(name).setLevel(logging.INFO)
