@@ -66,12 +66,12 @@ from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoin
 from utils.checkpoint_io import AtomicCheckpointIO, write_failure
 from utils.checks import check_before_training, check_options, check_steps_per_process
 from utils.cli import (
-    PRECISIONS,
     ConfigError,
     PredictOptions,
     TestOptions,
     TrainOptions,
     parse_command,
+    resolve_device,
     to_yaml_dict,
 )
 from utils.guards import NonFiniteGuard, TrainingFailed
@@ -112,23 +112,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-def resolve_device(accelerator: str, precision: str) -> tuple[bool, str]:
-    """(on_gpu, Lightning precision) for --accelerator and --precision, training and predicting
-    alike. A pair that cannot run raises ConfigError (Lightning would swap fp16 for bf16 on CPU)."""
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("--accelerator gpu: no CUDA GPU is visible")
-    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
-    precision = PRECISIONS[precision]
-    if precision == "auto":
-        if not on_gpu:
-            precision = "32-true"
-        else:
-            precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    elif precision == "16-mixed" and not on_gpu:
-        raise ConfigError("--precision 16-mixed needs a GPU; use bf16-mixed or 32-true on CPU")
-    return on_gpu, precision
 
 
 def resolve_hardware(options: TrainOptions) -> tuple[bool, str]:

@@ -40,6 +40,7 @@ from data.transforms import (
     resample_dataset,
     znormalize,
 )
+from utils.metrics import to_plain
 from utils.options import (
     Check,
     at_least,
@@ -342,7 +343,7 @@ class SignalDataModule(pl.LightningDataModule):
         super().__init__()
         self.config = config or DataConfig()
         # plain lists, not tuples: hparams.yaml stays loadable with yaml.safe_load
-        self.save_hyperparameters(_plain(asdict(self.config)))
+        self.save_hyperparameters(to_plain(asdict(self.config)))
         self._ready = False
         self._predict_request: dict[str, Any] | None = None
         self.prediction: PredictionInputs | None = None
@@ -552,14 +553,6 @@ class SignalDataModule(pl.LightningDataModule):
         self.batch_size = self.config.batch_size or 64
         self._ready = True
 
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, recursively (YAML- and JSON-safe)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 class InMemoryDataModule(SignalDataModule):

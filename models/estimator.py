@@ -54,6 +54,7 @@ from models.lightning_module import SignalClassifierModule, rng_states, set_rng_
 from models.options import ModelOptions, OptimizationOptions
 from utils.checkpoint_io import atomic_open
 from utils.cli import PRECISIONS, HardwareOptions, RunOptions, TrainOptions
+from utils.cli import resolve_device as cli_resolve_device
 from utils.guards import NonFiniteGuard
 from utils.metrics import to_plain
 from utils.options import SEED_MAX
@@ -379,23 +380,13 @@ class SignalClassifier(ClassifierMixin, BaseEstimator):
 
 def resolve_device(accelerator: str, precision: str) -> tuple[bool, str]:
     """(on_gpu, Lightning precision) for an accelerator ("auto", "cpu", "gpu") and precision
-    ("auto", "32", "16-mixed", "bf16-mixed" ...): train.py's resolve_device, with the values
-    checked here (train.py's command line checks them before)."""
+    ("auto", "32", "16-mixed", "bf16-mixed" ...): train.py's utils.cli.resolve_device, with the
+    values checked here (train.py's command line checks them before)."""
     if accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator must be one of {ACCELERATORS}; got {accelerator!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}; got {precision!r}")
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise ValueError("accelerator='gpu': no CUDA GPU is visible")
-    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
-    precision = PRECISIONS[precision]
-    if precision == "auto":
-        if not on_gpu:
-            return on_gpu, "32-true"
-        return on_gpu, "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if precision == "16-mixed" and not on_gpu:
-        raise ValueError("precision='16-mixed' needs a GPU; use 'bf16-mixed' or '32' on CPU")
-    return on_gpu, precision
+    return cli_resolve_device(accelerator, precision)
 
 
 def _plain(value: Any) -> Any:

@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from data.datamodule import FORMATS, DataConfig
 from data.formats import source_exists, why_missing
 from models.options import ModelOptions, OptimizationOptions
+from utils.metrics import to_plain
 from utils.options import Check, ConfigError, at_least, check_fields, option
 
 __all__ = ["COMMANDS", "ConfigError", "HardwareOptions", "PRECISIONS", "PredictOptions",
@@ -64,6 +66,23 @@ def _run_name_ok(value: Any) -> bool:
     except ValueError:
         return False
     return True
+
+
+def resolve_device(accelerator: str, precision: str) -> tuple[bool, str]:
+    """(on_gpu, Lightning precision) for --accelerator and --precision, training and predicting
+    alike. A pair that cannot run raises ConfigError (Lightning would swap fp16 for bf16 on CPU)."""
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("--accelerator gpu: no CUDA GPU is visible")
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    precision = PRECISIONS[precision]
+    if precision == "auto":
+        if not on_gpu:
+            precision = "32-true"
+        else:
+            precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    elif precision == "16-mixed" and not on_gpu:
+        raise ConfigError("--precision 16-mixed needs a GPU; use bf16-mixed or 32-true on CPU")
+    return on_gpu, precision
 
 
 @dataclass
@@ -584,13 +603,7 @@ def parse_args(argv: list[str] | None = None) -> TrainOptions:
 def to_yaml_dict(options: Any) -> dict[str, Any]:
     """Options as plain nested data (tuples as lists): what --print-config prints,
     config.yaml holds and `yaml.safe_load` reads back."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-    return plain(dataclasses.asdict(options))
+    return to_plain(dataclasses.asdict(options))
 
 
 # ---------------------------------------------------------------------------------- help
