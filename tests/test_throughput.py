@@ -25,9 +25,9 @@ TINY_MODEL = {
 }
 
 
-def _event(name, start, end, device):
+def _event(name, start, end, device, annotation=False):
     return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
-                           device_type=device)
+                           device_type=device, is_user_annotation=annotation)
 
 
 def test_busy_time_counts_overlapping_kernels_once():
@@ -38,6 +38,16 @@ def test_busy_time_counts_overlapping_kernels_once():
     busy, launches, kernels = busy_and_launches(SimpleNamespace(events=lambda: events))
     assert busy == 12 + 5
     assert (launches, kernels) == (2, 4)
+
+
+def test_busy_time_leaves_out_annotations_on_the_gpu_timeline():
+    """A record_function range shows on the GPU timeline from its first kernel to its last;
+    counted as work it fills the gaps and the busy fraction exceeds 1."""
+    gpu = torch.autograd.DeviceType.CUDA
+    events = [_event("## Call CompiledFxGraph ##", 0, 100, gpu, annotation=True),
+              _event("k1", 0, 10, gpu), _event("k2", 90, 100, gpu)]
+    busy, _, kernels = busy_and_launches(SimpleNamespace(events=lambda: events))
+    assert (busy, kernels) == (20, 2)
 
 
 def _fit(callbacks, steps=12, accelerator="cpu"):

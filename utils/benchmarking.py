@@ -276,9 +276,13 @@ class StepProfile:
 
 
 def busy_and_launches(prof) -> tuple[float, int, int]:
-    """(GPU busy us, host launch calls, GPU kernels) from a finished torch.profiler.profile."""
+    """(GPU busy us, host launch calls, GPU kernels) from a finished torch.profiler.profile.
+    The profiler also puts `record_function` ranges (torch.compile's, Lightning's) on the GPU
+    timeline as user annotations spanning the gaps between kernels; they are not GPU work."""
     intervals, launches, kernels = [], 0, 0
     for event in prof.events():
+        if getattr(event, "is_user_annotation", False):
+            continue
         if event.device_type == torch.autograd.DeviceType.CUDA:
             intervals.append((event.time_range.start, event.time_range.end))
             kernels += 1
