@@ -160,3 +160,22 @@ def test_gpu_tensors_give_the_cpu_result(method):
     gpu = attribute_over_time(model.cuda(), x.cuda(), lengths.cuda(), 0, method=method)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-4)
+
+
+def test_a_compiled_model_is_explained_eagerly():
+    """Each occluded batch has a new shape: a compiled model (a run with --capture or
+    compiled blocks) would compile again for every one of them."""
+    traced = []
+
+    def counting_backend(graph, example_inputs):
+        traced.append(graph)
+        return graph.forward
+
+    model = RegionModel(8, 12)
+    eager = attribute_over_time(model, signals(3, 24), None, target=0)
+    model.compile(backend=counting_backend)
+    compiled = attribute_over_time(model, signals(3, 24), None, target=0)
+    assert traced == []
+    torch.testing.assert_close(compiled, eager)
+    model(signals(2, 24))  # outside, the model is still compiled
+    assert len(traced) == 1

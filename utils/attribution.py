@@ -110,9 +110,11 @@ def attribute_over_time(model: nn.Module, x: Tensor, lengths: Tensor | None,
     try:
         # out of Lightning's inference mode (its test hooks run inside it): a normal tensor,
         # and gradients for integrated gradients; fp32, so occluded differences are not
-        # lost to bf16 rounding
+        # lost to bf16 rounding; eager even where the model (or its blocks) is compiled: every
+        # occluded batch has a new shape, which would compile (and record a CUDA graph) again
         with (torch.inference_mode(False), torch.enable_grad(),
-              torch.autocast(x.device.type, enabled=False)):
+              torch.autocast(x.device.type, enabled=False),
+              torch.compiler.set_stance("force_eager")):
             forward = _TargetOutput(model, output)
             result = torch.zeros(batch, total, device=x.device)  # 0 in the padding
             for n, rows in groups:
