@@ -295,7 +295,12 @@ def prepare_backend(device: torch.device | str) -> str:
     can only use a kernel that is already loaded), and return the backend "auto" will pick
     there for float32 inputs. Cheap once loaded: models call it at their first eager forward."""
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
-    return kind if wkv_build.load_extension_or_none(kind) is not None else "torch"
+    if wkv_build.load_extension_or_none(kind) is None:
+        return "torch"
+    # said here too: a compiled model's first forward is a trace, which logs nothing
+    _log_backend_once(kind, "kernel built and loaded" if kind == "cuda"
+                      else "C++ CPU kernel built and loaded")
+    return kind
 
 
 def _native_op(backend: str):

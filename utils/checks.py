@@ -215,6 +215,10 @@ def check_model_for_data(settings: Mapping[str, Any], num_classes: int, length: 
     available = available_memory_bytes(on_gpu)
     if available is None:
         return
+    wkv_log = logging.getLogger("models.wkv")
+    was_disabled = wkv_log.disabled
+    # the probe runs on the CPU: its "WKV backend: cpu" line would be wrong for a GPU run
+    wkv_log.disabled = was_disabled or on_gpu
     try:
         with torch.random.fork_rng(devices=[]):
             needed = training_memory_bytes(model, length, batch_size,
@@ -222,6 +226,8 @@ def check_model_for_data(settings: Mapping[str, Any], num_classes: int, length: 
     except (RuntimeError, ValueError) as exc:  # the probe is advisory: the run itself will tell
         log.debug("training memory estimate skipped: %s", exc)
         return
+    finally:
+        wkv_log.disabled = was_disabled
     needed *= 1 if on_gpu else processes_per_host  # CPU processes share the host's memory
     if needed > available:
         where = "on the GPU" if on_gpu else "in RAM"
