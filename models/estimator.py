@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from data.aggregate import aggregate_windows
 from data.datamodule import DataConfig, InMemoryDataModule, prepare_prediction_inputs
 from data.formats import UNLABELLED, SignalDataset
+from models.checkpoint import read_checkpoint
 from models.defaults import auto_ensemble, fill_data_defaults
 from models.lightning_module import SignalClassifierModule, rng_states, set_rng_states
 from models.options import ModelOptions, OptimizationOptions
@@ -264,8 +265,7 @@ class SignalClassifier(ClassifierMixin, BaseEstimator):
             trainer.fit(module, datamodule=datamodule)
             state = module.state_dict()
             if validation and best.best_model_path:
-                state = torch.load(best.best_model_path, map_location="cpu",
-                                   weights_only=True)["state_dict"]
+                state = read_checkpoint(best.best_model_path)["state_dict"]
             # a fresh module: no trainer attached, so the estimator pickles and clones cleanly
             trained = SignalClassifierModule.from_options(model, optimization, datamodule)
         trained.load_state_dict({k: v.cpu() for k, v in state.items()})
