@@ -66,8 +66,7 @@ from models.defaults import (
 )
 from models.lightning_module import SignalClassifierModule, SignalEnsemble
 from models.wkv_build import DropLogMessages
-from utils import throughput
-from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoint, ThroughputMonitor
+from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoint
 from utils.checkpoint_io import AtomicCheckpointIO, write_failure
 from utils.checks import check_before_training, check_options, check_steps_per_process
 from utils.cli import (
@@ -100,6 +99,7 @@ from utils.run_dir import (
     lock_run_folder,
     release_run_folder,
 )
+from utils.throughput import GraphCapture, ThroughputMonitor
 
 log = logging.getLogger("train")
 MEMBER_SEED_STEP = 1000
@@ -218,12 +218,12 @@ def build_callbacks(options: TrainOptions, validation: bool,
         RNGStateCheckpoint(),
         LearningRateMonitor(logging_interval="step"),
         MemoryMonitorCallback(every_n_steps=options.run.memory_log_every),
-        ThroughputMonitor(),
+        # samples/s per epoch (train, val, test) and per window of steps (with step time,
+        # data wait, GPU busy fraction, launches)
+        ThroughputMonitor(every_n_steps=options.run.memory_log_every),
         EpochSummary(),
         # --capture on a GPU: the classifier compiled, its step replayed as CUDA graphs
-        throughput.GraphCapture(enabled=options.hardware.capture),
-        # per-step figures: samples/s, step time, data wait, GPU busy fraction, launches
-        throughput.ThroughputMonitor(every_n_steps=options.run.memory_log_every),
+        GraphCapture(enabled=options.hardware.capture),
     ]
     if opt.patience > 0 and validation:
         # checked after each validation, not at the training epoch's end: a --max-steps run

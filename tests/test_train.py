@@ -60,6 +60,7 @@ def test_cli_end_to_end_writes_logs_checkpoints_and_results(cli_run) -> None:
         "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1", "val/kappa",
         "val/samples_per_s", "test/loss", "test/acc", "test/balanced_acc", "test/macro_f1",
         "test/kappa", "test/samples_per_s", "lr/pg1", "memory/host_rss_mib",
+        "throughput/samples_per_s", "throughput/step_ms", "throughput/data_wait_fraction",
     }
     assert expected_scalars <= set(tags["scalars"])
     assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(tags["images"])
