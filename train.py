@@ -30,7 +30,6 @@ import dataclasses
 import importlib.util
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,6 @@ from models.defaults import (
     model_settings,
 )
 from models.lightning_module import SignalClassifierModule, SignalEnsemble
-from models.wkv_build import DropLogMessages
 from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoint
 from utils.checkpoint_io import AtomicCheckpointIO, write_failure
 from utils.checks import check_before_training, check_options, check_steps_per_process
@@ -79,6 +77,7 @@ from utils.cli import (
     to_yaml_dict,
 )
 from utils.guards import NonFiniteGuard, TrainingFailed
+from utils.logs import quiet_known_warnings
 from utils.memory import MemoryMonitorCallback, optimize_memory_usage
 from utils.metrics import (
     bootstrap_intervals,
@@ -233,16 +232,6 @@ def build_callbacks(options: TrainOptions, validation: bool,
     if options.run.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     return callbacks
-
-
-def _quiet_known_warnings() -> None:
-    for pattern in (r".*does not have many workers.*", r".*is smaller than the logging interval.*",
-                    r".*`srun` command is available on your system.*",
-                    r".*LeafSpec.*is deprecated.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    # Lightning advertises a cloud logger and reports TPUs nobody asked about
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        DropLogMessages("Tip: For seamless cloud logging", "TPU available"))
 
 
 def _checksum(module: torch.nn.Module) -> float:
@@ -765,7 +754,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list[Callback] | None =
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("train", "models", "data", "utils", "cuda"):
         logging.getLogger(name).setLevel(logging.INFO)
-    _quiet_known_warnings()
+    quiet_known_warnings()
     prog = "train.py" + (f" {argv[0]}" if argv and argv[0] in ("fit", "test", "predict") else "")
 
     def fail(code: int, message: str) -> None:

@@ -57,6 +57,7 @@ from utils.checkpoint_io import atomic_open
 from utils.cli import PRECISIONS, HardwareOptions, RunOptions, TrainOptions
 from utils.cli import resolve_device as cli_resolve_device
 from utils.guards import NonFiniteGuard
+from utils.logs import KNOWN_WARNINGS
 from utils.metrics import to_plain
 from utils.options import SEED_MAX
 
@@ -69,8 +70,7 @@ PREDICT_BATCH = 64
 ARRAY_DATA = {"source": "arrays", "test_fraction": 0.0, "num_workers": 0}
 ACCELERATORS = typing.get_args(typing.get_type_hints(HardwareOptions)["accelerator"])
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-_QUIET_WARNINGS = (r".*does not have many workers.*", r".*is smaller than the logging interval.*",
-                   r".*`srun` command is available on your system.*", r".*LeafSpec.*deprecated.*",
+_QUIET_WARNINGS = (*KNOWN_WARNINGS,
                    r".*Total length of `list` across ranks is zero.*")  # no validation split
 
 
