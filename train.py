@@ -27,7 +27,6 @@ if __name__ == "__main__":  # Ctrl-C while torch and Lightning import: one line,
 
 import copy
 import dataclasses
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from pytorch_lightning.callbacks import (
     ModelCheckpoint,
     TQDMProgressBar,
 )
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -77,6 +76,7 @@ from utils.cli import (
     to_yaml_dict,
 )
 from utils.guards import NonFiniteGuard, TrainingFailed
+from utils.loggers import check_logger, log_final_metrics, make_logger
 from utils.logs import quiet_known_warnings
 from utils.memory import MemoryMonitorCallback, optimize_memory_usage
 from utils.metrics import (
@@ -97,6 +97,7 @@ from utils.run_dir import (
     is_launching_process,
     lock_run_folder,
     release_run_folder,
+    version_of_checkpoint,
 )
 from utils.throughput import GraphCapture, ThroughputMonitor
 
@@ -127,73 +128,6 @@ def resolve_hardware(options: TrainOptions) -> tuple[bool, str]:
     if hardware.sync_batchnorm is None:
         hardware.sync_batchnorm = on_gpu  # a no-op for a single process
     return on_gpu, precision
-
-
-LOGGER_PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
-
-
-def check_logger(kind: str) -> None:
-    """Refuse --logger mlflow / wandb where the package is missing, in one line."""
-    package = LOGGER_PACKAGES.get(kind)
-    if package and importlib.util.find_spec(package) is None:
-        raise ConfigError(f"--logger {kind} needs the {package} package, which is not installed "
-                          f"(pip install {package}); or pass --logger tensorboard or csv")
-
-
-def make_logger(kind: str, save_dir: str | Path, name: str, version: str | None) -> Logger:
-    """The experiment logger of --logger, logging into SAVE_DIR/NAME/VERSION."""
-    check_logger(kind)
-    if kind == "tensorboard":
-        return TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)
-    if kind == "csv":
-        return CSVLogger(save_dir, name=name, version=version)
-    if kind == "mlflow":
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        return MLFlowLogger(experiment_name=name, run_name=version or None,
-                            save_dir=str(Path(save_dir, "mlruns")))
-    from pytorch_lightning.loggers import WandbLogger
-
-    return WandbLogger(project=name, name=version or None, save_dir=str(save_dir))
-
-
-def flat_hparams(options: Any) -> dict[str, Any]:
-    """Options as one level of 'section.key': value, every value a number, bool or text (what
-    TensorBoard's HParams tab compares)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        elif isinstance(value, (bool, int, float, str)):
-            flat[prefix] = value
-        else:
-            flat[prefix] = str(value)
-    walk("", to_yaml_dict(options))
-    return flat
-
-
-def log_final_metrics(logger: Logger | None, options: Any, metrics: dict[str, float]) -> None:
-    """The run's final test metrics beside its options: TensorBoard's HParams tab then
-    compares runs by them; other loggers get both as hyperparameters and metrics."""
-    if logger is None or not metrics:
-        return
-    metrics = {k: float(v) for k, v in metrics.items()}
-    if isinstance(logger, TensorBoardLogger):
-        logger.log_hyperparams(flat_hparams(options), metrics)
-    else:
-        logger.log_hyperparams(flat_hparams(options))
-        logger.log_metrics(metrics)
-    logger.save()
-
-
-def _version_of(checkpoint: Path, output_dir: str, name: str) -> str | None:
-    """The run folder's version if `checkpoint` lies in DIR/NAME/version_N/checkpoints/."""
-    run = checkpoint.resolve().parent.parent
-    if checkpoint.parent.name == "checkpoints" and run.parent == Path(output_dir, name).resolve():
-        return run.name
-    return None
 
 
 def build_callbacks(options: TrainOptions, validation: bool,
@@ -291,7 +225,7 @@ def set_up(options: TrainOptions, extra_callbacks: list[Callback] | None = None,
     if run_opts.resume:
         resume = (find_last_checkpoint(run_opts.output_dir, run_opts.name)
                   if run_opts.resume == "last" else Path(run_opts.resume))
-        version = _version_of(resume, run_opts.output_dir, run_opts.name)
+        version = version_of_checkpoint(resume, run_opts.output_dir, run_opts.name)
         if version is not None and is_launching_process():  # refused if a live run holds it
             lock_run_folder(Path(run_opts.output_dir, run_opts.name, version))
         checkpoint = read_checkpoint(resume)
@@ -608,7 +542,7 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
             labels.numpy(), probabilities.argmax(-1).numpy(), len(test["class_names"]))
     if trainer.is_global_zero:
         try:
-            log_final_metrics(run.logger, options, summary["metrics"])
+            log_final_metrics(run.logger, to_yaml_dict(options), summary["metrics"])
             _write_results(run_dir, summary, options, quiet=quiet)
             if trainer.world_size == 1:  # every test item is here
                 run.logger.save()  # the event files hold every scalar for the curves
