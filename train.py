@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import yaml
 from pytorch_lightning.callbacks import (
     Callback,
     EarlyStopping,
@@ -79,16 +78,8 @@ from utils.guards import NonFiniteGuard, TrainingFailed
 from utils.loggers import check_logger, log_final_metrics, make_logger
 from utils.logs import quiet_known_warnings
 from utils.memory import MemoryMonitorCallback, optimize_memory_usage
-from utils.metrics import (
-    bootstrap_intervals,
-    classification_report_from_confusion,
-    confusion_from_predictions,
-    metrics_from_predictions,
-    save_confusion_matrix_png,
-    to_plain,
-    write_json,
-)
-from utils.report import report_pictures
+from utils.metrics import bootstrap_intervals, evaluate_probabilities, to_plain
+from utils.report import report_pictures, write_results
 from utils.run_dir import (
     check_output_dir,
     check_prediction_output,
@@ -406,7 +397,7 @@ def train_cv(options: TrainOptions, extra_callbacks: list[Callback] | None = Non
         "run_dir": str(folder),
         **evaluate_probabilities(torch.cat(probabilities), torch.cat(labels), names),
     }
-    _write_results(folder, summary, options)
+    write_results(folder, summary, to_yaml_dict(options))
     return summary
 
 
@@ -454,28 +445,12 @@ def train_ensemble(options: TrainOptions, extra_callbacks: list[Callback] | None
     if probabilities[0] is not None and labels is not None:
         mean = torch.stack(probabilities).mean(0)
         summary.update(evaluate_probabilities(mean, labels, members[0]["class_names"]))
-    _write_results(folder, summary, options, quiet=nested)
+    write_results(folder, summary, to_yaml_dict(options), quiet=nested)
     if mean is not None:  # the members' pictures are in their folders; no attribution here
         report_pictures(folder, None, datamodule.test_dataset if datamodule else None, mean,
                         labels, summary["class_names"], summary["report"],
                         datamodule.sample_rate if datamodule else None)
     return {**summary, "probabilities": mean, "labels": labels}
-
-
-def evaluate_probabilities(probabilities: torch.Tensor, labels: torch.Tensor,
-                           class_names: list[str],
-                           predicted: np.ndarray | None = None) -> dict[str, Any]:
-    """Test metrics, bootstrap 95% intervals, report and confusion matrix of (N, K) class
-    probabilities against (N,) labels (predicted: (N,) classes, default the most probable)."""
-    predicted = probabilities.argmax(-1).numpy() if predicted is None else np.asarray(predicted)
-    truth = labels.numpy()
-    k = len(class_names)
-    confusion = confusion_from_predictions(truth, predicted, k)
-    text, report = classification_report_from_confusion(confusion, class_names)
-    return {"metrics": metrics_from_predictions(truth, predicted, k),
-            "confidence_95": bootstrap_intervals(truth, predicted, k),
-            "report": report, "report_text": text, "confusion_matrix": confusion.tolist(),
-            "class_names": list(class_names)}
 
 
 def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = None,
@@ -542,8 +517,9 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
             labels.numpy(), probabilities.argmax(-1).numpy(), len(test["class_names"]))
     if trainer.is_global_zero:
         try:
-            log_final_metrics(run.logger, to_yaml_dict(options), summary["metrics"])
-            _write_results(run_dir, summary, options, quiet=quiet)
+            config = to_yaml_dict(options)
+            log_final_metrics(run.logger, config, summary["metrics"])
+            write_results(run_dir, summary, config, quiet=quiet)
             if trainer.world_size == 1:  # every test item is here
                 run.logger.save()  # the event files hold every scalar for the curves
                 report_pictures(run_dir, module.model, run.datamodule.test_dataset,
@@ -557,42 +533,6 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
     if log_dir is not None:  # an ensemble member: the ensemble averages these
         summary.update(probabilities=probabilities, labels=labels)
     return summary
-
-
-def _write_results(run_dir: Path, summary: dict[str, Any], options: Any,
-                   quiet: bool = False) -> None:
-    """test_metrics.json, classification_report.txt, confusion_matrix.png and config.yaml in
-    run_dir; the summary printed unless quiet."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = summary.pop("report_text", "")
-    config = to_yaml_dict(options)
-    write_json(run_dir / "test_metrics.json", {**summary, "options": config})
-    (run_dir / "classification_report.txt").write_text(text + "\n")
-    if summary.get("confusion_matrix") is not None:
-        save_confusion_matrix_png(summary["confusion_matrix"], summary["class_names"],
-                                  run_dir / "confusion_matrix.png", title="test confusion matrix")
-    with open(run_dir / "config.yaml", "w") as f:
-        yaml.safe_dump(to_plain(config), f, sort_keys=False)
-    if quiet:
-        return
-    metrics = summary.get("metrics", {})
-    intervals = summary.get("confidence_95", {})
-    lines = ["", "Test results" + (f" (ensemble of {summary['ensemble']})"
-                                   if "ensemble" in summary else "") + ":"]
-    for key, value in metrics.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        if key in intervals:
-            low, high = intervals[key]
-            shown += f"  (95% CI {low:.4f} - {high:.4f})"
-        lines.append(f"  {key:<22} {shown}")
-    lines += ["", text]
-    if "best_checkpoint" in summary:
-        why = "no validation ran" if summary["validation_split"] else "no validation split"
-        lines.append("best checkpoint: " + (summary["best_checkpoint"]
-                                            or f"none ({why}): tested the last weights"))
-    lines += [f"results: {run_dir / 'test_metrics.json'}, {run_dir / 'confusion_matrix.png'}",
-              f"time: {summary['seconds']:.0f} s"]
-    print("\n".join(lines), flush=True)
 
 
 # ---------------------------------------------------------------------------------- test, predict
@@ -672,7 +612,7 @@ def evaluate_checkpoint(options: TestOptions) -> dict[str, Any]:
         **evaluate_probabilities(torch.as_tensor(rows.probabilities), labels,
                                  ensemble.class_names, predicted=rows.predicted),
     }
-    _write_results(folder, summary, options)
+    write_results(folder, summary, to_yaml_dict(options))
     return summary
 
 
