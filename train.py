@@ -56,6 +56,7 @@ from models.checkpoint import (
     state_dict_difference,
 )
 from models.defaults import (
+    MEMBER_SEED_STEP,
     auto_ensemble,
     data_facts,
     fill_data_defaults,
@@ -93,7 +94,6 @@ from utils.run_dir import (
 from utils.throughput import GraphCapture, ThroughputMonitor
 
 log = logging.getLogger("train")
-MEMBER_SEED_STEP = 1000
 
 
 
@@ -424,8 +424,7 @@ def train_ensemble(options: TrainOptions, extra_callbacks: list[Callback] | None
     members = []
     for k in range(options.run.ensemble):
         member = copy.deepcopy(options)
-        # the members differ in their training seed only (one split for all); 1000 apart:
-        # ensembles of neighbouring seeds share no member
+        # the members differ in their training seed only (models.defaults.MEMBER_SEED_STEP)
         member.run.seed = options.seed + MEMBER_SEED_STEP * k
         print(f"ensemble member {k + 1}/{options.run.ensemble} (seed {member.run.seed})",
               flush=True)

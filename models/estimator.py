@@ -50,7 +50,7 @@ from data.aggregate import aggregate_windows
 from data.datamodule import DataConfig, InMemoryDataModule, prepare_prediction_inputs
 from data.formats import UNLABELLED, SignalDataset
 from models.checkpoint import read_checkpoint
-from models.defaults import auto_ensemble, fill_data_defaults
+from models.defaults import MEMBER_SEED_STEP, auto_ensemble, fill_data_defaults
 from models.lightning_module import SignalClassifierModule, rng_states, set_rng_states
 from models.options import ModelOptions, OptimizationOptions
 from utils.checkpoint_io import atomic_open
@@ -63,7 +63,6 @@ from utils.options import SEED_MAX
 
 FORMAT = "rwkv-signal-classifier/SignalClassifier"
 FORMAT_VERSION = 1
-MEMBER_SEED_STEP = 1000  # as train.py: member k of an ensemble trains with seed + 1000 k
 PREDICT_BATCH = 64
 # what differs from train.py's data options: arrays in memory, no test split (the caller holds
 # out its own), no loader workers (a few dozen arrays; workers would copy them per epoch)
