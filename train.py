@@ -8,8 +8,11 @@
 Glue only. The options are the dataclasses of utils/cli.py (flags and YAML derived from them);
 the data side is data.datamodule.SignalDataModule, the model and its loss/metrics/optimizer
 models.lightning_module.SignalClassifierModule, the defaults that follow the data
-models.defaults, the loop Lightning's Trainer, and the cross-cutting work (RNG state,
-throughput, memory, epoch lines, the prediction CSV) callbacks in utils/callbacks.py.
+models.defaults, the checkpoints that test and predict load models.checkpoint, the loop
+Lightning's Trainer, and the cross-cutting work callbacks (RNG state, epoch lines, the
+prediction CSV: utils/callbacks.py; throughput: utils/throughput.py; memory: utils/memory.py).
+The experiment logger is utils/loggers.py's, the run folders utils/run_dir.py's, and the
+results (metrics, files, pictures) come from utils/metrics.py and utils/report.py.
 """
 
 from __future__ import annotations
@@ -96,9 +99,7 @@ from utils.throughput import GraphCapture, ThroughputMonitor
 log = logging.getLogger("train")
 
 
-
 # ---------------------------------------------------------------------------------- set-up
-
 
 
 class TrainingInterrupted(Exception):
