@@ -8,8 +8,11 @@
 Glue only. The options are the dataclasses of utils/cli.py (flags and YAML derived from them);
 the data side is data.datamodule.SignalDataModule, the model and its loss/metrics/optimizer
 models.lightning_module.SignalClassifierModule, the defaults that follow the data
-models.defaults, the loop Lightning's Trainer, and the cross-cutting work (RNG state,
-throughput, memory, epoch lines, the prediction CSV) callbacks in utils/callbacks.py.
+models.defaults, the checkpoints that test and predict load models.checkpoint, the loop
+Lightning's Trainer, and the cross-cutting work callbacks (RNG state, epoch lines, the
+prediction CSV: utils/callbacks.py; throughput: utils/throughput.py; memory: utils/memory.py).
+The experiment logger is utils/loggers.py's, the run folders utils/run_dir.py's, and the
+results (metrics, files, pictures) come from utils/metrics.py and utils/report.py.
 """
 
 from __future__ import annotations
@@ -27,11 +30,8 @@ if __name__ == "__main__":  # Ctrl-C while torch and Lightning import: one line,
 
 import copy
 import dataclasses
-import importlib.util
 import logging
-import pickle
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import yaml
 from pytorch_lightning.callbacks import (
     Callback,
     EarlyStopping,
@@ -47,22 +46,27 @@ from pytorch_lightning.callbacks import (
     ModelCheckpoint,
     TQDMProgressBar,
 )
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from data.datamodule import SignalDataModule
 from data.formats import DataError, source_exists, why_missing
+from models.checkpoint import (
+    load_ensemble,
+    model_checkpoints,
+    read_checkpoint,
+    state_dict_difference,
+)
 from models.defaults import (
+    MEMBER_SEED_STEP,
     auto_ensemble,
     data_facts,
     fill_data_defaults,
     model_settings,
 )
 from models.lightning_module import SignalClassifierModule, SignalEnsemble
-from models.wkv_build import DropLogMessages
-from utils import throughput
-from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoint, ThroughputMonitor
+from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoint
 from utils.checkpoint_io import AtomicCheckpointIO, write_failure
 from utils.checks import check_before_training, check_options, check_steps_per_process
 from utils.cli import (
@@ -75,17 +79,11 @@ from utils.cli import (
     to_yaml_dict,
 )
 from utils.guards import NonFiniteGuard, TrainingFailed
+from utils.loggers import check_logger, log_final_metrics, make_logger
+from utils.logs import quiet_known_warnings
 from utils.memory import MemoryMonitorCallback, optimize_memory_usage
-from utils.metrics import (
-    bootstrap_intervals,
-    classification_report_from_confusion,
-    confusion_from_predictions,
-    metrics_from_predictions,
-    save_confusion_matrix_png,
-    to_plain,
-    write_json,
-)
-from utils.report import report_pictures
+from utils.metrics import bootstrap_intervals, evaluate_probabilities, to_plain
+from utils.report import report_pictures, write_results
 from utils.run_dir import (
     check_output_dir,
     check_prediction_output,
@@ -94,15 +92,14 @@ from utils.run_dir import (
     is_launching_process,
     lock_run_folder,
     release_run_folder,
+    version_of_checkpoint,
 )
+from utils.throughput import GraphCapture, ThroughputMonitor
 
 log = logging.getLogger("train")
-MEMBER_SEED_STEP = 1000
-
 
 
 # ---------------------------------------------------------------------------------- set-up
-
 
 
 class TrainingInterrupted(Exception):
@@ -123,73 +120,6 @@ def resolve_hardware(options: TrainOptions) -> tuple[bool, str]:
     if hardware.sync_batchnorm is None:
         hardware.sync_batchnorm = on_gpu  # a no-op for a single process
     return on_gpu, precision
-
-
-LOGGER_PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
-
-
-def check_logger(kind: str) -> None:
-    """Refuse --logger mlflow / wandb where the package is missing, in one line."""
-    package = LOGGER_PACKAGES.get(kind)
-    if package and importlib.util.find_spec(package) is None:
-        raise ConfigError(f"--logger {kind} needs the {package} package, which is not installed "
-                          f"(pip install {package}); or pass --logger tensorboard or csv")
-
-
-def make_logger(kind: str, save_dir: str | Path, name: str, version: str | None) -> Logger:
-    """The experiment logger of --logger, logging into SAVE_DIR/NAME/VERSION."""
-    check_logger(kind)
-    if kind == "tensorboard":
-        return TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)
-    if kind == "csv":
-        return CSVLogger(save_dir, name=name, version=version)
-    if kind == "mlflow":
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        return MLFlowLogger(experiment_name=name, run_name=version or None,
-                            save_dir=str(Path(save_dir, "mlruns")))
-    from pytorch_lightning.loggers import WandbLogger
-
-    return WandbLogger(project=name, name=version or None, save_dir=str(save_dir))
-
-
-def flat_hparams(options: Any) -> dict[str, Any]:
-    """Options as one level of 'section.key': value, every value a number, bool or text (what
-    TensorBoard's HParams tab compares)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        elif isinstance(value, (bool, int, float, str)):
-            flat[prefix] = value
-        else:
-            flat[prefix] = str(value)
-    walk("", to_yaml_dict(options))
-    return flat
-
-
-def log_final_metrics(logger: Logger | None, options: Any, metrics: dict[str, float]) -> None:
-    """The run's final test metrics beside its options: TensorBoard's HParams tab then
-    compares runs by them; other loggers get both as hyperparameters and metrics."""
-    if logger is None or not metrics:
-        return
-    metrics = {k: float(v) for k, v in metrics.items()}
-    if isinstance(logger, TensorBoardLogger):
-        logger.log_hyperparams(flat_hparams(options), metrics)
-    else:
-        logger.log_hyperparams(flat_hparams(options))
-        logger.log_metrics(metrics)
-    logger.save()
-
-
-def _version_of(checkpoint: Path, output_dir: str, name: str) -> str | None:
-    """The run folder's version if `checkpoint` lies in DIR/NAME/version_N/checkpoints/."""
-    run = checkpoint.resolve().parent.parent
-    if checkpoint.parent.name == "checkpoints" and run.parent == Path(output_dir, name).resolve():
-        return run.name
-    return None
 
 
 def build_callbacks(options: TrainOptions, validation: bool,
@@ -213,12 +143,12 @@ def build_callbacks(options: TrainOptions, validation: bool,
         RNGStateCheckpoint(),
         LearningRateMonitor(logging_interval="step"),
         MemoryMonitorCallback(every_n_steps=options.run.memory_log_every),
-        ThroughputMonitor(),
+        # samples/s per epoch (train, val, test) and per window of steps (with step time,
+        # data wait, GPU busy fraction, launches)
+        ThroughputMonitor(every_n_steps=options.run.memory_log_every),
         EpochSummary(),
         # --capture on a GPU: the classifier compiled, its step replayed as CUDA graphs
-        throughput.GraphCapture(enabled=options.hardware.capture),
-        # per-step figures: samples/s, step time, data wait, GPU busy fraction, launches
-        throughput.ThroughputMonitor(every_n_steps=options.run.memory_log_every),
+        GraphCapture(enabled=options.hardware.capture),
     ]
     if opt.patience > 0 and validation:
         # checked after each validation, not at the training epoch's end: a --max-steps run
@@ -228,16 +158,6 @@ def build_callbacks(options: TrainOptions, validation: bool,
     if options.run.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     return callbacks
-
-
-def _quiet_known_warnings() -> None:
-    for pattern in (r".*does not have many workers.*", r".*is smaller than the logging interval.*",
-                    r".*`srun` command is available on your system.*",
-                    r".*LeafSpec.*is deprecated.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    # Lightning advertises a cloud logger and reports TPUs nobody asked about
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        DropLogMessages("Tip: For seamless cloud logging", "TPU available"))
 
 
 def _checksum(module: torch.nn.Module) -> float:
@@ -297,7 +217,7 @@ def set_up(options: TrainOptions, extra_callbacks: list[Callback] | None = None,
     if run_opts.resume:
         resume = (find_last_checkpoint(run_opts.output_dir, run_opts.name)
                   if run_opts.resume == "last" else Path(run_opts.resume))
-        version = _version_of(resume, run_opts.output_dir, run_opts.name)
+        version = version_of_checkpoint(resume, run_opts.output_dir, run_opts.name)
         if version is not None and is_launching_process():  # refused if a live run holds it
             lock_run_folder(Path(run_opts.output_dir, run_opts.name, version))
         checkpoint = read_checkpoint(resume)
@@ -478,7 +398,7 @@ def train_cv(options: TrainOptions, extra_callbacks: list[Callback] | None = Non
         "run_dir": str(folder),
         **evaluate_probabilities(torch.cat(probabilities), torch.cat(labels), names),
     }
-    _write_results(folder, summary, options)
+    write_results(folder, summary, to_yaml_dict(options))
     return summary
 
 
@@ -505,8 +425,7 @@ def train_ensemble(options: TrainOptions, extra_callbacks: list[Callback] | None
     members = []
     for k in range(options.run.ensemble):
         member = copy.deepcopy(options)
-        # the members differ in their training seed only (one split for all); 1000 apart:
-        # ensembles of neighbouring seeds share no member
+        # the members differ in their training seed only (models.defaults.MEMBER_SEED_STEP)
         member.run.seed = options.seed + MEMBER_SEED_STEP * k
         print(f"ensemble member {k + 1}/{options.run.ensemble} (seed {member.run.seed})",
               flush=True)
@@ -526,28 +445,12 @@ def train_ensemble(options: TrainOptions, extra_callbacks: list[Callback] | None
     if probabilities[0] is not None and labels is not None:
         mean = torch.stack(probabilities).mean(0)
         summary.update(evaluate_probabilities(mean, labels, members[0]["class_names"]))
-    _write_results(folder, summary, options, quiet=nested)
+    write_results(folder, summary, to_yaml_dict(options), quiet=nested)
     if mean is not None:  # the members' pictures are in their folders; no attribution here
         report_pictures(folder, None, datamodule.test_dataset if datamodule else None, mean,
                         labels, summary["class_names"], summary["report"],
                         datamodule.sample_rate if datamodule else None)
     return {**summary, "probabilities": mean, "labels": labels}
-
-
-def evaluate_probabilities(probabilities: torch.Tensor, labels: torch.Tensor,
-                           class_names: list[str],
-                           predicted: np.ndarray | None = None) -> dict[str, Any]:
-    """Test metrics, bootstrap 95% intervals, report and confusion matrix of (N, K) class
-    probabilities against (N,) labels (predicted: (N,) classes, default the most probable)."""
-    predicted = probabilities.argmax(-1).numpy() if predicted is None else np.asarray(predicted)
-    truth = labels.numpy()
-    k = len(class_names)
-    confusion = confusion_from_predictions(truth, predicted, k)
-    text, report = classification_report_from_confusion(confusion, class_names)
-    return {"metrics": metrics_from_predictions(truth, predicted, k),
-            "confidence_95": bootstrap_intervals(truth, predicted, k),
-            "report": report, "report_text": text, "confusion_matrix": confusion.tolist(),
-            "class_names": list(class_names)}
 
 
 def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = None,
@@ -614,8 +517,9 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
             labels.numpy(), probabilities.argmax(-1).numpy(), len(test["class_names"]))
     if trainer.is_global_zero:
         try:
-            log_final_metrics(run.logger, options, summary["metrics"])
-            _write_results(run_dir, summary, options, quiet=quiet)
+            config = to_yaml_dict(options)
+            log_final_metrics(run.logger, config, summary["metrics"])
+            write_results(run_dir, summary, config, quiet=quiet)
             if trainer.world_size == 1:  # every test item is here
                 run.logger.save()  # the event files hold every scalar for the curves
                 report_pictures(run_dir, module.model, run.datamodule.test_dataset,
@@ -631,139 +535,7 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
     return summary
 
 
-def _write_results(run_dir: Path, summary: dict[str, Any], options: Any,
-                   quiet: bool = False) -> None:
-    """test_metrics.json, classification_report.txt, confusion_matrix.png and config.yaml in
-    run_dir; the summary printed unless quiet."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = summary.pop("report_text", "")
-    config = to_yaml_dict(options)
-    write_json(run_dir / "test_metrics.json", {**summary, "options": config})
-    (run_dir / "classification_report.txt").write_text(text + "\n")
-    if summary.get("confusion_matrix") is not None:
-        save_confusion_matrix_png(summary["confusion_matrix"], summary["class_names"],
-                                  run_dir / "confusion_matrix.png", title="test confusion matrix")
-    with open(run_dir / "config.yaml", "w") as f:
-        yaml.safe_dump(to_plain(config), f, sort_keys=False)
-    if quiet:
-        return
-    metrics = summary.get("metrics", {})
-    intervals = summary.get("confidence_95", {})
-    lines = ["", "Test results" + (f" (ensemble of {summary['ensemble']})"
-                                   if "ensemble" in summary else "") + ":"]
-    for key, value in metrics.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        if key in intervals:
-            low, high = intervals[key]
-            shown += f"  (95% CI {low:.4f} - {high:.4f})"
-        lines.append(f"  {key:<22} {shown}")
-    lines += ["", text]
-    if "best_checkpoint" in summary:
-        why = "no validation ran" if summary["validation_split"] else "no validation split"
-        lines.append("best checkpoint: " + (summary["best_checkpoint"]
-                                            or f"none ({why}): tested the last weights"))
-    lines += [f"results: {run_dir / 'test_metrics.json'}, {run_dir / 'confusion_matrix.png'}",
-              f"time: {summary['seconds']:.0f} s"]
-    print("\n".join(lines), flush=True)
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A train.py checkpoint's contents, loaded with weights_only=True; ConfigError for a file
-    that is not one (damaged, foreign, or not a dict with hyper_parameters and state_dict)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ConfigError(f"cannot load checkpoint {path}: not a checkpoint of plain tensors "
-                          "and containers (weights_only=True refuses other objects)") from exc
-    except Exception as exc:  # a damaged or foreign file fails in many ways inside pickle
-        size = Path(path).stat().st_size if Path(path).is_file() else None
-        if size == 0:
-            what = "the file is empty"
-        elif isinstance(exc, (EOFError, OSError, RuntimeError)):
-            what = f"the file is damaged or truncated ({size} bytes)"
-        else:
-            reason = (str(exc).strip().splitlines() or [""])[0]
-            what = f"{type(exc).__name__}: {reason}"
-        raise ConfigError(f"cannot load checkpoint {path}: {what}; pass a checkpoint train.py "
-                          "wrote (e.g. checkpoints/last.ckpt of a run)") from exc
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("hyper_parameters"), dict)
-            and isinstance(ckpt.get("state_dict"), dict)):
-        raise ConfigError(f"{path} is not a train.py checkpoint (no hyper_parameters)")
-    return ckpt
-
-
-def state_dict_difference(module: torch.nn.Module, state: dict[str, Any]) -> str | None:
-    """The first way `state` does not fit `module` (a missing or unexpected key, another
-    shape), or None where `module.load_state_dict(state)` will succeed."""
-    own = module.state_dict()
-    for key, value in own.items():
-        if key not in state:
-            return f"no {key}"
-        shape = tuple(getattr(state[key], "shape", ()))
-        if shape != tuple(value.shape):
-            return f"{key} has shape {shape}, the model's {tuple(value.shape)}"
-    unexpected = next((key for key in state if key not in own), None)
-    return None if unexpected is None else f"unexpected {unexpected}"
-
-
-def load_checkpoint(path: str | Path) -> SignalClassifierModule:
-    """A SignalClassifierModule from a train.py checkpoint, loaded with weights_only=True."""
-    ckpt = read_checkpoint(path)
-    try:
-        module = SignalClassifierModule(**ckpt["hyper_parameters"])
-    except (TypeError, ValueError) as exc:  # another program's, or another version's
-        raise ConfigError(f"{path}: its hyper_parameters do not build this train.py's model: "
-                          f"{(str(exc).strip().splitlines() or [''])[0]}") from exc
-    difference = state_dict_difference(module, ckpt["state_dict"])
-    if difference:
-        raise ConfigError(f"{path}: its weights do not fit its hyper_parameters ({difference})")
-    module.load_state_dict(ckpt["state_dict"])
-    return module.eval()
-
-
-def model_checkpoints(path: str | Path) -> list[Path]:
-    """The checkpoint files `predict --checkpoint` names: a file itself; a run folder's best
-    (else last) checkpoint; an ensemble run folder's, one per member."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ConfigError(f"--checkpoint: {path} does not exist")
-
-    def chosen(run: Path) -> Path | None:
-        best = sorted((run / "checkpoints").glob("best-*.ckpt"))
-        last = run / "checkpoints" / "last.ckpt"
-        return best[-1] if best else (last if last.is_file() else None)
-
-    members = sorted(path.glob("member_*"), key=lambda p: int(p.name.split("_")[1])
-                     if p.name.split("_")[1].isdigit() else -1)
-    found = [chosen(m) for m in members] if members else [chosen(path)]
-    if not found or None in found:
-        raise ConfigError(f"--checkpoint: {path} holds no train.py checkpoint (expected "
-                          "checkpoints/last.ckpt, or member_*/checkpoints/ of an ensemble)")
-    return found
-
-
-
-
 # ---------------------------------------------------------------------------------- test, predict
-
-
-def load_ensemble(checkpoint: str | Path) -> tuple[SignalEnsemble, list[Path]]:
-    """The model(s) `--checkpoint` names (a file, a run folder, an ensemble's folder) as one
-    `SignalEnsemble`, and their checkpoint files; ConfigError where members disagree."""
-    checkpoints = model_checkpoints(checkpoint)
-    modules = [load_checkpoint(path) for path in checkpoints]
-    first = modules[0]
-    for other in modules[1:]:
-        if list(other.class_names) != list(first.class_names) or \
-                other.hparams.data != first.hparams.data:
-            raise ConfigError(f"--checkpoint {checkpoint}: its members were not trained "
-                              "on the same data (class names or data settings differ)")
-    return SignalEnsemble(modules).eval(), checkpoints
 
 
 def _predict_with(options: TestOptions | PredictOptions, ensemble: SignalEnsemble,
@@ -840,7 +612,7 @@ def evaluate_checkpoint(options: TestOptions) -> dict[str, Any]:
         **evaluate_probabilities(torch.as_tensor(rows.probabilities), labels,
                                  ensemble.class_names, predicted=rows.predicted),
     }
-    _write_results(folder, summary, options)
+    write_results(folder, summary, to_yaml_dict(options))
     return summary
 
 
@@ -856,7 +628,7 @@ def main(argv: list[str] | None = None, extra_callbacks: list[Callback] | None =
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("train", "models", "data", "utils", "cuda"):
         logging.getLogger(name).setLevel(logging.INFO)
-    _quiet_known_warnings()
+    quiet_known_warnings()
     prog = "train.py" + (f" {argv[0]}" if argv and argv[0] in ("fit", "test", "predict") else "")
 
     def fail(code: int, message: str) -> None:

@@ -33,7 +33,8 @@ train_run() {  # $1 tree, $2 label, rest: train.py options
 import sys, train
 from utils.throughput import ThroughputMonitor
 sys.exit(train.main(sys.argv[1:], [ThroughputMonitor(every_n_steps=20, profile_at=42,
-                                   profile_steps=5, record='$OUT/train_$label.jsonl')]))
+                                   profile_steps=5, record='$OUT/train_$label.jsonl',
+                                   epoch_rates=False)]))  # train.py's own logs those
 " --output-dir /tmp/runs_$label --no-progress-bar "$@") > "$OUT/train_$label.log" 2>&1
   echo "train $label rc=$?"; tail -3 "$OUT/train_$label.log"
 }

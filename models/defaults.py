@@ -34,6 +34,9 @@ MIN_TRAIN_STEPS, MAX_TRAIN_STEPS, BUDGET_EPOCHS = 1000, 10000, 20
 # test accuracy on a few dozen series swings by several points with its seed, the mean of a
 # few models' probabilities much less, and each costs only a minute or two there.
 ENSEMBLE_BELOW_ITEMS, ENSEMBLE_SIZE = 1000, 3
+# Member k of an ensemble trains with seed + MEMBER_SEED_STEP * k (one split for all): 1000
+# apart, ensembles of neighbouring seeds share no member
+MEMBER_SEED_STEP = 1000
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,6 @@ def model_settings(model: ModelOptions, facts: DataFacts) -> dict[str, Any]:
     }
 
 
-__all__ = ["DataFacts", "auto_ensemble", "auto_model", "auto_train_steps", "data_facts",
-           "fill_budget_defaults", "fill_data_defaults", "fill_model_defaults", "model_settings",
-           "stft_size"]
+__all__ = ["MEMBER_SEED_STEP", "DataFacts", "auto_ensemble", "auto_model", "auto_train_steps",
+           "data_facts", "fill_budget_defaults", "fill_data_defaults", "fill_model_defaults",
+           "model_settings", "stft_size"]

@@ -49,27 +49,27 @@ from torch.utils.data import DataLoader
 from data.aggregate import aggregate_windows
 from data.datamodule import DataConfig, InMemoryDataModule, prepare_prediction_inputs
 from data.formats import UNLABELLED, SignalDataset
-from models.defaults import auto_ensemble, fill_data_defaults
+from models.checkpoint import read_checkpoint
+from models.defaults import MEMBER_SEED_STEP, auto_ensemble, fill_data_defaults
 from models.lightning_module import SignalClassifierModule, rng_states, set_rng_states
 from models.options import ModelOptions, OptimizationOptions
 from utils.checkpoint_io import atomic_open
 from utils.cli import PRECISIONS, HardwareOptions, RunOptions, TrainOptions
 from utils.cli import resolve_device as cli_resolve_device
 from utils.guards import NonFiniteGuard
+from utils.logs import KNOWN_WARNINGS
 from utils.metrics import to_plain
 from utils.options import SEED_MAX
 
 FORMAT = "rwkv-signal-classifier/SignalClassifier"
 FORMAT_VERSION = 1
-MEMBER_SEED_STEP = 1000  # as train.py: member k of an ensemble trains with seed + 1000 k
 PREDICT_BATCH = 64
 # what differs from train.py's data options: arrays in memory, no test split (the caller holds
 # out its own), no loader workers (a few dozen arrays; workers would copy them per epoch)
 ARRAY_DATA = {"source": "arrays", "test_fraction": 0.0, "num_workers": 0}
 ACCELERATORS = typing.get_args(typing.get_type_hints(HardwareOptions)["accelerator"])
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-_QUIET_WARNINGS = (r".*does not have many workers.*", r".*is smaller than the logging interval.*",
-                   r".*`srun` command is available on your system.*", r".*LeafSpec.*deprecated.*",
+_QUIET_WARNINGS = (*KNOWN_WARNINGS,
                    r".*Total length of `list` across ranks is zero.*")  # no validation split
 
 
@@ -264,8 +264,7 @@ class SignalClassifier(ClassifierMixin, BaseEstimator):
             trainer.fit(module, datamodule=datamodule)
             state = module.state_dict()
             if validation and best.best_model_path:
-                state = torch.load(best.best_model_path, map_location="cpu",
-                                   weights_only=True)["state_dict"]
+                state = read_checkpoint(best.best_model_path)["state_dict"]
             # a fresh module: no trainer attached, so the estimator pickles and clones cleanly
             trained = SignalClassifierModule.from_options(model, optimization, datamodule)
         trained.load_state_dict({k: v.cpu() for k, v in state.items()})

@@ -42,23 +42,17 @@ MAX_BATCH = 65536  # upper bound of the dynamic batch dimension
 
 def load_classifier(model_or_checkpoint: Any) -> DualBranchClassifier:
     """A `DualBranchClassifier` from itself, a `SignalClassifierModule` (its `.model`) or the
-    path of a train.py checkpoint (hyper-parameters + state_dict, loaded weights_only=True)."""
+    path of a train.py checkpoint (models.checkpoint.load_checkpoint: weights_only=True, in
+    eval mode; a file that is not one raises its one-line ConfigError, a ValueError)."""
     if isinstance(model_or_checkpoint, DualBranchClassifier):
         return model_or_checkpoint
     inner = getattr(model_or_checkpoint, "model", None)
     if isinstance(inner, DualBranchClassifier):  # SignalClassifierModule
         return inner
     if isinstance(model_or_checkpoint, (str, Path)):
-        from models.lightning_module import SignalClassifierModule  # Lightning only for files
+        from models.checkpoint import load_checkpoint  # Lightning only for files
 
-        ckpt = torch.load(model_or_checkpoint, map_location="cpu", weights_only=True)
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("hyper_parameters"), dict)
-                and isinstance(ckpt.get("state_dict"), dict)):
-            raise ValueError(f"{model_or_checkpoint} is not a train.py checkpoint "
-                             f"(hyper_parameters + state_dict)")
-        module = SignalClassifierModule(**ckpt["hyper_parameters"])
-        module.load_state_dict(ckpt["state_dict"])
-        return module.model.eval()
+        return load_checkpoint(model_or_checkpoint).model
     raise ValueError(f"expected a DualBranchClassifier, a SignalClassifierModule or a "
                      f"checkpoint path; got {type(model_or_checkpoint).__name__}")
 

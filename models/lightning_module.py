@@ -9,7 +9,7 @@ logs the confusion matrix as a figure and sklearn's per-class report as text to 
 Hyperparameters are plain dicts/lists/numbers so checkpoints load with `weights_only=True`
 (and hparams.yaml with `yaml.safe_load`). Every rank's RNG states go into checkpoints through
 the `utils.callbacks.RNGStateCheckpoint` callback (the helpers `rng_states` / `set_rng_states`
-/ `gather_rng_states` are here), throughput through `utils.callbacks.ThroughputMonitor`.
+/ `gather_rng_states` are here), throughput through `utils.throughput.ThroughputMonitor`.
 `SignalClassifierModule.from_options` builds the module from the option dataclasses and a
 set-up data module; `SignalEnsemble` averages the probabilities of several for prediction.
 """

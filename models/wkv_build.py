@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from utils.logs import DropLogMessages
+
 log = logging.getLogger(__name__)
 
 
@@ -168,17 +170,6 @@ def _staged_sources(extension: Extension, build_dir: Path) -> list[str]:
 # the library of each extension this process loaded: the operator's schema can be registered
 # only once per process, so a second build (another cache folder, another target) is not loaded
 _in_process: dict[str, Built] = {}
-
-
-class DropLogMessages(logging.Filter):
-    """Drops log records whose message contains one of `parts`."""
-
-    def __init__(self, *parts: str) -> None:
-        super().__init__()
-        self.parts = parts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(part in str(record.msg) for part in self.parts)
 
 
 # cpp_extension warns at import where no CUDA runtime is installed, although the CPU library

@@ -1,4 +1,4 @@
-"""Tests for utils/callbacks.py: RNG states in checkpoints, throughput, and the prediction CSV
+"""Tests for utils/callbacks.py: RNG states in checkpoints and the prediction CSV
 writer (aggregation, record ids, seconds)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from data.datamodule import PredictionInputs, SignalItems
 from data.formats import UNLABELLED, SignalDataset
 from models.lightning_module import gather_rng_states
-from utils.callbacks import PredictionCSVWriter, RNGStateCheckpoint, ThroughputMonitor
+from utils.callbacks import PredictionCSVWriter, RNGStateCheckpoint
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -44,21 +44,8 @@ class Identity(pl.LightningModule):
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(1))
 
-    def test_step(self, batch, batch_idx):
-        return None
-
     def predict_step(self, batch, batch_idx):
         return batch[0]  # the "probabilities" are the inputs themselves
-
-
-def test_throughput_counts_every_test_item() -> None:
-    monitor = ThroughputMonitor()
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[monitor])
-    data = DataLoader(TensorDataset(torch.zeros(13, 4)), batch_size=5)
-    logged = trainer.test(Identity(), dataloaders=data, verbose=False)[0]
-    assert monitor._samples["test"] == 13
-    assert logged["test/samples_per_s"] == pytest.approx(13 / monitor._elapsed["test"], rel=1e-4)
 
 
 def test_prediction_writer_aggregates_records(tmp_path) -> None:

@@ -28,7 +28,8 @@ from models.lightning_module import (
     rng_states,
     set_rng_states,
 )
-from utils.callbacks import RNGStateCheckpoint, ThroughputMonitor
+from utils.callbacks import RNGStateCheckpoint
+from utils.throughput import ThroughputMonitor
 
 TINY_MODEL = {
     "time": {"hidden_size": 16, "num_layers": 1, "patch_size": 8},

@@ -13,6 +13,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from utils.metrics import (
     classification_report_from_confusion,
+    evaluate_probabilities,
     labels_from_confusion,
     plot_confusion_matrix,
     save_confusion_matrix_png,
@@ -101,3 +102,25 @@ def test_to_plain_and_write_json(tmp_path) -> None:
     }
     path = write_json(tmp_path / "m.json", payload)
     assert json.loads(path.read_text())["vec"] == [0, 1, 2]
+
+
+def test_evaluate_probabilities_scores_the_most_probable_class() -> None:
+    y_true, y_pred = _random_labels(200, 4, seed=3)
+    rng = np.random.default_rng(4)
+    probabilities = rng.random((200, 4))
+    probabilities[np.arange(200), y_pred] += 4  # y_pred is the most probable class
+    probabilities /= probabilities.sum(1, keepdims=True)
+    names = ["a", "b", "c", "d"]
+    result = evaluate_probabilities(torch.as_tensor(probabilities), torch.as_tensor(y_true),
+                                    names)
+    assert result["confusion_matrix"] == confusion_matrix(y_true, y_pred,
+                                                          labels=range(4)).tolist()
+    assert result["metrics"]["test/acc"] == pytest.approx(float(np.mean(y_true == y_pred)))
+    low, high = result["confidence_95"]["test/acc"]
+    assert low <= result["metrics"]["test/acc"] <= high
+    assert result["report"]["a"]["support"] == int(np.sum(y_true == 0))
+    assert result["class_names"] == names and "macro avg" in result["report_text"]
+    # given predictions (a vote per record) win over the probabilities
+    given = evaluate_probabilities(torch.as_tensor(probabilities), torch.as_tensor(y_true),
+                                   names, predicted=y_true)
+    assert given["metrics"]["test/acc"] == 1.0

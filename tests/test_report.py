@@ -1,14 +1,18 @@
-"""utils/report.py: the pictures of a tested run, in the run folder and in TensorBoard."""
+"""utils/report.py: the result files and printed summary of a tested run, and its pictures, in
+the run folder and in TensorBoard."""
+
+import json
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 from models.dual_branch import DualBranchClassifier
-from utils.metrics import classification_report_from_confusion
-from utils.report import example_items, pictures_of_test_set, report_pictures
+from utils.metrics import classification_report_from_confusion, evaluate_probabilities
+from utils.report import example_items, pictures_of_test_set, report_pictures, write_results
 
 
 class Items(torch.utils.data.Dataset):
@@ -93,3 +97,25 @@ def test_unlabelled_test_items_get_no_example_grid(tmp_path):
     y = y.clone()
     y[0] = -1
     assert report_pictures(tmp_path, model, items, probabilities, y, names, report) == []
+
+
+def test_write_results_writes_the_files_and_prints_the_summary(tmp_path, capsys):
+    _, _, probabilities, y, names, _ = tiny_case()
+    summary = {"best_checkpoint": "", "validation_split": False, "seconds": 12.3,
+               **evaluate_probabilities(probabilities, y, names)}
+    config = {"data": {"length": 96, "aug_scale": (0.8, 1.25)}, "seed": 0}
+    write_results(tmp_path / "run", summary, config)
+    run = tmp_path / "run"
+    saved = json.loads((run / "test_metrics.json").read_text())
+    assert saved["options"] == {"data": {"length": 96, "aug_scale": [0.8, 1.25]}, "seed": 0}
+    assert saved["metrics"] == summary["metrics"] and "report_text" not in saved
+    assert "macro avg" in (run / "classification_report.txt").read_text()
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["aug_scale"] == [0.8, 1.25]
+    assert Image.open(run / "confusion_matrix.png").size[0] > 100
+    out = capsys.readouterr().out
+    acc, (low, high) = summary["metrics"]["test/acc"], summary["confidence_95"]["test/acc"]
+    assert f"  test/acc               {acc:.4f}  (95% CI {low:.4f} - {high:.4f})" in out
+    assert "best checkpoint: none (no validation split): tested the last weights" in out
+    assert out.rstrip().endswith("time: 12 s")
+    write_results(tmp_path / "quiet", dict(summary), config, quiet=True)
+    assert capsys.readouterr().out == ""

@@ -1,6 +1,6 @@
 """utils/run_dir.py: run folders claimed without collisions, locked while in use, the run
 `--resume last` continues, --name and --output-dir checks, and prediction outputs that never
-replace an input."""
+replace an input, and the version folder a resumed checkpoint belongs to."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from utils.run_dir import (
     find_last_checkpoint,
     lock_run_folder,
     release_run_folder,
+    version_of_checkpoint,
 )
 
 
@@ -80,6 +81,15 @@ def _checkpoint(root: Path, version: int, mtime: float) -> Path:
     path.write_bytes(b"x")
     os.utime(path, (mtime, mtime))
     return path
+
+
+def test_a_checkpoint_in_a_version_folder_of_the_name_gives_its_version(tmp_path) -> None:
+    inside = _checkpoint(tmp_path, 4, 1_000_000)  # tmp/exp/version_4/checkpoints/last.ckpt
+    assert version_of_checkpoint(inside, tmp_path, "exp") == "version_4"
+    assert version_of_checkpoint(str(inside), str(tmp_path), "exp") == "version_4"
+    assert version_of_checkpoint(inside, tmp_path, "other") is None  # another --name
+    loose = tmp_path / "exp" / "version_4" / "last.ckpt"  # not in checkpoints/
+    assert version_of_checkpoint(loose, tmp_path, "exp") is None
 
 
 def test_resume_last_finds_the_newest_run(tmp_path) -> None:

@@ -1,10 +1,11 @@
-"""Tests for utils/throughput.py (GraphCapture, ThroughputMonitor) and the profiler arithmetic
-of utils/benchmarking.py they share."""
+"""Tests for utils/throughput.py (GraphCapture, ThroughputMonitor: per window of steps and per
+epoch) and the profiler arithmetic of utils/benchmarking.py they share."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -76,6 +77,60 @@ def test_throughput_monitor_logs_samples_per_second_on_cpu(tmp_path, caplog):
         assert row["throughput/step_ms"] == pytest.approx(
             8e3 / row["throughput/samples_per_s"], rel=1e-6)
         assert "throughput/gpu_busy_fraction" not in row  # no GPU: no profiler window
+
+
+class PausingModule(pl.LightningModule):
+    """A one-weight model whose validation batches each take `pause` seconds."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.pause = pause
+
+    def training_step(self, batch, batch_idx):
+        return (self.w * batch[0]).mean()
+
+    def validation_step(self, batch, batch_idx):
+        time.sleep(self.pause)
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(callbacks, **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=callbacks, **kwargs)
+
+
+def test_epoch_rates_count_every_test_item():
+    monitor = ThroughputMonitor()
+    data = DataLoader(TensorDataset(torch.zeros(13, 4)), batch_size=5)
+    logged = _trainer([monitor]).test(PausingModule(), dataloaders=data, verbose=False)[0]
+    test = monitor.epochs["test"]
+    assert test.samples == 13 and not test.running
+    assert logged["test/samples_per_s"] == pytest.approx(13 / test.elapsed, rel=1e-4)
+
+
+def test_epoch_rates_leave_validation_time_out_of_training():
+    monitor = ThroughputMonitor(every_n_steps=2)
+    second = ThroughputMonitor(every_n_steps=2, epoch_rates=False)  # beside it: not added up
+    train = DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=5)
+    val = DataLoader(TensorDataset(torch.randn(6, 4)), batch_size=3)
+    trainer = _trainer([monitor, second], max_epochs=1)
+    trainer.fit(PausingModule(pause=0.25), train_dataloaders=train, val_dataloaders=val)
+    train_clock, val_clock = monitor.epochs["train"], monitor.epochs["val"]
+    assert (train_clock.samples, val_clock.samples) == (20, 6)
+    assert val_clock.elapsed >= 0.5 > train_clock.elapsed  # two validation batches of 0.25 s
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/samples_per_s"]) == pytest.approx(20 / train_clock.elapsed,
+                                                                  rel=1e-4)
+    assert float(metrics["val/samples_per_s"]) == pytest.approx(6 / val_clock.elapsed, rel=1e-4)
+    # the per-window figures of both, two windows of two steps each
+    assert len(monitor.history) == len(second.history) == 2
 
 
 def test_capture_blocker_names_the_reason():

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 from data.synthetic import SyntheticConfig, make_synthetic
 from data.transforms import fit_length
+from models.checkpoint import load_checkpoint
 from models.lightning_module import WarmupCosine
 from utils.cli import parse_args
 
@@ -59,6 +60,7 @@ def test_cli_end_to_end_writes_logs_checkpoints_and_results(cli_run) -> None:
         "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1", "val/kappa",
         "val/samples_per_s", "test/loss", "test/acc", "test/balanced_acc", "test/macro_f1",
         "test/kappa", "test/samples_per_s", "lr/pg1", "memory/host_rss_mib",
+        "throughput/samples_per_s", "throughput/step_ms", "throughput/data_wait_fraction",
     }
     assert expected_scalars <= set(tags["scalars"])
     assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(tags["images"])
@@ -131,7 +133,7 @@ def test_predict_writes_probabilities_per_window(cli_run, tmp_path) -> None:
     assert [r["predicted"] for r in rows] == list(names[probs.argmax(1)])
     assert rows[0]["label"] == names[signals.labels[0]]
 
-    module = train.load_checkpoint(checkpoint)  # weights_only=True inside
+    module = load_checkpoint(checkpoint)  # weights_only=True inside
     mean, std = module.hparams.data["dataset_stats"]  # the training set's
     x = torch.from_numpy((signals.signals[0, 588:1100] - mean) / std).float()[None]
     with torch.no_grad():
@@ -227,7 +229,7 @@ def test_predict_on_files_without_labels(writer, cli_run, tmp_path) -> None:
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
     assert [r["predicted"] for r in rows] == [names[i] for i in probs.argmax(1)]
 
-    module = train.load_checkpoint(checkpoint)
+    module = load_checkpoint(checkpoint)
     mean, std = module.hparams.data["dataset_stats"]
     windows = [(signals[int(r["record"])][int(r["start"]):int(r["end"])] - mean) / std
                for r in rows]

@@ -1,7 +1,9 @@
 """Lightning callbacks for the cross-cutting work of a run: every rank's RNG states in the
-checkpoints (exact resume), throughput, a one-line epoch summary, and writing predictions.
+checkpoints (exact resume), a one-line epoch summary, and writing predictions.
 
-The memory monitor lives with the memory utilities (utils.memory.MemoryMonitorCallback).
+The memory monitor lives with the memory utilities (utils.memory.MemoryMonitorCallback), the
+throughput monitor (per step and per epoch) with the CUDA-graph capture
+(utils.throughput.ThroughputMonitor).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback
-from pytorch_lightning.trainer.states import TrainerFn
 
 from data.aggregate import aggregate_windows, prediction_table
 from models.lightning_module import RNG_KEY, gather_rng_states, set_rng_states
@@ -46,72 +47,6 @@ class RNGStateCheckpoint(Callback):
             )
             rank = 0
         set_rng_states(states[rank])
-
-
-class ThroughputMonitor(Callback):
-    """Logs `train/samples_per_s`, `val/samples_per_s` and `test/samples_per_s` per epoch,
-    summed over ranks (they run in lock-step); validation inside a training epoch does not
-    count as training time."""
-
-    def __init__(self) -> None:
-        self._started: dict[str, float] = {}
-        self._elapsed: dict[str, float] = {}
-        self._samples: dict[str, int] = {}
-
-    def _start(self, stage: str, reset: bool = True) -> None:
-        self._started[stage] = time.perf_counter()
-        if reset:
-            self._elapsed[stage], self._samples[stage] = 0.0, 0
-
-    def _stop(self, stage: str) -> None:
-        started = self._started.pop(stage, None)
-        if started is not None:
-            self._elapsed[stage] = self._elapsed.get(stage, 0.0) + time.perf_counter() - started
-
-    def _count(self, stage: str, batch: Any) -> None:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        self._samples[stage] = self._samples.get(stage, 0) + int(x.shape[0])
-
-    def _log(self, stage: str, pl_module: pl.LightningModule) -> None:
-        self._stop(stage)
-        elapsed, samples = self._elapsed.get(stage, 0.0), self._samples.get(stage, 0)
-        rate = torch.tensor(samples / elapsed if elapsed > 0 else 0.0, device=pl_module.device)
-        pl_module.log(f"{stage}/samples_per_s", rate, on_step=False, on_epoch=True,
-                      sync_dist=True, reduce_fx="sum")
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start("train")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._count("train", batch)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._log("train", pl_module)
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._stop("train")
-        self._start("val")
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                                dataloader_idx=0) -> None:
-        self._count("val", batch)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._log("val", pl_module)
-        if trainer.state.fn == TrainerFn.FITTING and "train" in self._elapsed:
-            self._start("train", reset=False)  # the rest of the epoch trains again
-
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._start("test")
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                          dataloader_idx=0) -> None:
-        self._count("test", batch)
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._log("test", pl_module)
 
 
 class EpochSummary(Callback):

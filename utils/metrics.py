@@ -128,6 +128,23 @@ def classification_report_from_confusion(
     return text, to_plain(report)
 
 
+def evaluate_probabilities(probabilities: torch.Tensor, labels: torch.Tensor,
+                           class_names: Sequence[str],
+                           predicted: np.ndarray | None = None) -> dict[str, Any]:
+    """Test metrics, bootstrap 95% intervals, report and confusion matrix of (N, K) class
+    probabilities against (N,) labels (predicted: (N,) classes, default the most probable):
+    {"metrics", "confidence_95", "report", "report_text", "confusion_matrix", "class_names"}."""
+    predicted = probabilities.argmax(-1).numpy() if predicted is None else np.asarray(predicted)
+    truth = labels.numpy()
+    k = len(class_names)
+    confusion = confusion_from_predictions(truth, predicted, k)
+    text, report = classification_report_from_confusion(confusion, class_names)
+    return {"metrics": metrics_from_predictions(truth, predicted, k),
+            "confidence_95": bootstrap_intervals(truth, predicted, k),
+            "report": report, "report_text": text, "confusion_matrix": confusion.tolist(),
+            "class_names": list(class_names)}
+
+
 def plot_confusion_matrix(
     confusion: torch.Tensor | np.ndarray,
     class_names: Sequence[str],

@@ -1,5 +1,15 @@
-"""The pictures of a finished run: what `train.py` draws into the run folder (and TensorBoard)
-after testing, from the test predictions, the test items and the run's own event files.
+"""The results of a finished run: what `train.py` writes into the run folder after testing.
+
+`write_results`, from the run's summary (utils.metrics.evaluate_probabilities' keys and the
+run's facts) and its options, writes the files and prints the summary:
+
+    test_metrics.json          the summary and the options
+    classification_report.txt  sklearn's per-class table
+    confusion_matrix.png       the test confusion matrix
+    config.yaml                the options, loadable with --config
+
+`report_pictures` draws, from the test predictions, the test items and the run's own event
+files (also into TensorBoard):
 
     per_class_scores.png   precision / recall / F1 per class (utils/plots.plot_per_class_scores)
     test_examples.png      correct and misclassified test signals per class, with an occlusion
@@ -16,11 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import Dataset
 
 from utils.attribution import attribute_over_time
+from utils.metrics import save_confusion_matrix_png, to_plain, write_json
 from utils.plots import (
     plot_examples,
     plot_per_class_scores,
@@ -33,6 +45,47 @@ from utils.plots import (
 log = logging.getLogger(__name__)
 
 EXAMPLES_PER_CLASS = 2  # a correct and a misclassified one where both exist
+
+
+def write_results(run_dir: Path, summary: dict[str, Any], config: Mapping[str, Any],
+                  quiet: bool = False) -> None:
+    """test_metrics.json, classification_report.txt, confusion_matrix.png and config.yaml in
+    run_dir (config: the nested options, `utils.cli.to_yaml_dict`'s); the summary printed
+    unless quiet. The summary's "report_text" is taken out of it (it goes to the .txt)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = summary.pop("report_text", "")
+    write_json(run_dir / "test_metrics.json", {**summary, "options": config})
+    (run_dir / "classification_report.txt").write_text(text + "\n")
+    if summary.get("confusion_matrix") is not None:
+        save_confusion_matrix_png(summary["confusion_matrix"], summary["class_names"],
+                                  run_dir / "confusion_matrix.png", title="test confusion matrix")
+    with open(run_dir / "config.yaml", "w") as f:
+        yaml.safe_dump(to_plain(config), f, sort_keys=False)
+    if not quiet:
+        print(results_text(run_dir, summary, text), flush=True)
+
+
+def results_text(run_dir: Path, summary: Mapping[str, Any], report_text: str) -> str:
+    """The printed summary of a tested run: the metrics with their 95% intervals, the
+    per-class table, the checkpoint tested, where the results are and the time taken."""
+    metrics = summary.get("metrics", {})
+    intervals = summary.get("confidence_95", {})
+    lines = ["", "Test results" + (f" (ensemble of {summary['ensemble']})"
+                                   if "ensemble" in summary else "") + ":"]
+    for key, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        if key in intervals:
+            low, high = intervals[key]
+            shown += f"  (95% CI {low:.4f} - {high:.4f})"
+        lines.append(f"  {key:<22} {shown}")
+    lines += ["", report_text]
+    if "best_checkpoint" in summary:
+        why = "no validation ran" if summary["validation_split"] else "no validation split"
+        lines.append("best checkpoint: " + (summary["best_checkpoint"]
+                                            or f"none ({why}): tested the last weights"))
+    lines += [f"results: {run_dir / 'test_metrics.json'}, {run_dir / 'confusion_matrix.png'}",
+              f"time: {summary['seconds']:.0f} s"]
+    return "\n".join(lines)
 
 
 def example_items(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,6 +128,17 @@ def find_last_checkpoint(output_dir: str | Path, name: str) -> Path:
     return found[-1]
 
 
+def version_of_checkpoint(checkpoint: str | Path, output_dir: str | Path,
+                          name: str) -> str | None:
+    """The run folder's version ('version_N') if `checkpoint` lies in
+    DIR/NAME/version_N/checkpoints/, else None: a resumed run logs on into its own folder."""
+    checkpoint = Path(checkpoint)
+    run = checkpoint.resolve().parent.parent
+    if checkpoint.parent.name == "checkpoints" and run.parent == Path(output_dir, name).resolve():
+        return run.name
+    return None
+
+
 def check_prediction_output(output: str | Path, inputs: list[Path]) -> None:
     """Refuse an --output that is a folder, lies in no writable folder, or would overwrite a
     file that prediction reads (its --data file, a file of its --data folder or record, the

@@ -8,11 +8,13 @@
     Compiled, the classifier's per-forward NaN/Inf check of its input (a host sync) is not
     made: the readers refuse or repair non-finite samples (data/formats/core.py) and
     NonFiniteGuard checks the loss every 50 steps.
-`ThroughputMonitor`: logs to the trainer's logger (TensorBoard) every `every_n_steps` training
-    steps: samples/s (all ranks), wall ms per step, the fraction of the step the loader made
-    the loop wait, and, from a short torch.profiler window, GPU busy time per step, the busy
-    fraction (busy / wall) and host launch calls per step. One device synchronisation per
-    window, none per step.
+`ThroughputMonitor`: the one throughput callback. Every `every_n_steps` training steps it logs
+    to the trainer's logger (TensorBoard) samples/s (all ranks), wall ms per step, the fraction
+    of the step the loader made the loop wait, and, from a short torch.profiler window, GPU busy
+    time per step, the busy fraction (busy / wall) and host launch calls per step: one device
+    synchronisation per window, none per step. Per epoch it logs train/val/test samples/s
+    through the LightningModule (summed over ranks; validation inside a training epoch does
+    not count as training time).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 
 from utils.benchmarking import busy_and_launches
 
@@ -115,20 +118,56 @@ class GraphCapture(Callback):
             torch.compiler.cudagraph_mark_step_begin()
 
 
+class _EpochClock:
+    """Samples and seconds of one stage's epoch, the clock paused while another stage runs."""
+
+    def __init__(self) -> None:
+        self.samples, self.elapsed = 0, 0.0
+        self._since: float | None = None
+
+    def start(self, reset: bool = True) -> None:
+        self._since = time.perf_counter()
+        if reset:
+            self.samples, self.elapsed = 0, 0.0
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.elapsed += time.perf_counter() - self._since
+            self._since = None
+
+    @property
+    def running(self) -> bool:
+        return self._since is not None
+
+
 class ThroughputMonitor(Callback):
-    """Logs `throughput/*` every `every_n_steps` training steps (rank 0 writes): samples_per_s
-    (summed over ranks), step_ms, data_wait_fraction and, on a GPU, gpu_busy_ms,
-    gpu_busy_fraction, launches_per_step and kernels_per_step from a `profile_steps`-step
-    profiler window started at step `profile_at` and again every `profile_every` steps.
-    `record`: also append every logged row to this JSON-lines file."""
+    """Throughput of a run, logged two ways.
+
+    Per window (rank 0 writes `throughput/*` to the trainer's logger every `every_n_steps`
+    training steps): samples_per_s (summed over ranks), step_ms, data_wait_fraction and, on a
+    GPU, gpu_busy_ms, gpu_busy_fraction, launches_per_step and kernels_per_step from a
+    `profile_steps`-step profiler window started at step `profile_at` and again every
+    `profile_every` steps. `record`: also append every logged row to this JSON-lines file.
+
+    Per epoch (`epoch_rates`, through `pl_module.log`, so also in `trainer.callback_metrics`
+    and the test results): `train/samples_per_s`, `val/samples_per_s` and
+    `test/samples_per_s`, each rank's samples over its seconds in that stage, summed over
+    ranks (they run in lock-step); validation inside a training epoch does not count as
+    training time. A second monitor beside a trainer's own passes epoch_rates=False: two
+    would add their epoch figures up.
+    """
 
     def __init__(self, every_n_steps: int = 50, profile_at: int = 30, profile_every: int = 2000,
-                 profile_steps: int = 5, record: str | Path | None = None) -> None:
+                 profile_steps: int = 5, record: str | Path | None = None,
+                 epoch_rates: bool = True) -> None:
         self.every_n_steps = max(1, every_n_steps)
         self.profile_at, self.profile_every = profile_at, max(1, profile_every)
         self.profile_steps = max(1, profile_steps)
         self.record = Path(record) if record else None
+        self.epoch_rates = epoch_rates
         self.history: list[dict[str, float]] = []
+        self.epochs = {stage: _EpochClock() for stage in ("train", "val", "test")}
+        self._train_paused = False
         self._window_start: float | None = None
         self._window_steps = self._window_samples = 0
         self._wait = 0.0
@@ -165,6 +204,7 @@ class ThroughputMonitor(Callback):
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         self._steps_seen += 1
         shape = _batch_shape(batch)
+        self.epochs["train"].samples += shape[0] if shape else 0
         if self._profiler is not None:
             self._profiled_steps += 1
             if self._profiled_steps >= self.profile_steps:
@@ -187,6 +227,7 @@ class ThroughputMonitor(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_end = None  # the wait for an epoch's first batch includes worker start-up
+        self.epochs["train"].start()
 
     def _log(self, trainer: pl.Trainer, elapsed: float) -> None:
         step_ms = elapsed * 1e3 / self._window_steps
@@ -206,6 +247,55 @@ class ThroughputMonitor(Callback):
             if self.record is not None:
                 with self.record.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+
+    # ---------------------------------------------------------------- the epoch figures
+
+    def _log_epoch(self, stage: str, pl_module: pl.LightningModule) -> None:
+        clock = self.epochs[stage]
+        clock.pause()
+        if not self.epoch_rates:
+            return
+        rate = clock.samples / clock.elapsed if clock.elapsed > 0 else 0.0
+        pl_module.log(f"{stage}/samples_per_s", torch.tensor(rate, device=pl_module.device),
+                      on_step=False, on_epoch=True, sync_dist=True, reduce_fx="sum")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_epoch("train", pl_module)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer,
+                                  pl_module: pl.LightningModule) -> None:
+        # a validation inside a training epoch: its time is not training time
+        self._train_paused = trainer.state.fn == TrainerFn.FITTING and self.epochs["train"].running
+        self.epochs["train"].pause()
+        self.epochs["val"].start()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        shape = _batch_shape(batch)
+        self.epochs["val"].samples += shape[0] if shape else 0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer,
+                                pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            self.epochs["val"].pause()
+        else:
+            self._log_epoch("val", pl_module)
+        if self._train_paused:
+            self.epochs["train"].start(reset=False)  # the rest of the epoch trains again
+            self._train_paused = False
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epochs["test"].start()
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                          outputs: Any, batch: Any, batch_idx: int,
+                          dataloader_idx: int = 0) -> None:
+        shape = _batch_shape(batch)
+        self.epochs["test"].samples += shape[0] if shape else 0
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_epoch("test", pl_module)
 
     # ---------------------------------------------------------------- the profiler window
 
