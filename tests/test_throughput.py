@@ -133,6 +133,37 @@ def test_epoch_rates_leave_validation_time_out_of_training():
     assert len(monitor.history) == len(second.history) == 2
 
 
+def test_capture_runs_validation_test_and_predict_eagerly():
+    """Eval mode and every evaluation batch shape would compile the whole model again."""
+    traced = []
+
+    def counting_backend(graph, example_inputs):
+        traced.append(graph)
+        return graph.forward
+
+    class Scale(nn.Module):  # dynamo leaves torch's own modules (nn.Linear) untraced
+        def forward(self, x):
+            return 2 * x
+
+    model = Scale()
+    model.compile(backend=counting_backend)
+    capture = GraphCapture()
+    capture.active = True  # as setup() leaves it on a GPU
+    for start, end in ((capture.on_validation_start, capture.on_validation_end),
+                       (capture.on_test_start, capture.on_test_end),
+                       (capture.on_predict_start, capture.on_predict_end)):
+        start(None, None)
+        model(torch.randn(3, 4))
+        assert traced == []
+        end(None, None)
+    model(torch.randn(3, 4))  # training steps: compiled again
+    assert len(traced) == 1
+    capture.on_validation_start(None, None)
+    capture.on_exception(None, None, RuntimeError("stopped"))
+    model(torch.randn(5, 4))  # not left eager after a failure
+    assert len(traced) == 2
+
+
 def test_capture_blocker_names_the_reason():
     model = torch.nn.Linear(2, 2)
     assert capture_blocker(model, torch.device("cpu")) == "not on a GPU (cpu)"
