@@ -422,6 +422,8 @@ BAD_OPTIONS = [
     (["--devices", "100000"], "--devices 100000: "),
     (["--length", "100000000000"], "--length 100000000000: the built-in dataset (70 signals) "
                                    "of 100000000000 samples needs at least"),
+    (["--length", "1e11"], "--length: expected an integer >= 1; got '1e11' (write the integer "
+                           "without an exponent or a point: 100000000000)"),
     (["predict", "--checkpoint", "x.ckpt"], "the following arguments are required: --data"),
     (["predict", "--checkpoint", "x.ckpt", "--data", "x.npz", "--precision", "16-mixed",
       "--accelerator", "cpu"], "--precision 16-mixed needs a GPU"),
