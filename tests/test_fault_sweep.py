@@ -143,3 +143,45 @@ def test_more_folds_than_records_names_the_option() -> None:
                                   "fewer")
     kept, held = cv_fold_indices(labels, None, 14, 0, seed=0, source="small.csv")
     assert len(held) == 2 and len(kept) == 26
+
+
+def _two_record_npz(path) -> None:
+    """20 windows of 2 records (groups), 2 classes within each record."""
+    rng = np.random.default_rng(1)
+    np.savez(path, X=rng.standard_normal((20, 32)).astype(np.float32), y=np.arange(20) % 2,
+             groups=np.repeat(["100", "101"], 10))
+
+
+@pytest.mark.parametrize("fractions, expected", [
+    ({}, "too few to hold out 15% (--test-fraction 0.15) by group (no record is on both "
+         "sides); expected at least 7 of them, or a test set of other records with --test-data"),
+    ({"test_fraction": 0.5, "val_fraction": 0.2},
+     "too few to hold out 40% (--val-fraction 0.2) by group (no record is on both sides); "
+     "expected at least 2 of them, or --val-fraction 0 (no validation: the last weights are "
+     "tested)"),
+])
+def test_too_few_records_for_a_grouped_split_name_the_option(tmp_path, fractions,
+                                                            expected) -> None:
+    # it said "has 2 records/subjects, too few to hold out 15% by group; expected at least
+    # 7": neither which share (test or validation) nor what else to pass
+    from data.datamodule import DataConfig, SignalDataModule
+
+    path = tmp_path / "two.npz"
+    _two_record_npz(path)
+    with pytest.raises(DataError) as refused:
+        SignalDataModule(DataConfig(source=str(path), **fractions)).setup("fit")
+    held = "1 records/subjects" if "val" in expected else "2 records/subjects"
+    assert str(refused.value) == f"{path} [groups]: has {held}, {expected}"
+
+
+def test_more_folds_than_records_by_group_names_the_option() -> None:
+    labels, groups = np.arange(20) % 2, np.repeat(["a", "b", "c"], [7, 7, 6])
+    with pytest.raises(DataError) as refused:
+        cv_fold_indices(labels, groups, 5, 0, seed=0, source="g.npz")
+    assert str(refused.value) == ("g.npz [groups]: has 3 records/subjects, too few for 5 folds "
+                                  "by group (no record is on both sides); expected --cv 3 or "
+                                  "fewer")
+    with pytest.raises(DataError) as refused:
+        cv_fold_indices(labels, np.zeros(20), 2, 0, seed=0, source="g.npz")
+    assert str(refused.value).endswith("too few for 2 folds by group (no record is on both "
+                                       "sides); expected at least 2 of them")
