@@ -391,7 +391,9 @@ def test_unlabelled_csv(tmp_path, rng):
     # required: the first column is the label (UCR rule), and sample values are no labels
     with pytest.raises(DataError, match="non-integer numbers like") as err:
         read_dataset(tmp_path / "h.csv")
-    assert err.value.field == "label" and "labels='none'" in str(err.value)
+    assert err.value.field == "label" and str(err.value).endswith(
+        "a file without labels can be read with labels='none' to predict on (train.py predict "
+        "--reader-option labels=none)")  # the reader's option and train.py's flag for it
 
     write_csv(tmp_path / "n.csv", X.tolist())  # no header: labels='optional' keeps UCR layout
     with pytest.raises(DataError, match="non-integer numbers"):
