@@ -647,6 +647,20 @@ def test_constant_series_are_refused(tmp_path, capsys) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def test_length_one_series_train_with_the_time_branch(tmp_path, capsys) -> None:
+    # one sample per record: no STFT to take, but the levels tell the records apart under
+    # --normalize dataset (the default), so this trains and tests, with finite metrics
+    data = tmp_path / "one_sample.csv"
+    _write_series_csv(data, 1)
+    tiny = [a for a in TINY if a not in ("--length", "512")]  # L = the longest record, 1
+    assert train.main([*tiny, "--branches", "time", "--max-steps", "2", "--data", str(data),
+                       "--output-dir", str(tmp_path / "runs")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    results = json.loads(next(tmp_path.glob("runs/*/version_0/test_metrics.json")).read_text())
+    assert results["options"]["data"]["normalize"] == "dataset"
+    assert np.isfinite(results["metrics"]["test/loss"]) and results["global_step"] == 2
+
+
 def test_a_step_that_cannot_fit_in_memory_is_refused(tmp_path, capsys, monkeypatch) -> None:
     from utils import checks
 
