@@ -585,8 +585,16 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
     monitored = [c for c in trainer.checkpoint_callbacks if c.monitor is not None]
     best = monitored[0].best_model_path if monitored else ""
     last = next((c for c in trainer.checkpoint_callbacks if c.monitor is None), None)
-    test_results = trainer.test(module, datamodule=run.datamodule, ckpt_path=best or None,
-                                weights_only=True, verbose=False)
+    try:
+        test_results = trainer.test(module, datamodule=run.datamodule, ckpt_path=best or None,
+                                    weights_only=True, verbose=False)
+    except SystemExit:  # Lightning's exit(1) after Ctrl-C while testing: trained, not tested
+        if not trainer.interrupted:
+            raise
+        raise TrainingInterrupted(f"stopped by Ctrl-C while testing, after training to step "
+                                  f"{trainer.global_step}; nothing was tested; test with "
+                                  "--resume last (it only tests a run that is done)",
+                                  130) from None
     run_dir = run.run_dir
     test = module.test_results
     summary = {

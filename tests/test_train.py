@@ -699,6 +699,36 @@ def test_a_run_that_trained_zero_steps_exits_non_zero(tmp_path, capsys) -> None:
     assert not list((tmp_path / "runs").rglob("test_metrics.json"))
 
 
+class CtrlCWhileTesting(Callback):
+    def on_test_batch_start(self, *args) -> None:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_testing_says_how_to_test(tmp_path, capsys) -> None:
+    # it was exit 1 with Lightning's "Detected KeyboardInterrupt, attempting graceful
+    # shutdown ..." as the last line: no word of what was kept or how to go on
+    import signal
+
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "runs")],
+                       extra_callbacks=[CtrlCWhileTesting()])
+    finally:  # Lightning ignores further Ctrl-C while it shuts down, and leaves it so
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    line = _one_line_error(capsys, 130, exit_info)
+    assert line == ("train.py: stopped by Ctrl-C while testing, after training to step 2; "
+                    "nothing was tested; test with --resume last (it only tests a run that is "
+                    "done)")
+    run_dir = tmp_path / "runs" / "dual_branch" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not (run_dir / "test_metrics.json").exists()
+    # and --resume last does what the line says: the trained run is tested, not trained on
+    assert train.main([*TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "runs"),
+                       "--resume", "last"]) == 0
+    results = json.loads((run_dir / "test_metrics.json").read_text())
+    assert results["global_step"] == 2 and "test/acc" in results["metrics"]
+
+
 def test_a_full_disk_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch) -> None:
     from utils import checkpoint_io
 
