@@ -5,6 +5,7 @@ exact one-line message, and leaves nothing behind (tmp_path only)."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -102,13 +103,28 @@ def test_training_records_that_all_hold_one_value_are_refused(normalize) -> None
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
 @pytest.mark.parametrize("name", ["signals.csv", "signals.npz", "signals.ts"])
 def test_a_named_pipe_is_refused_instead_of_waited_on(tmp_path, name) -> None:
-    # open() on a FIFO blocks until a writer comes: train.py hung without a word
+    # open() on a FIFO blocks until a writer comes: train.py hung without a word. The read
+    # runs in a thread, so that a reader that waits fails the test instead of hanging it
     fifo = tmp_path / name
     os.mkfifo(fifo)
-    with pytest.raises(DataError) as refused:
-        read_dataset(fifo)
-    assert str(refused.value) == (f"{fifo} [file]: is not a regular file (a pipe, device or "
-                                  "socket); expected a file of signals")
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_dataset(fifo)
+        except BaseException as exc:  # handed to the test below
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=20)  # the refusal is a stat: milliseconds, even on a loaded machine
+    if reader.is_alive():  # waiting on the pipe: a writer that closes at once lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=60)
+        pytest.fail(f"read_dataset({fifo}) waited for a writer instead of refusing the pipe")
+    assert outcome and isinstance(outcome[0], DataError), outcome
+    assert str(outcome[0]) == (f"{fifo} [file]: is not a regular file (a pipe, device or "
+                               "socket); expected a file of signals")
 
 
 def test_decimal_commas_in_a_semicolon_file_are_named(tmp_path) -> None:

@@ -483,15 +483,23 @@ def test_empty_and_truncated_checkpoints_are_named_as_such(cli_run, tmp_path, ca
 @pytest.mark.slow
 def test_sigterm_stops_the_run_with_its_own_status_and_a_way_on(tmp_path) -> None:
     import signal
+    import threading
 
     args = [*TINY, "--max-steps", "100000", "--no-progress-bar"]
-    run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in run.stdout:  # the first epoch's line: training is under way
-        if line.startswith("epoch 1/"):
-            break
+    # stderr to a file: a pipe nobody reads while waiting for stdout can fill and block the run
+    log = tmp_path.parent / f"{tmp_path.name}.stderr"
+    with open(log, "w") as stderr:
+        run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=stderr, text=True)
+    # decided within 5 minutes: without an epoch line the 100000-step run is killed, not waited on
+    deadline = threading.Timer(300, run.kill)
+    deadline.start()
+    started = any(line.startswith("epoch 1/") for line in run.stdout)  # training under way
+    deadline.cancel()
+    assert started, log.read_text()[-2000:]
     run.send_signal(signal.SIGTERM)
-    _, err = run.communicate(timeout=300)
+    run.communicate(timeout=300)
+    err = log.read_text()
     assert run.returncode == 143, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("train.py: stopped by SIGTERM at step ") and "--resume last" in last
