@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data.datamodule import cv_fold_indices
-from data.formats import DataError, read_dataset
+from data.formats import DataError, read_dataset, read_train_test
 from utils import checks
 
 
@@ -201,3 +201,25 @@ def test_more_folds_than_records_by_group_names_the_option() -> None:
         cv_fold_indices(labels, np.zeros(20), 2, 0, seed=0, source="g.npz")
     assert str(refused.value).endswith("too few for 2 folds by group (no record is on both "
                                        "sides); expected at least 2 of them")
+
+
+def test_a_test_set_that_is_the_training_data_is_refused(small_csv, tmp_path) -> None:
+    # --test-data naming the --data file trained and tested on the same records, exit 0
+    link = tmp_path / "also_small.csv"
+    link.symlink_to(small_csv)
+    for test in (small_csv, tmp_path / "." / small_csv.name, link):
+        with pytest.raises(DataError) as refused:
+            read_train_test(small_csv, test)
+        assert str(refused.value) == (
+            f"{test} [file]: is the training data ({small_csv}), so the test would score "
+            "records the model trained on; expected a test set of other records (or none: a "
+            "share of the training data is then held out)")
+    # a WFDB record by its name, its .hea or its .dat is one record (refused before reading)
+    (tmp_path / "100.hea").write_text("100 1 360 3600\n")
+    for test in ("100.hea", "100.dat"):
+        with pytest.raises(DataError, match=r"is the training data \(.*100\)"):
+            read_train_test(tmp_path / "100", tmp_path / test)
+    other = tmp_path / "other.csv"
+    other.write_bytes(small_csv.read_bytes())  # the same contents in another file: a test set
+    train, test = read_train_test(small_csv, other)
+    assert len(train) == len(test) == 6
