@@ -160,6 +160,23 @@ def test_an_integer_typed_as_a_float_is_shown_as_typed(argv, typed, hint, tmp_pa
     assert str(info.value).endswith(f"got {typed}{hint}"), str(info.value)
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    # the first line of PyYAML's message was all that was shown: "while parsing a flow
+    # sequence", with neither the line nor the problem
+    ("data:\n  reader_options: {window_seconds: [1}\n",
+     "is not valid YAML at line 2, column 38: expected ',' or ']', but got '}'"),
+    ("data:\n  reader_options: {x: !!python/object/apply:os.system [echo]}\n",
+     "at line 2, column 23: YAML tags like '!!python/...' are not allowed; give a plain value "
+     "(quote it to pass the text)"),
+])
+def test_a_config_file_that_is_not_yaml_names_the_line(tmp_path, text, message) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--config", str(config)])
+    assert str(info.value) == f"config {config} {message}"
+
+
 def test_the_dataclasses_check_their_values_in_python_too() -> None:
     with pytest.raises(ValueError, match="hidden_size: expected an integer >= 1; got 0"):
         ModelOptions(hidden_size=0)

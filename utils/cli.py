@@ -343,6 +343,18 @@ def _key_value(text: str) -> tuple[str, Any]:
                           f"({reason}); quote it to pass the text") from None
 
 
+def _yaml_file_error(path: str, exc: yaml.YAMLError) -> ConfigError:
+    """One line for a YAML file safe_load refused: where (line, column) and what (the first
+    line of str(exc) is only the context, e.g. 'while parsing a flow sequence')."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    if isinstance(exc, yaml.constructor.ConstructorError):  # a tag safe_load will not build
+        return ConfigError(f"config {path}{where}: YAML tags like '!!python/...' are not "
+                           "allowed; give a plain value (quote it to pass the text)")
+    problem = (getattr(exc, "problem", None) or str(exc)).strip().splitlines()[0]
+    return ConfigError(f"config {path} is not valid YAML{where}: {problem}")
+
+
 def read_config(path: str, command: str) -> dict[str, Any]:
     """A --config YAML file as {nested key: value}; one-line errors for an unreadable file,
     invalid YAML, or an unknown key (with the nearest known one)."""
@@ -354,7 +366,7 @@ def read_config(path: str, command: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+        raise _yaml_file_error(path, exc) from exc
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
