@@ -205,10 +205,10 @@ def find_test_file(path: str | Path) -> tuple[Path, Path | None]:
 def _resolved_source(path: Path) -> Path | None:
     """The file or folder a source is, resolved (a WFDB record by its .hea), or None where
     there is none (the reader then says so)."""
-    if path.suffix.lower() == ".dat" or (not path.exists()
-                                         and path.with_name(path.name + ".hea").exists()):
-        path = path.with_name(path.stem + ".hea" if path.suffix.lower() == ".dat"
-                              else path.name + ".hea")
+    if path.suffix.lower() == ".dat":
+        path = path.with_suffix(".hea")
+    elif not path.exists() and path.with_name(path.name + ".hea").exists():
+        path = path.with_name(path.name + ".hea")  # records/100
     try:
         return path.resolve(strict=True)
     except (OSError, RuntimeError):  # missing, or a link that loops
