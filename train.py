@@ -480,16 +480,27 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
                              f"{trainer.world_size} "
                              f"process(es)); nothing was tested, see {run.run_dir}")
     if trainer.world_size > 1 or "ddp" in str(options.hardware.strategy):
-        # each rank's share and weights: that the ranks agree, and match one process
+        # each rank's share and weights: that the ranks agree, and match one process. One
+        # write with its newline: unbuffered (PYTHONUNBUFFERED), print() writes the newline
+        # apart, and the ranks, printing at the same moment, glued their lines together
         print(f"rank {trainer.global_rank}/{trainer.world_size}: trained on "
               f"{module.samples_trained} samples this session, global step "
-              f"{trainer.global_step}, parameter checksum {_checksum(module):.9e}", flush=True)
+              f"{trainer.global_step}, parameter checksum {_checksum(module):.9e}\n", end="",
+              flush=True)
 
     monitored = [c for c in trainer.checkpoint_callbacks if c.monitor is not None]
     best = monitored[0].best_model_path if monitored else ""
     last = next((c for c in trainer.checkpoint_callbacks if c.monitor is None), None)
-    test_results = trainer.test(module, datamodule=run.datamodule, ckpt_path=best or None,
-                                weights_only=True, verbose=False)
+    try:
+        test_results = trainer.test(module, datamodule=run.datamodule, ckpt_path=best or None,
+                                    weights_only=True, verbose=False)
+    except SystemExit:  # Lightning's exit(1) after Ctrl-C while testing: trained, not tested
+        if not trainer.interrupted:
+            raise
+        raise TrainingInterrupted(f"stopped by Ctrl-C while testing, after training to step "
+                                  f"{trainer.global_step}; nothing was tested; test with "
+                                  "--resume last (it only tests a run that is done)",
+                                  130) from None
     run_dir = run.run_dir
     test = module.test_results
     summary = {

@@ -265,11 +265,13 @@ def record_stats(signals) -> np.ndarray:
 
 
 def split_indices(labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int,
-                  source: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+                  source: str = "dataset", option: str = "",
+                  instead: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) indices; about `fraction` held out, stratified by label.
 
     With groups, no group is on both sides (StratifiedGroupKFold with round(1/fraction)
-    folds: the first fold is held out, so the fraction is approximate).
+    folds: the first fold is held out, so the fraction is approximate). Too few groups is a
+    DataError naming `option` (the flag that sets the share) and `instead` (what else to pass).
     """
     index = np.arange(len(labels))
     if fraction <= 0:
@@ -285,9 +287,11 @@ def split_indices(labels: np.ndarray, groups: np.ndarray | None, fraction: float
     codes = np.unique(groups, return_inverse=True)[1]
     folds = max(2, round(1 / fraction))
     if codes.max() + 1 < folds:
+        by = f" ({option})" if option else ""
         raise DataError(source, "groups", f"has {codes.max() + 1} records/subjects, too few to "
-                                          f"hold out {fraction:.0%} by group; expected at least "
-                                          f"{folds}")
+                                          f"hold out {fraction:.0%}{by} by group (no record "
+                                          f"is on both sides); expected at least {folds} of them"
+                                          + (f", or {instead}" if instead else ""))
     with warnings.catch_warnings():  # 'least populated class' warnings are expected here
         warnings.simplefilter("ignore", UserWarning)
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -316,9 +320,12 @@ def cv_fold_indices(labels: np.ndarray, groups: np.ndarray | None, folds: int, f
         codes = None
     else:
         codes = np.unique(groups, return_inverse=True)[1]
-        if codes.max() + 1 < folds:
-            raise DataError(source, "groups", f"has {codes.max() + 1} records/subjects, too few "
-                                              f"for {folds} folds; expected at least {folds}")
+        n = codes.max() + 1
+        if n < folds:
+            raise DataError(source, "groups", f"has {n} records/subjects, too few for {folds} "
+                                              "folds by group (no record is on both sides); "
+                                              + (f"expected --cv {n} or fewer" if n >= 2 else
+                                                 "expected at least 2 of them"))
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # 'least populated class' warnings: reported above
         warnings.simplefilter("ignore", UserWarning)
@@ -466,13 +473,16 @@ class SignalDataModule(pl.LightningDataModule):
                                              cfg.cv_fold, cfg.seed, full.source)
             test_share = 1.0 / cfg.cv_folds
         else:
-            rest, test_idx = split_indices(full.labels, full.groups, cfg.test_fraction,
-                                           cfg.seed, full.source)
+            rest, test_idx = split_indices(
+                full.labels, full.groups, cfg.test_fraction, cfg.seed, full.source,
+                f"--test-fraction {cfg.test_fraction:g}",
+                "a test set of other records with --test-data")
             test_share = cfg.test_fraction
         groups = None if full.groups is None else full.groups[rest]
-        train_pos, val_pos = split_indices(full.labels[rest], groups,
-                                           self.val_fraction / (1 - test_share), cfg.seed,
-                                           full.source)
+        train_pos, val_pos = split_indices(
+            full.labels[rest], groups, self.val_fraction / (1 - test_share), cfg.seed,
+            full.source, f"--val-fraction {self.val_fraction:g}",
+            "--val-fraction 0 (no validation: the last weights are tested)")
         return rest[train_pos], rest[val_pos], test_idx
 
     def _record_stats(self, dataset: SignalDataset) -> np.ndarray | None:

@@ -136,6 +136,47 @@ def test_a_bad_yaml_value_names_the_file_and_key(tmp_path) -> None:
         parse_args(["--config", str(config)])
 
 
+@pytest.mark.parametrize(("argv", "typed", "hint"), [
+    # jsonargparse reported '1e11' as '100000000000.0', a number nobody typed
+    (["--length", "1e11"], "'1e11'", " (write the integer without an exponent or a point: "
+                                     "100000000000)"),
+    (["--seed", "1e3"], "'1e3'", " (write the integer without an exponent or a point: 1000)"),
+    (["--batch-size", "8.0"], "'8.0'", " (write the integer without an exponent or a point: 8)"),
+    (["--length", "1.5"], "'1.5'", ""),  # not a whole number: nothing to rewrite
+    (["--length", "1e30"], "'1e30'", ""),  # beyond 2**53 the float is not the integer meant
+])
+def test_an_integer_typed_as_a_float_is_shown_as_typed(argv, typed, hint, tmp_path) -> None:
+    flag = argv[0]
+    with pytest.raises(ConfigError) as info:
+        parse_args(argv)
+    assert str(info.value).endswith(f"got {typed}{hint}"), str(info.value)
+    assert str(info.value).startswith(f"{flag}: expected an integer")
+    key = next(o.key for o in schema("fit").values() if o.flag == flag)
+    section, name = key.split(".")
+    config = tmp_path / "c.yaml"  # a YAML value alike
+    config.write_text(f"{section}:\n  {name}: {argv[1]}\n")
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--config", str(config)])
+    assert str(info.value).endswith(f"got {typed}{hint}"), str(info.value)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # the first line of PyYAML's message was all that was shown: "while parsing a flow
+    # sequence", with neither the line nor the problem
+    ("data:\n  reader_options: {window_seconds: [1}\n",
+     "is not valid YAML at line 2, column 38: expected ',' or ']', but got '}'"),
+    ("data:\n  reader_options: {x: !!python/object/apply:os.system [echo]}\n",
+     "at line 2, column 23: YAML tags like '!!python/...' are not allowed; give a plain value "
+     "(quote it to pass the text)"),
+])
+def test_a_config_file_that_is_not_yaml_names_the_line(tmp_path, text, message) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--config", str(config)])
+    assert str(info.value) == f"config {config} {message}"
+
+
 def test_the_dataclasses_check_their_values_in_python_too() -> None:
     with pytest.raises(ValueError, match="hidden_size: expected an integer >= 1; got 0"):
         ModelOptions(hidden_size=0)

@@ -5,12 +5,13 @@ exact one-line message, and leaves nothing behind (tmp_path only)."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
 
 from data.datamodule import cv_fold_indices
-from data.formats import DataError, read_dataset
+from data.formats import DataError, read_dataset, read_train_test
 from utils import checks
 
 
@@ -102,13 +103,28 @@ def test_training_records_that_all_hold_one_value_are_refused(normalize) -> None
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
 @pytest.mark.parametrize("name", ["signals.csv", "signals.npz", "signals.ts"])
 def test_a_named_pipe_is_refused_instead_of_waited_on(tmp_path, name) -> None:
-    # open() on a FIFO blocks until a writer comes: train.py hung without a word
+    # open() on a FIFO blocks until a writer comes: train.py hung without a word. The read
+    # runs in a thread, so that a reader that waits fails the test instead of hanging it
     fifo = tmp_path / name
     os.mkfifo(fifo)
-    with pytest.raises(DataError) as refused:
-        read_dataset(fifo)
-    assert str(refused.value) == (f"{fifo} [file]: is not a regular file (a pipe, device or "
-                                  "socket); expected a file of signals")
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_dataset(fifo)
+        except BaseException as exc:  # handed to the test below
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=20)  # the refusal is a stat: milliseconds, even on a loaded machine
+    if reader.is_alive():  # waiting on the pipe: a writer that closes at once lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=60)
+        pytest.fail(f"read_dataset({fifo}) waited for a writer instead of refusing the pipe")
+    assert outcome and isinstance(outcome[0], DataError), outcome
+    assert str(outcome[0]) == (f"{fifo} [file]: is not a regular file (a pipe, device or "
+                               "socket); expected a file of signals")
 
 
 def test_decimal_commas_in_a_semicolon_file_are_named(tmp_path) -> None:
@@ -143,3 +159,67 @@ def test_more_folds_than_records_names_the_option() -> None:
                                   "fewer")
     kept, held = cv_fold_indices(labels, None, 14, 0, seed=0, source="small.csv")
     assert len(held) == 2 and len(kept) == 26
+
+
+def _two_record_npz(path) -> None:
+    """20 windows of 2 records (groups), 2 classes within each record."""
+    rng = np.random.default_rng(1)
+    np.savez(path, X=rng.standard_normal((20, 32)).astype(np.float32), y=np.arange(20) % 2,
+             groups=np.repeat(["100", "101"], 10))
+
+
+@pytest.mark.parametrize("fractions, expected", [
+    ({}, "too few to hold out 15% (--test-fraction 0.15) by group (no record is on both "
+         "sides); expected at least 7 of them, or a test set of other records with --test-data"),
+    ({"test_fraction": 0.5, "val_fraction": 0.2},
+     "too few to hold out 40% (--val-fraction 0.2) by group (no record is on both sides); "
+     "expected at least 2 of them, or --val-fraction 0 (no validation: the last weights are "
+     "tested)"),
+])
+def test_too_few_records_for_a_grouped_split_name_the_option(tmp_path, fractions,
+                                                            expected) -> None:
+    # it said "has 2 records/subjects, too few to hold out 15% by group; expected at least
+    # 7": neither which share (test or validation) nor what else to pass
+    from data.datamodule import DataConfig, SignalDataModule
+
+    path = tmp_path / "two.npz"
+    _two_record_npz(path)
+    with pytest.raises(DataError) as refused:
+        SignalDataModule(DataConfig(source=str(path), **fractions)).setup("fit")
+    held = "1 records/subjects" if "val" in expected else "2 records/subjects"
+    assert str(refused.value) == f"{path} [groups]: has {held}, {expected}"
+
+
+def test_more_folds_than_records_by_group_names_the_option() -> None:
+    labels, groups = np.arange(20) % 2, np.repeat(["a", "b", "c"], [7, 7, 6])
+    with pytest.raises(DataError) as refused:
+        cv_fold_indices(labels, groups, 5, 0, seed=0, source="g.npz")
+    assert str(refused.value) == ("g.npz [groups]: has 3 records/subjects, too few for 5 folds "
+                                  "by group (no record is on both sides); expected --cv 3 or "
+                                  "fewer")
+    with pytest.raises(DataError) as refused:
+        cv_fold_indices(labels, np.zeros(20), 2, 0, seed=0, source="g.npz")
+    assert str(refused.value).endswith("too few for 2 folds by group (no record is on both "
+                                       "sides); expected at least 2 of them")
+
+
+def test_a_test_set_that_is_the_training_data_is_refused(small_csv, tmp_path) -> None:
+    # --test-data naming the --data file trained and tested on the same records, exit 0
+    link = tmp_path / "also_small.csv"
+    link.symlink_to(small_csv)
+    for test in (small_csv, tmp_path / "." / small_csv.name, link):
+        with pytest.raises(DataError) as refused:
+            read_train_test(small_csv, test)
+        assert str(refused.value) == (
+            f"{test} [file]: is the training data ({small_csv}), so the test would score "
+            "records the model trained on; expected a test set of other records (or none: a "
+            "share of the training data is then held out)")
+    # a WFDB record by its name, its .hea or its .dat is one record (refused before reading)
+    (tmp_path / "100.hea").write_text("100 1 360 3600\n")
+    for test in ("100.hea", "100.dat"):
+        with pytest.raises(DataError, match=r"is the training data \(.*100\)"):
+            read_train_test(tmp_path / "100", tmp_path / test)
+    other = tmp_path / "other.csv"
+    other.write_bytes(small_csv.read_bytes())  # the same contents in another file: a test set
+    train, test = read_train_test(small_csv, other)
+    assert len(train) == len(test) == 6

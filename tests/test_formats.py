@@ -391,7 +391,9 @@ def test_unlabelled_csv(tmp_path, rng):
     # required: the first column is the label (UCR rule), and sample values are no labels
     with pytest.raises(DataError, match="non-integer numbers like") as err:
         read_dataset(tmp_path / "h.csv")
-    assert err.value.field == "label" and "labels='none'" in str(err.value)
+    assert err.value.field == "label" and str(err.value).endswith(
+        "a file without labels can be read with labels='none' to predict on (train.py predict "
+        "--reader-option labels=none)")  # the reader's option and train.py's flag for it
 
     write_csv(tmp_path / "n.csv", X.tolist())  # no header: labels='optional' keeps UCR layout
     with pytest.raises(DataError, match="non-integer numbers"):
@@ -680,6 +682,32 @@ def test_a_format_that_does_not_fit_the_file_says_what_it_is(tmp_path):
     with pytest.raises(DataError, match=r"is a \.csv file, not a WFDB record") as err:
         read_dataset(tmp_path / "d.csv", format="wfdb")
     assert err.value.field == "format"
+
+
+def test_ctrl_c_inside_wfdb_is_not_swallowed(tmp_path, rng, monkeypatch):
+    # wfdb's rdann reads the header inside a bare `except:`: a Ctrl-C that landed there
+    # vanished, and train.py read on and trained with exit 0
+    import signal
+    import traceback
+
+    annotation = import_wfdb().io.annotation
+    for name in ("100", "101"):
+        write_wfdb(tmp_path, name, rng.standard_normal(3000), 100, [0, 2000], ["+"] * 2,
+                   ["(N", "(AFIB"])
+    real = annotation.record.rdheader
+
+    def rdheader(*args, **kwargs):
+        if traceback.extract_stack()[-2].name == "rdann":
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, inside rdann's header read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(annotation.record, "rdheader", rdheader)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        read_dataset(tmp_path, window_seconds=10)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+    monkeypatch.undo()
+    assert len(read_dataset(tmp_path, window_seconds=10)) == 6  # and without a Ctrl-C, read
 
 
 def test_wfdb_record_name_form_and_skipped_records(tmp_path, rng, caplog):

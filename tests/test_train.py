@@ -424,6 +424,8 @@ BAD_OPTIONS = [
     (["--devices", "100000"], "--devices 100000: "),
     (["--length", "100000000000"], "--length 100000000000: the built-in dataset (70 signals) "
                                    "of 100000000000 samples needs at least"),
+    (["--length", "1e11"], "--length: expected an integer >= 1; got '1e11' (write the integer "
+                           "without an exponent or a point: 100000000000)"),
     (["predict", "--checkpoint", "x.ckpt"], "the following arguments are required: --data"),
     (["predict", "--checkpoint", "x.ckpt", "--data", "x.npz", "--precision", "16-mixed",
       "--accelerator", "cpu"], "--precision 16-mixed needs a GPU"),
@@ -483,15 +485,23 @@ def test_empty_and_truncated_checkpoints_are_named_as_such(cli_run, tmp_path, ca
 @pytest.mark.slow
 def test_sigterm_stops_the_run_with_its_own_status_and_a_way_on(tmp_path) -> None:
     import signal
+    import threading
 
     args = [*TINY, "--max-steps", "100000", "--no-progress-bar"]
-    run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in run.stdout:  # the first epoch's line: training is under way
-        if line.startswith("epoch 1/"):
-            break
+    # stderr to a file: a pipe nobody reads while waiting for stdout can fill and block the run
+    log = tmp_path.parent / f"{tmp_path.name}.stderr"
+    with open(log, "w") as stderr:
+        run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=stderr, text=True)
+    # decided within 5 minutes: without an epoch line the 100000-step run is killed, not waited on
+    deadline = threading.Timer(300, run.kill)
+    deadline.start()
+    started = any(line.startswith("epoch 1/") for line in run.stdout)  # training under way
+    deadline.cancel()
+    assert started, log.read_text()[-2000:]
     run.send_signal(signal.SIGTERM)
-    _, err = run.communicate(timeout=300)
+    run.communicate(timeout=300)
+    err = log.read_text()
     assert run.returncode == 143, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("train.py: stopped by SIGTERM at step ") and "--resume last" in last
@@ -647,6 +657,20 @@ def test_constant_series_are_refused(tmp_path, capsys) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def test_length_one_series_train_with_the_time_branch(tmp_path, capsys) -> None:
+    # one sample per record: no STFT to take, but the levels tell the records apart under
+    # --normalize dataset (the default), so this trains and tests, with finite metrics
+    data = tmp_path / "one_sample.csv"
+    _write_series_csv(data, 1)
+    tiny = [a for a in TINY if a not in ("--length", "512")]  # L = the longest record, 1
+    assert train.main([*tiny, "--branches", "time", "--max-steps", "2", "--data", str(data),
+                       "--output-dir", str(tmp_path / "runs")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    results = json.loads(next(tmp_path.glob("runs/*/version_0/test_metrics.json")).read_text())
+    assert results["options"]["data"]["normalize"] == "dataset"
+    assert np.isfinite(results["metrics"]["test/loss"]) and results["global_step"] == 2
+
+
 def test_a_step_that_cannot_fit_in_memory_is_refused(tmp_path, capsys, monkeypatch) -> None:
     from utils import checks
 
@@ -683,6 +707,36 @@ def test_a_run_that_trained_zero_steps_exits_non_zero(tmp_path, capsys) -> None:
     line = _one_line_error(capsys, 1, exit_info)
     assert "no training step was taken (" in line and "nothing was tested" in line
     assert not list((tmp_path / "runs").rglob("test_metrics.json"))
+
+
+class CtrlCWhileTesting(Callback):
+    def on_test_batch_start(self, *args) -> None:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_testing_says_how_to_test(tmp_path, capsys) -> None:
+    # it was exit 1 with Lightning's "Detected KeyboardInterrupt, attempting graceful
+    # shutdown ..." as the last line: no word of what was kept or how to go on
+    import signal
+
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "runs")],
+                       extra_callbacks=[CtrlCWhileTesting()])
+    finally:  # Lightning ignores further Ctrl-C while it shuts down, and leaves it so
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    line = _one_line_error(capsys, 130, exit_info)
+    assert line == ("train.py: stopped by Ctrl-C while testing, after training to step 2; "
+                    "nothing was tested; test with --resume last (it only tests a run that is "
+                    "done)")
+    run_dir = tmp_path / "runs" / "dual_branch" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not (run_dir / "test_metrics.json").exists()
+    # and --resume last does what the line says: the trained run is tested, not trained on
+    assert train.main([*TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "runs"),
+                       "--resume", "last"]) == 0
+    results = json.loads((run_dir / "test_metrics.json").read_text())
+    assert results["global_step"] == 2 and "test/acc" in results["metrics"]
 
 
 def test_a_full_disk_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import sys
 import textwrap
@@ -342,6 +343,18 @@ def _key_value(text: str) -> tuple[str, Any]:
                           f"({reason}); quote it to pass the text") from None
 
 
+def _yaml_file_error(path: str, exc: yaml.YAMLError) -> ConfigError:
+    """One line for a YAML file safe_load refused: where (line, column) and what (the first
+    line of str(exc) is only the context, e.g. 'while parsing a flow sequence')."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    if isinstance(exc, yaml.constructor.ConstructorError):  # a tag safe_load will not build
+        return ConfigError(f"config {path}{where}: YAML tags like '!!python/...' are not "
+                           "allowed; give a plain value (quote it to pass the text)")
+    problem = (getattr(exc, "problem", None) or str(exc)).strip().splitlines()[0]
+    return ConfigError(f"config {path} is not valid YAML{where}: {problem}")
+
+
 def read_config(path: str, command: str) -> dict[str, Any]:
     """A --config YAML file as {nested key: value}; one-line errors for an unreadable file,
     invalid YAML, or an unknown key (with the nearest known one)."""
@@ -353,7 +366,7 @@ def read_config(path: str, command: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+        raise _yaml_file_error(path, exc) from exc
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -401,11 +414,13 @@ class _Tokens:
     def __init__(self) -> None:
         self.argv: list[str] = []
         self.origin: dict[str, str] = {}
+        self.text: dict[str, str] = {}  # each value as it was typed
         self.dicts: dict[str, dict[str, Any]] = {}
 
     def add(self, option: Option, text: str, origin: str) -> None:
         self.argv.append(f"--{option.key}={text}")
         self.origin[option.key] = origin
+        self.text[option.key] = text
 
 
 def _as_text(value: Any) -> str:
@@ -512,7 +527,10 @@ def _type_error(message: str, known: dict[str, Option], tokens: _Tokens) -> Conf
     option = known[match.group(1)]
     origin = tokens.origin.get(option.key, option.flag)
     given = _GIVEN.search(message)
-    value = given.group(1).strip().splitlines()[0] if given else "?"
+    # the value as typed: jsonargparse's "Got value" is its conversion ('1e11' ->
+    # 100000000000.0), a number the user never wrote
+    value = tokens.text.get(option.key) or (
+        given.group(1).strip().splitlines()[0] if given else "?")
     if option.kind == "literal":
         choices = ", ".join(repr(c) for c in option.choices)
         return ConfigError(f"{origin}: invalid choice: {value!r} (choose from {choices})")
@@ -522,7 +540,19 @@ def _type_error(message: str, known: dict[str, Option], tokens: _Tokens) -> Conf
     args = _non_none(option.field.type)
     what = (check.describe if check else
             {int: "an integer", float: "a number", str: "text"}.get(args[0], str(args[0])))
-    return ConfigError(f"{origin}: expected {what}; got {_shown(value)}")
+    hint = _whole_number_hint(value) if int in args and float not in args else ""
+    return ConfigError(f"{origin}: expected {what}; got {_shown(value)}{hint}")
+
+
+def _whole_number_hint(text: str) -> str:
+    """For an integer typed with an exponent or a point ('1e11', '8.0'): how to write it."""
+    try:
+        number = float(text)
+    except ValueError:
+        return ""
+    if not math.isfinite(number) or number != int(number) or abs(number) >= 2**53:
+        return ""  # from 2**53 on, the float need not be the integer that was meant
+    return f" (write the integer without an exponent or a point: {int(number)})"
 
 
 def parse_command(argv: list[str] | None = None) -> tuple[str, Any]:

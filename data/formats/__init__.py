@@ -202,6 +202,30 @@ def find_test_file(path: str | Path) -> tuple[Path, Path | None]:
     return path, None
 
 
+def _resolved_source(path: Path) -> Path | None:
+    """The file or folder a source is, resolved (a WFDB record by its .hea), or None where
+    there is none (the reader then says so)."""
+    if path.suffix.lower() == ".dat":
+        path = path.with_suffix(".hea")
+    elif not path.exists() and path.with_name(path.name + ".hea").exists():
+        path = path.with_name(path.name + ".hea")  # records/100
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a link that loops
+        return None
+
+
+def _check_test_is_apart(train_path: Path, test_path: Path) -> None:
+    """Refuse a test source that is the training source itself (the same file, record or
+    folder, under any name): its scores would be on records the model trained on."""
+    train, test = _resolved_source(train_path), _resolved_source(test_path)
+    if train is not None and train == test:
+        raise DataError(test_path, "file", f"is the training data ({train_path}), so the test "
+                                           "would score records the model trained on; "
+                                           "expected a test set of other records (or none: a "
+                                           "share of the training data is then held out)")
+
+
 def read_train_test(path: str | Path, test_path: str | Path | None = None,
                     format: str | None = None,
                     **options) -> tuple[SignalDataset, SignalDataset | None]:
@@ -211,6 +235,8 @@ def read_train_test(path: str | Path, test_path: str | Path | None = None,
     onto the training classes (a label the training set lacks is an error).
     """
     train_path, found = find_test_file(path)
+    if test_path is not None:
+        _check_test_is_apart(train_path, Path(test_path))
     test_path = test_path if test_path is not None else found
     train = read_dataset(train_path, format, **options)
     if test_path is None:

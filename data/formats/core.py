@@ -151,7 +151,8 @@ def encode_labels(raw: Sequence[object] | np.ndarray, path: str | Path, field: s
     if fractional:  # what a sample column read as labels looks like
         raise DataError(path, field, f"holds non-integer numbers like {fractional[0]}; expected "
                                      "class labels (names or whole numbers); a file without "
-                                     "labels can be read with labels='none' to predict on")
+                                     "labels can be read with labels='none' to predict on "
+                                     "(train.py predict --reader-option labels=none)")
     if class_names is None:
         numeric = all(_is_number(k) for k in distinct)
         class_names = sorted(distinct, key=int) if numeric else distinct

@@ -8,7 +8,10 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+import signal
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,31 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # Annotated long recordings: WFDB and EDF
+
+
+@contextmanager
+def _ctrl_c_kept() -> Iterator[None]:
+    """Raise KeyboardInterrupt on leaving if Ctrl-C was pressed inside, even where a library
+    swallowed it: wfdb's rdann reads the header inside a bare `except:`, so a Ctrl-C that
+    landed there vanished and the run went on. Only where Python's own handler is installed
+    (the main thread of train.py or a script), so a program's own handler is left alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pressed = []
+
+    def on_ctrl_c(signum, frame) -> None:
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:  # reached only when the KeyboardInterrupt was swallowed on the way
+        raise KeyboardInterrupt
 
 
 def _optional_package(name: str, path):
@@ -231,10 +259,11 @@ def read_wfdb(path: str | Path, *, window_seconds: float = 10.0,
         ann_path = record.with_name(f"{record.name}.{annotation}")
         annotated = labels != "none" and ann_path.exists()
         try:
-            meta = wfdb.rdheader(str(record))
-            index = _resolve_channel(list(meta.sig_name or []), channel, header)
-            rec = wfdb.rdrecord(str(record), channels=[index])
-            ann = wfdb.rdann(str(record), annotation) if annotated else None
+            with _ctrl_c_kept():
+                meta = wfdb.rdheader(str(record))
+                index = _resolve_channel(list(meta.sig_name or []), channel, header)
+                rec = wfdb.rdrecord(str(record), channels=[index])
+                ann = wfdb.rdann(str(record), annotation) if annotated else None
         except DataError:
             raise
         except Exception as e:  # wfdb raises bare ValueError/OSError/IndexError on bad files
