@@ -670,14 +670,14 @@ def test_semicolon_delimiter_is_found_or_named(tmp_path, caplog):
 def test_a_format_that_does_not_fit_the_file_says_what_it_is(tmp_path):
     write_csv(tmp_path / "d.csv", [["1", 0.5, 1.5], ["2", 2.5, 3.5]])
     with pytest.raises(DataError, match=r"is not an \.npz file \(np\.savez output\): it is "
-                                        "text; expected the reader for its format") as err:
+                                        "text; expected the reader for its format \(--format csv") as err:
         read_dataset(tmp_path / "d.csv", format="npz")  # np.load: 'contains pickled data'
     assert err.value.field == "file"
     np.save(tmp_path / "a.npy", np.zeros((2, 3)))
-    with pytest.raises(DataError, match="it is a NumPy .npy file; expected format='npy'"):
+    with pytest.raises(DataError, match="it is a NumPy .npy file; expected --format npy "):
         read_dataset(tmp_path / "a.npy", format="npz")
     np.savez(tmp_path / "z.npz", X=np.zeros((2, 3)), y=[0, 1])
-    with pytest.raises(DataError, match="it is a NumPy .npz file; expected format='npz'"):
+    with pytest.raises(DataError, match="it is a NumPy .npz file; expected --format npz "):
         read_dataset(tmp_path / "z.npz", format="npy")
     with pytest.raises(DataError, match=r"is a \.csv file, not a WFDB record") as err:
         read_dataset(tmp_path / "d.csv", format="wfdb")

@@ -55,7 +55,7 @@ def _check_magic(path: Path, expected: str) -> None:
     other = {"npz": "npy", "npy": "npz"}[expected]
     if head.startswith(_MAGIC[other]):
         looks = f"a NumPy .{other} file"
-        fix = f"format='{other}'"
+        fix = f"--format {other} (format='{other}' in a config)"
     else:
         try:
             head.decode("utf-8")
@@ -63,7 +63,7 @@ def _check_magic(path: Path, expected: str) -> None:
         except UnicodeDecodeError as e:  # a character cut at the end of the 512 bytes is text
             text = e.start >= len(head) - 3
         looks = "text" if text else "neither a zip archive nor a NumPy array"
-        fix = ("the reader for its format (format='csv', 'tsv' or 'ts')" if text
+        fix = ("the reader for its format (--format csv, tsv or ts)" if text
                else f"a file written by {'np.savez' if expected == 'npz' else 'np.save'}")
     writer = "np.savez" if expected == "npz" else "np.save"
     raise DataError(path, "file", f"is not an .{expected} file ({writer} output): it is {looks}; "
