@@ -670,7 +670,8 @@ def test_semicolon_delimiter_is_found_or_named(tmp_path, caplog):
 def test_a_format_that_does_not_fit_the_file_says_what_it_is(tmp_path):
     write_csv(tmp_path / "d.csv", [["1", 0.5, 1.5], ["2", 2.5, 3.5]])
     with pytest.raises(DataError, match=r"is not an \.npz file \(np\.savez output\): it is "
-                                        "text; expected the reader for its format \(--format csv") as err:
+                                        r"text; expected the reader for its format "
+                                        r"\(--format csv") as err:
         read_dataset(tmp_path / "d.csv", format="npz")  # np.load: 'contains pickled data'
     assert err.value.field == "file"
     np.save(tmp_path / "a.npy", np.zeros((2, 3)))
