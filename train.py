@@ -533,12 +533,18 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
             write_results(run_dir, summary, config, quiet=quiet)
             if trainer.world_size == 1:  # every test item is here
                 run.logger.save()  # the event files hold every scalar for the curves
-                report_pictures(run_dir, module.model, run.datamodule.test_dataset,
-                                probabilities, labels, summary["class_names"] or [],
-                                summary["report"], run.datamodule.sample_rate,
-                                monitor=options.optimization.monitor if best else None,
-                                experiment=getattr(run.logger, "experiment", None),
-                                step=trainer.global_step)
+                try:
+                    report_pictures(run_dir, module.model, run.datamodule.test_dataset,
+                                    probabilities, labels, summary["class_names"] or [],
+                                    summary["report"], run.datamodule.sample_rate,
+                                    monitor=options.optimization.monitor if best else None,
+                                    experiment=getattr(run.logger, "experiment", None),
+                                    step=trainer.global_step)
+                except KeyboardInterrupt:
+                    raise TrainingInterrupted(
+                        f"stopped by Ctrl-C while drawing the pictures; the results are kept "
+                        f"in {run_dir} (test_metrics.json, the checkpoints); the pictures were "
+                        "not drawn", 130) from None
         except OSError as exc:  # a full disk, a folder removed under the run
             raise write_failure(exc, Path(exc.filename or run_dir), atomic=False) from exc
     if log_dir is not None:  # an ensemble member: the ensemble averages these

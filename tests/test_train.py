@@ -739,6 +739,22 @@ def test_ctrl_c_while_testing_says_how_to_test(tmp_path, capsys) -> None:
     assert results["global_step"] == 2 and "test/acc" in results["metrics"]
 
 
+def test_ctrl_c_while_drawing_the_pictures_says_the_results_are_kept(tmp_path, capsys,
+                                                                    monkeypatch) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "report_pictures", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "runs")])
+    run_dir = tmp_path / "runs" / "dual_branch" / "version_0"
+    line = _one_line_error(capsys, 130, exit_info)
+    assert line == (f"train.py: stopped by Ctrl-C while drawing the pictures; the results are "
+                    f"kept in {run_dir} (test_metrics.json, the checkpoints); the pictures were "
+                    "not drawn")
+    assert json.loads((run_dir / "test_metrics.json").read_text())["global_step"] == 2
+
+
 def test_a_full_disk_stops_the_run_with_one_line(tmp_path, capsys, monkeypatch) -> None:
     from utils import checkpoint_io
 
