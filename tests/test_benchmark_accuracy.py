@@ -72,3 +72,16 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert row["one_nn_ed"] is not None
     table = (out / "accuracy.md").read_text()
     assert "| Other |" in table and "MiniRocket" in table
+
+
+def test_no_baselines_says_so_in_the_table(tmp_path):
+    rng = np.random.default_rng(3)
+    tiny_pair(tmp_path / "suite" / "Tiny", "Tiny", rng)
+    out = tmp_path / "out"
+    code = benchmark_accuracy.main([str(tmp_path / "suite"), "--quick", "--no-baselines",
+                                    "--ensemble", "1", "--output", str(out), "--train-args",
+                                    "--max-steps 2 --hidden-size 8 --num-layers 1 "
+                                    "--cnn-channels 4"])
+    assert code == 0
+    table = (out / "accuracy.md").read_text()
+    assert "not run (--no-baselines)" in table and "pending" not in table
