@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         for pair in pairs:
             runs = [results[i] for i, (p, _) in enumerate(tasks) if p is pair and i in results]
             if runs:
-                missing = "not run (--no-baselines)" if args.no_baselines else "pending"
+                missing = "not run: --no-baselines" if args.no_baselines else "pending"
                 rows.append(summarise(pair, runs, base.get(pair.name,
                                                            {"baseline_note": missing})))
         header = (f"Accuracy benchmark, {datetime.date.today().isoformat()}, "

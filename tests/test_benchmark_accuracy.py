@@ -84,4 +84,4 @@ def test_no_baselines_says_so_in_the_table(tmp_path):
                                     "--cnn-channels 4"])
     assert code == 0
     table = (out / "accuracy.md").read_text()
-    assert "not run (--no-baselines)" in table and "pending" not in table
+    assert "n/a (not run: --no-baselines)" in table and "pending" not in table
