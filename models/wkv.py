@@ -31,7 +31,9 @@ are built by models/wkv_build.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -251,7 +253,28 @@ def _stepped_rows(states: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) ->
 _logged_choice: set[str] = set()
 
 
+_LOADED = {"cuda": "kernel built and loaded", "cpu": "C++ CPU kernel built and loaded"}
+_prepared: set[str] = set()  # kinds prepare_backend has announced
+
+
+_unlogged = False  # inside backend_choices_unlogged()
+
+
+@contextlib.contextmanager
+def backend_choices_unlogged() -> Iterator[None]:
+    """Backend choices made inside are neither logged nor remembered as logged: for a probe
+    whose device is not the run's (the memory estimate of a GPU run runs on the CPU)."""
+    global _unlogged
+    before, _unlogged = _unlogged, True
+    try:
+        yield
+    finally:
+        _unlogged = before
+
+
 def _log_backend_once(backend: str, reason: str) -> None:
+    if _unlogged:
+        return
     key = f"{backend}:{reason}"
     if key not in _logged_choice:
         _logged_choice.add(key)
@@ -274,8 +297,7 @@ def _choose_backend(k: Tensor, tensors: tuple) -> str:
     if k.dtype == torch.float64:
         why = "float64 inputs" + (" on CPU (the C++ kernel is float32)" if kind == "cpu" else "")
     elif wkv_build.load_extension_or_none(kind) is not None:
-        _log_backend_once(kind, "kernel built and loaded" if kind == "cuda"
-                          else "C++ CPU kernel built and loaded")
+        _log_backend_once(kind, _LOADED[kind])
         return kind
     elif kind == "cuda":
         why = wkv_build.why_unavailable("cuda")
@@ -297,9 +319,9 @@ def prepare_backend(device: torch.device | str) -> str:
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
     if wkv_build.load_extension_or_none(kind) is None:
         return "torch"
-    # said here too: a compiled model's first forward is a trace, which logs nothing
-    _log_backend_once(kind, "kernel built and loaded" if kind == "cuda"
-                      else "C++ CPU kernel built and loaded")
+    if kind not in _prepared and not _unlogged:  # said here too: a compiled model's first
+        _prepared.add(kind)                      # forward is a trace, which logs nothing
+        _log_backend_once(kind, _LOADED[kind])
     return kind
 
 
@@ -440,6 +462,7 @@ def wkv(
 
 __all__ = [
     "BACKENDS",
+    "backend_choices_unlogged",
     "DECAY_MAX",
     "EMPTY_P",
     "K_MAX",

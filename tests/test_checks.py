@@ -108,3 +108,16 @@ def test_data_normalised_into_zeros_is_refused(caplog) -> None:
     with caplog.at_level(logging.WARNING):
         checks.check_informative_signals(mixed, records, 50, "record", "mixed.csv")
     assert "1 of 10 training records checked are constant" in caplog.text
+
+
+def test_the_cpu_probe_of_a_gpu_run_does_not_name_a_wkv_backend(monkeypatch, caplog) -> None:
+    """The memory probe runs on the CPU; for a GPU run its "WKV backend: cpu" would be wrong."""
+    import models.wkv as wkv_module
+
+    monkeypatch.setattr(wkv_module, "_logged_choice", set())
+    monkeypatch.setattr(checks, "available_memory_bytes", lambda on_gpu: 1 << 50)
+    with caplog.at_level(logging.INFO, logger="models.wkv"):
+        checks.check_model_for_data(SMALL, 2, 3000, "--length 3000", 8, True, "bf16-mixed")
+        assert not [m for m in caplog.messages if m.startswith("WKV backend")]
+        checks.check_model_for_data(SMALL, 2, 3000, "--length 3000", 8, False, "32-true")
+    assert [m for m in caplog.messages if m.startswith("WKV backend")]  # a CPU run says it

@@ -16,6 +16,7 @@ Option problems raise `ConfigError`, data problems `DataError`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -29,6 +30,7 @@ import torch
 
 from data.formats import DataError
 from models.dual_branch import DualBranchClassifier, DualBranchConfig
+from models.wkv import backend_choices_unlogged
 from utils.options import ConfigError
 
 log = logging.getLogger(__name__)
@@ -215,19 +217,15 @@ def check_model_for_data(settings: Mapping[str, Any], num_classes: int, length: 
     available = available_memory_bytes(on_gpu)
     if available is None:
         return
-    wkv_log = logging.getLogger("models.wkv")
-    was_disabled = wkv_log.disabled
     # the probe runs on the CPU: its "WKV backend: cpu" line would be wrong for a GPU run
-    wkv_log.disabled = was_disabled or on_gpu
+    unlogged = backend_choices_unlogged() if on_gpu else contextlib.nullcontext()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), unlogged:
             needed = training_memory_bytes(model, length, batch_size,
                                            mixed_precision="mixed" in precision)
     except (RuntimeError, ValueError) as exc:  # the probe is advisory: the run itself will tell
         log.debug("training memory estimate skipped: %s", exc)
         return
-    finally:
-        wkv_log.disabled = was_disabled
     needed *= 1 if on_gpu else processes_per_host  # CPU processes share the host's memory
     if needed > available:
         where = "on the GPU" if on_gpu else "in RAM"
