@@ -315,32 +315,26 @@ def _prog(command: str) -> str:
 # ---------------------------------------------------------------------------------- parsing
 
 
-def _yaml_value(text: str, flag: str) -> Any:
+def _yaml_value(text: str, flag: str, shown: str | None = None) -> Any:
+    """text read as a YAML value; errors name it as `shown` (default: the flag and the text)."""
+    shown = shown or f"{flag} {text!r}"
     try:
         return yaml.safe_load(text)
     except yaml.constructor.ConstructorError:  # a tag safe_load will not build, e.g. !!python
-        raise ConfigError(f"{flag} {text!r}: YAML tags like '!!python/...' are not allowed; give "
-                          "a plain value (quote it to pass the text)") from None
+        raise ConfigError(f"{shown}: YAML tags like '!!python/...' are not allowed; give a plain "
+                          "value (quote it to pass the text)") from None
     except yaml.YAMLError as exc:
         reason = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
-        raise ConfigError(f"{flag} {text!r} is not a valid YAML value ({reason}); quote it to "
-                          "pass the text") from None
+        raise ConfigError(f"{shown} is not a valid YAML value ({reason}); quote it to pass the "
+                          "text") from None
 
 
 def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--reader-option: expected KEY=VALUE; got {text!r}")
     key, value = text.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.constructor.ConstructorError:
-        raise ConfigError(f"--reader-option: {key.strip()}={value!r}: YAML tags like "
-                          "'!!python/...' are not allowed; give a plain value (quote it to pass "
-                          "the text)") from None
-    except yaml.YAMLError as exc:
-        reason = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
-        raise ConfigError(f"--reader-option: {key.strip()}={value!r} is not a valid YAML value "
-                          f"({reason}); quote it to pass the text") from None
+    key = key.strip()
+    return key, _yaml_value(value, "--reader-option", f"--reader-option: {key}={value!r}")
 
 
 def _yaml_file_error(path: str, exc: yaml.YAMLError) -> ConfigError:
