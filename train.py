@@ -66,7 +66,7 @@ from models.defaults import (
     model_settings,
 )
 from models.lightning_module import SignalClassifierModule, SignalEnsemble
-from utils.callbacks import EpochSummary, PredictionCSVWriter, RNGStateCheckpoint
+from utils.callbacks import BudgetEMA, EpochSummary, PredictionCSVWriter, RNGStateCheckpoint
 from utils.checkpoint_io import AtomicCheckpointIO, write_failure
 from utils.checks import check_before_training, check_options, check_steps_per_process
 from utils.cli import (
@@ -150,6 +150,8 @@ def build_callbacks(options: TrainOptions, validation: bool,
         # --capture on a GPU: the classifier compiled, its step replayed as CUDA graphs
         GraphCapture(enabled=options.hardware.capture),
     ]
+    if opt.ema > 0:
+        callbacks.append(BudgetEMA(opt.ema))
     if opt.patience > 0 and validation:
         # checked after each validation, not at the training epoch's end: a --max-steps run
         # that stops mid-epoch skips that epoch's validation and has nothing to check

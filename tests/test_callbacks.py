@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from data.datamodule import PredictionInputs, SignalItems
 from data.formats import UNLABELLED, SignalDataset
 from models.lightning_module import gather_rng_states
-from utils.callbacks import PredictionCSVWriter, RNGStateCheckpoint
+from utils.callbacks import BudgetEMA, PredictionCSVWriter, RNGStateCheckpoint
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -77,3 +77,46 @@ def test_prediction_writer_aggregates_records(tmp_path) -> None:
         assert float(rows[0]["p_a"]) == pytest.approx(float(expected[0]), abs=1e-6)
         assert rows[0]["predicted"] == "b" and rows[1]["predicted"] == "a"
         np.testing.assert_allclose(writer.probabilities, probs.numpy())
+
+
+class _Linear(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class _RecordWeights(pl.Callback):
+    """The training weights after every optimizer step (runs before BudgetEMA's update)."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights.append(pl_module.layer.weight.detach().clone())
+
+
+def test_budget_ema_averages_over_a_fraction_of_the_steps(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(40, 3), torch.randint(0, 2, (40,)))
+    record, ema = _RecordWeights(), BudgetEMA(0.25)
+    module = _Linear()
+    trainer = pl.Trainer(max_steps=20, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[record, ema])
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    assert ema.decay == pytest.approx(1 - 1 / (0.25 * 20))  # a horizon of 5 of the 20 steps
+    expected = record.weights[0]
+    for w in record.weights[1:]:
+        expected = ema.decay * expected + (1 - ema.decay) * w
+    # after fit the module holds the average, not the last training weights
+    torch.testing.assert_close(module.layer.weight, expected)
+    assert not torch.allclose(module.layer.weight, record.weights[-1])
+    with pytest.raises(ValueError, match="fraction of the steps"):
+        BudgetEMA(0.0)

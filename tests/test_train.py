@@ -319,10 +319,12 @@ class StopAfterEpochs(Callback):
             trainer.should_stop = True
 
 
-def test_resume_continues_exactly(tmp_path) -> None:
-    # dropout, SpecAugment and augmentation on: the RNG streams must continue exactly too
+@pytest.mark.parametrize("ema", ["0", "0.3"])
+def test_resume_continues_exactly(tmp_path, ema) -> None:
+    # dropout, SpecAugment and augmentation on: the RNG streams must continue exactly too;
+    # with --ema the averaged weights and the training weights both continue
     common = [*TINY, "--synthetic-signals", "112", "--epochs", "3", "--patience", "0",
-              "--rwkv-dropout", "0.1", "--dropout", "0.2"]
+              "--rwkv-dropout", "0.1", "--dropout", "0.2", "--ema", ema]
     full = tmp_path / "full"
     part = tmp_path / "part"
     train.main([*common, "--output-dir", str(full)])
@@ -336,8 +338,12 @@ def test_resume_continues_exactly(tmp_path) -> None:
     a = torch.load(full / "dual_branch/version_0/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(part / "dual_branch/version_0/checkpoints/last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 3 * steps_per_epoch
-    for key, value in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    states = ["state_dict"] + (["current_model_state"] if ema != "0" else [])
+    assert ("current_model_state" in a) == (ema != "0")
+    for state in states:
+        for key, value in a[state].items():
+            torch.testing.assert_close(b[state][key], value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, state=state, key=key: f"{state} {key}: {m}")
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(),
                       b["optimizer_states"][0]["state"].values(), strict=True):
         torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-4, atol=1e-9)

@@ -1,5 +1,6 @@
 """Lightning callbacks for the cross-cutting work of a run: every rank's RNG states in the
-checkpoints (exact resume), a one-line epoch summary, and writing predictions.
+checkpoints (exact resume), a one-line epoch summary, an exponential moving average of the
+weights over the end of training, and writing predictions.
 
 The memory monitor lives with the memory utilities (utils.memory.MemoryMonitorCallback), the
 throughput monitor (per step and per epoch) with the CUDA-graph capture
@@ -17,7 +18,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter, Callback
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback, WeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from data.aggregate import aggregate_windows, prediction_table
 from models.lightning_module import RNG_KEY, gather_rng_states, set_rng_states
@@ -47,6 +49,30 @@ class RNGStateCheckpoint(Callback):
             )
             rank = 0
         set_rng_states(states[rank])
+
+
+class BudgetEMA(WeightAveraging):
+    """Lightning's weight averaging with an exponential moving average whose horizon is a
+    fraction of the run's optimizer steps: decay = 1 - 1 / (fraction x steps), so one setting
+    suits a 1,000-step and a 10,000-step budget. The averaged weights (and BatchNorm
+    statistics) are the ones validated, checkpointed (the training weights ride along under
+    `current_model_state`, for --resume) and tested."""
+
+    def __init__(self, fraction: float) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"the averaging horizon is a fraction of the steps in (0, 1]; "
+                             f"got {fraction}")
+        super().__init__()
+        self.fraction = fraction
+        self.decay: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not in setup: the step count sets up the training data, which must come after
+        # a resumed run's RNG states are restored (configure_optimizers asked it already)
+        steps = max(1, int(trainer.estimated_stepping_batches))
+        self.decay = 1.0 - 1.0 / max(1.0, self.fraction * steps)
+        assert self._average_model is not None
+        self._average_model.multi_avg_fn = get_ema_multi_avg_fn(self.decay)
 
 
 class EpochSummary(Callback):
