@@ -202,3 +202,19 @@ def test_ensemble_predicts_the_mean_of_its_members_probabilities() -> None:
         got = ensemble.predict_step((x, torch.zeros(3, dtype=torch.long)), 0)
     torch.testing.assert_close(got, expected)
     assert got.sum(-1).allclose(torch.ones(3)) and ensemble.class_names == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.9])
+def test_mixup_training_metrics_score_the_larger_part(monkeypatch, lam) -> None:
+    # a model that names the label of each blend's larger part scores 1.0, whichever part it is
+    module = tiny_module(num_classes=3, mixup=0.2)
+    module.log = module.log_dict = lambda *args, **kwargs: None  # outside a Trainer
+    y = torch.tensor([0, 1, 2, 0])
+    perm = torch.tensor([1, 2, 0, 3])
+    monkeypatch.setattr(np.random, "beta", lambda a, b: lam)
+    monkeypatch.setattr(torch, "randperm", lambda n, device=None: perm)
+    larger = y if lam >= 0.5 else y[perm]
+    monkeypatch.setattr(module, "forward", lambda x, lengths=None:
+                        10.0 * torch.nn.functional.one_hot(larger, 3).float())
+    module.training_step((torch.randn(4, 128), y), 0)
+    assert float(module.train_metrics["acc"].compute()) == 1.0
