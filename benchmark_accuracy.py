@@ -250,6 +250,20 @@ def device_description() -> str:
         return platform.platform()
 
 
+def _join_train_args(argv: list[str]) -> list[str]:
+    """`--train-args --no-augment` as `--train-args=--no-augment`: argparse takes a value
+    that starts with '-' and holds no space for an option of its own and stops."""
+    out: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item == "--train-args":
+            value = next(items, None)
+            out.append("--train-args" if value is None else f"--train-args={value}")
+        else:
+            out.append(item)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="benchmark_accuracy.py", description=__doc__.split("\n\n")[0],
@@ -269,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the first set only, seed 0: a smoke test of the whole path")
     parser.add_argument("--output", type=Path, default=Path("runs/accuracy"),
                         help="folder for accuracy.json, accuracy.md, the run folders and logs")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_train_args(sys.argv[1:] if argv is None else argv))
 
     if not args.suite.is_dir():
         parser.error(f"suite {args.suite} is not a folder")

@@ -85,3 +85,13 @@ def test_no_baselines_says_so_in_the_table(tmp_path):
     assert code == 0
     table = (out / "accuracy.md").read_text()
     assert "n/a (not run: --no-baselines)" in table and "pending" not in table
+
+
+def test_train_args_may_be_one_option(tmp_path, capsys):
+    # argparse alone stops at a value like '--no-augment' ("expected one argument")
+    with pytest.raises(SystemExit):
+        benchmark_accuracy.main([str(tmp_path / "missing"), "--train-args", "--no-augment"])
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and "expected one argument" not in err
+    assert benchmark_accuracy._join_train_args(["S", "--train-args", "--no-augment", "--quick"]) \
+        == ["S", "--train-args=--no-augment", "--quick"]
