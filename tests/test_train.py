@@ -858,3 +858,23 @@ def test_ctrl_c_while_reading_exits_with_one_line(tmp_path, capsys, monkeypatch)
         train.main([*TINY, "--data", str(data_file), "--output-dir", str(tmp_path / "runs")])
     assert _one_line_error(capsys, 130, exit_info) == "train.py: interrupted (Ctrl-C)"
     assert not (tmp_path / "runs").exists()
+
+
+class _TestedWeights(Callback):
+    """The model's weights when testing starts."""
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_ema_tests_the_average_of_the_best_checkpoint(tmp_path) -> None:
+    # with a validation split the best checkpoint is tested: its averaged weights, not the
+    # training weights stored beside them for --resume
+    tested = _TestedWeights()
+    assert train.main([*TINY, "--epochs", "2", "--ema", "0.3", "--output-dir", str(tmp_path)],
+                      extra_callbacks=[tested]) == 0
+    [best] = (tmp_path / "dual_branch/version_0/checkpoints").glob("best-*.ckpt")
+    saved = torch.load(best, weights_only=True)
+    key = "model.head.weight"
+    assert not torch.equal(saved["state_dict"][key], saved["current_model_state"][key])
+    torch.testing.assert_close(tested.state[key], saved["state_dict"][key])

@@ -19,6 +19,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, WeightAveraging
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from data.aggregate import aggregate_windows, prediction_table
@@ -65,6 +66,15 @@ class BudgetEMA(WeightAveraging):
         super().__init__()
         self.fraction = fraction
         self.decay: float | None = None
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # only a fit that resumes takes the training weights back; testing or predicting a
+        # checkpoint keeps its state_dict, the average (Lightning's callback loaded the
+        # training weights into the model there too, so the best checkpoint was tested as
+        # trained, not averaged)
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # here, not in setup: the step count sets up the training data, which must come after
