@@ -250,14 +250,9 @@ def _stepped_rows(states: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor) ->
 # ----------------------------------------------------------------------------------------------
 # The public operator.
 
-_logged_choice: set[str] = set()
-
-
-_LOADED = {"cuda": "kernel built and loaded", "cpu": "C++ CPU kernel built and loaded"}
-_prepared: set[str] = set()  # kinds prepare_backend has announced
-
-
+_logged_choice: set[str] = set()  # "backend:reason" lines already logged
 _unlogged = False  # inside backend_choices_unlogged()
+_LOADED = {"cuda": "kernel built and loaded", "cpu": "C++ CPU kernel built and loaded"}
 
 
 @contextlib.contextmanager
@@ -319,9 +314,8 @@ def prepare_backend(device: torch.device | str) -> str:
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
     if wkv_build.load_extension_or_none(kind) is None:
         return "torch"
-    if kind not in _prepared and not _unlogged:  # said here too: a compiled model's first
-        _prepared.add(kind)                      # forward is a trace, which logs nothing
-        _log_backend_once(kind, _LOADED[kind])
+    # said here too: a compiled model's first forward is a trace, which logs nothing
+    _log_backend_once(kind, _LOADED[kind])
     return kind
 
 
