@@ -114,6 +114,8 @@ def test_commands_and_their_options(tmp_path) -> None:
     (["--hidden-size", "0"], "--hidden-size: expected an integer >= 1; got 0"),
     (["--data.length", "-3"], "--data.length: expected an integer >= 1; got -3"),
     (["--dropout", "1.5"], "--dropout: expected a number in [0, 1); got 1.5"),
+    (["--ema", "1.5"], "--ema: expected a number in [0, 1); got 1.5"),
+    (["--ema", "x"], "--ema: expected a number in [0, 1); got 'x'"),
     (["--accelerator", "tpu"], "--accelerator: invalid choice: 'tpu'"),
     (["--nosuch"], "unknown option --nosuch"),
     (["--no-lr"], "unknown option --no-lr"),
