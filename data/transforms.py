@@ -375,7 +375,7 @@ class RandomShift(nn.Module):
         return out
 
 
-def make_augmentation(scale: tuple[float, float] | None = (0.8, 1.25), noise: float = 0.05,
+def make_augmentation(scale: tuple[float, float] | None = None, noise: float = 0.05,
                       shift: float = 0.0) -> nn.Module | None:
     """The training augmentation chain (scale -> shift -> noise), or None if all are off."""
     steps: list[nn.Module] = []

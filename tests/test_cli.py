@@ -90,12 +90,14 @@ def test_shipped_configs_load_and_print_back(name: str, tmp_path, capsys) -> Non
 
 
 def test_print_config_of_the_defaults_and_of_fit(capsys) -> None:
-    for argv in (["--print-config"], ["fit", "--print-config", "--epochs", "3"]):
+    for argv, gain in ((["--print-config"], None),
+                       (["fit", "--print-config", "--epochs", "3", "--aug-scale", "0.8,1.25"],
+                        [0.8, 1.25])):
         with pytest.raises(SystemExit):
             parse_command(argv)
         printed = yaml.safe_load(capsys.readouterr().out)
         assert set(printed) == {"data", "model", "optimization", "hardware", "run"}
-        assert printed["data"]["aug_scale"] == [0.8, 1.25]  # plain lists, safe_load reads it
+        assert printed["data"]["aug_scale"] == gain  # plain lists, safe_load reads it
     assert printed["optimization"]["epochs"] == 3
 
 
