@@ -541,7 +541,9 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
                                     summary["report"], run.datamodule.sample_rate,
                                     monitor=options.optimization.monitor if best else None,
                                     experiment=getattr(run.logger, "experiment", None),
-                                    step=trainer.global_step)
+                                    step=trainer.global_step,
+                                    # Lightning's teardown left the model on the CPU
+                                    device=trainer.strategy.root_device)
                 except KeyboardInterrupt:
                     raise TrainingInterrupted(
                         f"stopped by Ctrl-C while drawing the pictures; the results are kept "

@@ -4,6 +4,7 @@ the run folder and in TensorBoard."""
 import json
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -119,3 +120,14 @@ def test_write_results_writes_the_files_and_prints_the_summary(tmp_path, capsys)
     assert out.rstrip().endswith("time: 12 s")
     write_results(tmp_path / "quiet", dict(summary), config, quiet=True)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.cuda
+def test_attributions_run_on_the_device_given():
+    """A fitted model comes back from Lightning's teardown on the CPU; train.py passes the
+    training device so that the occlusion runs there."""
+    model, items, probabilities, y, names, report = tiny_case()
+    figures = pictures_of_test_set(model, items, probabilities, y, names, report,
+                                   device="cuda")
+    assert "test_examples" in figures
+    assert next(model.parameters()).device.type == "cuda"

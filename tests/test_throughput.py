@@ -164,6 +164,32 @@ def test_capture_runs_validation_test_and_predict_eagerly():
     assert len(traced) == 2
 
 
+def test_capture_leaves_the_model_eager_after_the_fit():
+    """What uses the model after a fit, outside a trainer's stages (an export, the
+    estimator's predictions), must not compile it again for every batch shape."""
+    traced = []
+
+    def counting_backend(graph, example_inputs):
+        traced.append(graph)
+        return graph.forward
+
+    class Scale(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    module = SimpleNamespace(model=Scale())
+    module.model.compile(backend=counting_backend)
+    capture = GraphCapture()
+    capture.active = True  # as setup() leaves it on a GPU
+    capture.teardown(None, module, "validate")  # a validation run inside the fit: still on
+    module.model(torch.randn(3, 4))
+    assert len(traced) == 1 and capture.active
+    capture.teardown(None, module, "fit")
+    module.model(torch.randn(5, 4))
+    module.model(torch.randn(7, 4))
+    assert len(traced) == 1 and not capture.active
+
+
 def test_capture_blocker_names_the_reason():
     model = torch.nn.Linear(2, 2)
     assert capture_blocker(model, torch.device("cpu")) == "not on a GPU (cpu)"

@@ -101,13 +101,15 @@ def example_items(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tenso
 
 def pictures_of_test_set(model: nn.Module | None, dataset: Dataset | None, probabilities: Any,
                          labels: Any, class_names: Sequence[str], report: Mapping[str, Any],
-                         sample_rate: float | None = None) -> dict[str, Figure]:
+                         sample_rate: float | None = None,
+                         device: torch.device | str | None = None) -> dict[str, Figure]:
     """{name: Figure} of the per-class scores and the example grid of a test set.
 
     model: the classifier (x, lengths) -> logits, for the attributions (None: none drawn);
     dataset: the test items in the order of `probabilities` (N, K) and `labels` (N,) (None:
     no example grid);
-    report: sklearn's classification_report dict (output_dict=True) over class_names.
+    report: sklearn's classification_report dict (output_dict=True) over class_names;
+    device: where the attributions run (the model is moved there; None: where it is).
     """
     probabilities = torch.as_tensor(probabilities).float()
     labels = torch.as_tensor(labels).long()
@@ -119,6 +121,8 @@ def pictures_of_test_set(model: nn.Module | None, dataset: Dataset | None, proba
     x, lengths = example_items(dataset, chosen)
     attributions, label = None, "attribution"
     if model is not None:
+        if device is not None:
+            model.to(device)
         device = next(model.parameters()).device
         attributions = attribute_over_time(model, x.to(device), lengths.to(device),
                                            predicted[chosen].to(device),
@@ -157,9 +161,10 @@ def report_pictures(run_dir: str | Path, model: nn.Module | None, dataset: Datas
                     probabilities: Any, labels: Any, class_names: Sequence[str],
                     report: Mapping[str, Any], sample_rate: float | None = None,
                     monitor: str | None = None, experiment: Any = None,
-                    step: int = 0) -> list[Path]:
+                    step: int = 0, device: torch.device | str | None = None) -> list[Path]:
     """Draw and write every picture of a tested run (see the module docstring); the training
-    curves only where run_dir holds event files. A picture that cannot be drawn is logged
+    curves only where run_dir holds event files; the attributions on `device` (None: where
+    the model is). A picture that cannot be drawn is logged
     and skipped: the pictures never cost a run its results."""
     figures: dict[str, Figure] = {}
     try:
@@ -167,7 +172,7 @@ def report_pictures(run_dir: str | Path, model: nn.Module | None, dataset: Datas
             keep = np.asarray(labels) >= 0  # unlabelled test items have nothing to judge
             if keep.all():
                 figures.update(pictures_of_test_set(model, dataset, probabilities, labels,
-                                             class_names, report, sample_rate))
+                                                    class_names, report, sample_rate, device))
         curves = training_curves(run_dir, monitor)
         if curves is not None:
             figures["training_curves"] = curves

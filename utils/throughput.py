@@ -68,7 +68,8 @@ class GraphCapture(Callback):
     eager (each new shape would be compiled and recorded again). Validation, test and predict
     run eagerly: in eval mode, and for each of their batch shapes, the whole model would be
     compiled and recorded once more (over a minute each for configs/gpu.yaml's model on an
-    H200) to save a few milliseconds per batch."""
+    H200) to save a few milliseconds per batch. The fit's teardown makes the model eager for
+    good."""
 
     def __init__(self, enabled: bool = True, mode: str = "reduce-overhead",
                  max_shapes: int = 3) -> None:
@@ -106,8 +107,7 @@ class GraphCapture(Callback):
         if shape is not None and shape not in self._shapes:
             self._shapes.add(shape)
             if len(self._shapes) > self.max_shapes:
-                self.active = False
-                pl_module.model._compiled_call_impl = None  # what nn.Module.compile set
+                self._uncompile(pl_module)
                 log.info("train step: back to eager, not captured as CUDA graphs (batch shapes "
                          "vary: %d seen, e.g. %s; each would be compiled and recorded again)",
                          len(self._shapes), shape)
@@ -144,6 +144,18 @@ class GraphCapture(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         self._compiled()  # the stance is process-wide: do not leave it behind
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After the fit the model is eager again: whatever uses it next outside a trainer's
+        stages (an export, the estimator's predictions, on the CPU where Lightning's teardown
+        leaves it) would otherwise compile and record it anew for each batch shape."""
+        if stage == "fit" and self.active:
+            self._uncompile(pl_module)
+            self._shapes.clear()
+
+    def _uncompile(self, pl_module: pl.LightningModule) -> None:
+        self.active = False
+        pl_module.model._compiled_call_impl = None  # what nn.Module.compile set
 
 
 class _EpochClock:
