@@ -244,7 +244,9 @@ class DualBranchClassifier(nn.Module):
             fused = torch.cat((fused, self.amplitude(torch.cat((mean, std.log()), -1))), -1)
         return self.head(self.drop(fused))
 
-    def _check_lengths(self, lengths: Tensor, x: Tensor) -> Tensor:
+    def _check_lengths(self, lengths: Tensor, x: Tensor) -> Tensor | None:
+        """lengths on x's device, checked; None (eagerly) where every signal is full, so an
+        equal-length batch skips the masks and the reversed scan's gathers."""
         if not isinstance(lengths, Tensor) or lengths.shape != (x.shape[0],):
             raise ValueError(f"lengths must be a ({x.shape[0]},) tensor of sample counts; "
                              f"got {getattr(lengths, 'shape', type(lengths).__name__)}")
@@ -254,6 +256,8 @@ class DualBranchClassifier(nn.Module):
             if low < self.min_length or high > x.shape[1]:
                 raise ValueError(f"lengths must lie in [{self.min_length}, T = {x.shape[1]}]; "
                                  f"got {low}..{high}")
+            if low == x.shape[1]:
+                return None
         return lengths
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:

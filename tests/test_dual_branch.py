@@ -219,6 +219,18 @@ def test_padding_never_changes_a_prediction(branches):
         torch.testing.assert_close(together[1], model(long)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_a_batch_of_full_length_series_takes_the_unmasked_path():
+    """lengths that are all T change nothing, to the bit: the model drops them (the masked
+    path would round differently) and skips the masks and gathers."""
+    torch.manual_seed(0)
+    model = make("both", time={**TIME, "stem": "conv", "pooling": "meanmax"}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x = 3 + 2 * torch.randn(3, 300)
+        assert torch.equal(model(x, torch.full((3,), 300)), model(x))
+
+
 def test_amplitude_reaches_the_model_only_when_kept():
     """With instance_norm alone a signal and its scaled copy look the same; keep_amplitude
     tells them apart (their level and gain are features)."""
