@@ -164,8 +164,8 @@ def report_pictures(run_dir: str | Path, model: nn.Module | None, dataset: Datas
                     step: int = 0, device: torch.device | str | None = None) -> list[Path]:
     """Draw and write every picture of a tested run (see the module docstring); the training
     curves only where run_dir holds event files; the attributions on `device` (None: where
-    the model is). A picture that cannot be drawn is logged
-    and skipped: the pictures never cost a run its results."""
+    the model is). A picture that cannot be drawn is logged and skipped: the pictures never
+    cost a run its results."""
     figures: dict[str, Figure] = {}
     try:
         if probabilities is not None and labels is not None:
