@@ -252,7 +252,7 @@ class DualBranchClassifier(nn.Module):
                              f"got {getattr(lengths, 'shape', type(lengths).__name__)}")
         lengths = lengths.to(device=x.device, dtype=torch.long)
         if not torch.compiler.is_compiling():
-            low, high = int(lengths.min()), int(lengths.max())
+            low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync
             if low < self.min_length or high > x.shape[1]:
                 raise ValueError(f"lengths must lie in [{self.min_length}, T = {x.shape[1]}]; "
                                  f"got {low}..{high}")

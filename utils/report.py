@@ -121,9 +121,8 @@ def pictures_of_test_set(model: nn.Module | None, dataset: Dataset | None, proba
     x, lengths = example_items(dataset, chosen)
     attributions, label = None, "attribution"
     if model is not None:
-        if device is not None:
-            model.to(device)
-        device = next(model.parameters()).device
+        device = next(model.parameters()).device if device is None else torch.device(device)
+        model.to(device)
         attributions = attribute_over_time(model, x.to(device), lengths.to(device),
                                            predicted[chosen].to(device),
                                            method="occlusion").cpu()
