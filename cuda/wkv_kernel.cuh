@@ -195,11 +195,13 @@ __device__ __forceinline__ Place place_of(int tile, const Dims& d, bool reverse)
   return pl;
 }
 
-// Shared memory of one block. Structure of arrays ([component][row][channel][lane]) so that
-// neighbouring lanes touch neighbouring words.
+// Shared memory of one block. Structure of arrays ([component][channel][row][lane]): the 32
+// threads of a warp are consecutive (row, lane) pairs, so a warp's accesses of one row offset
+// touch 32 consecutive words, one per bank (with [row][channel][lane], rows LX * V words apart
+// fell into the same banks: a 2- to 4-way conflict on every access, measured with ncu).
 template <class Sh>
 struct Shared {
-  using States = float[3][Sh::R][Sh::V][Sh::LX];
+  using States = float[3][Sh::V][Sh::R][Sh::LX];
   States rows;                     // scan_rows: each row's inclusive scan
   States seen;                     // look_back: the predecessors' states
   int status[Sh::R][Sh::LX];       // look_back: the flag seen per (predecessor, lane)
@@ -211,14 +213,14 @@ struct Shared {
 
 template <class States>
 __device__ __forceinline__ void put(States& to, int row, int i, int lane, const State& s) {
-  to[0][row][i][lane] = s.a;
-  to[1][row][i][lane] = s.b;
-  to[2][row][i][lane] = s.p;
+  to[0][i][row][lane] = s.a;
+  to[1][i][row][lane] = s.b;
+  to[2][i][row][lane] = s.p;
 }
 
 template <class States>
 __device__ __forceinline__ State get(const States& from, int row, int i, int lane) {
-  return {from[0][row][i][lane], from[1][row][i][lane], from[2][row][i][lane]};
+  return {from[0][i][row][lane], from[1][i][row][lane], from[2][i][row][lane]};
 }
 
 // Scan positions of the rows: time order, or with kReverse from the last row back.
@@ -283,21 +285,20 @@ __device__ __forceinline__ State tile_aggregate(const Shared<Sh>& sh, const Plac
 }
 
 // Publish this tile's flag once every thread's writes of its data are done: the barrier orders
-// the block's writes before thread 0's fence and release store (as a grid-wide barrier does).
+// the block's writes before thread 0's release store, and a release is cumulative (PTX memory
+// model), so a reader whose acquire sees the flag sees those writes too. No separate fence:
+// __threadfence (MEMBAR.SC) before the release cost 2-6% of the kernels' time on an H200.
 __device__ __forceinline__ void publish(int* flag, int value) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    store_release(flag, value);
-  }
+  if (threadIdx.x == 0) store_release(flag, value);
 }
 
 // The exclusive prefix of the tile at scan position pl.pos: every tile before it in its series,
 // combined after initial(i) (the virtual tile at position -1). Row y inspects predecessor
 // top - y, so R predecessors are read at once; row 0 folds them, nearest first, until it meets
 // an inclusive prefix (each lane on its own: flags are read per thread). flags[m] is the flag
-// of scan position m of this series; read(m, i, inclusive) its published state of channel i
-// (called for lanes with channels only); steps_of(m) its length. Leaves the prefix in
+// of scan position m of this series; read(m, inclusive, out) its published states of the lane's
+// channels (called for lanes with channels only); steps_of(m) its length. Leaves the prefix in
 // sh.prefix, read by every row after the final barrier.
 template <class Sh, class Initial, class Read, class Steps>
 __device__ void look_back(Shared<Sh>& sh, const Place& pl, int* flags, const float (&w)[Sh::V],
@@ -313,9 +314,15 @@ __device__ void look_back(Shared<Sh>& sh, const Place& pl, int* flags, const flo
     int status = kNotReady;  // stays so beyond the virtual tile: never folded
     if (m >= 0) {
       while ((status = load_acquire(flags + m)) == kNotReady) pause();
+      State got[V];
+      if (pl.active) {
+        read(m, status == kPrefix, got);
+      } else {
 #pragma unroll
-      for (int i = 0; i < V; ++i)
-        put(sh.seen, pl.row, i, pl.lane, pl.active ? read(m, i, status == kPrefix) : kIdentity);
+        for (int i = 0; i < V; ++i) got[i] = kIdentity;
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) put(sh.seen, pl.row, i, pl.lane, got[i]);
     } else if (m == -1) {
       status = kPrefix;
 #pragma unroll
@@ -379,13 +386,54 @@ __device__ __forceinline__ int64_t state_at(const Dims& d, int b, int n, int c) 
   return (static_cast<int64_t>(b) * d.NT + n) * 3 * d.C + c;
 }
 
-__device__ __forceinline__ State load_state3(const float* s, int64_t i, int64_t stride) {
-  return {__ldcg(s + i), __ldcg(s + i + stride), __ldcg(s + i + 2 * stride)};
-}
 __device__ __forceinline__ void store_state3(float* s, int64_t i, int64_t stride, State v) {
   s[i] = v.a;
   s[i + stride] = v.b;
   s[i + 2 * stride] = v.p;
+}
+
+// V floats from the L2 (other blocks of the same launch write them; L1 is not coherent)
+template <int V>
+__device__ __forceinline__ void load_cg(const float* p, float (&out)[V]) {
+  if constexpr (V == 4) {
+    const float4 t = __ldcg(reinterpret_cast<const float4*>(p));
+    out[0] = t.x, out[1] = t.y, out[2] = t.z, out[3] = t.w;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = __ldcg(p + k);
+  }
+}
+
+// The states of a lane's V channels at element i (its first channel) of a tensor of states:
+// one V-wide load or store per component (scalar ones left 3/4 of every sector unused, ncu)
+template <int V>
+__device__ __forceinline__ void load_states(const float* s, int64_t i, int64_t stride,
+                                            State (&out)[V]) {
+  float c[3][V];
+#pragma unroll
+  for (int n = 0; n < 3; ++n) load_cg<V>(s + i + n * stride, c[n]);
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = {c[0][k], c[1][k], c[2][k]};
+}
+template <int V>
+__device__ __forceinline__ void store_states(float* s, int64_t i, int64_t stride,
+                                             const State (&v)[V]) {
+  float a[V], b[V], p[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) a[k] = v[k].a, b[k] = v[k].b, p[k] = v[k].p;
+  store_pack<float, V>(s + i, a);
+  store_pack<float, V>(s + i + stride, b);
+  store_pack<float, V>(s + i + 2 * stride, p);
+}
+
+// the tile's aggregate (after scan_rows) of the lane's channels, stored at element i
+template <class Sh>
+__device__ __forceinline__ void store_aggregate(float* s, int64_t i, int64_t stride,
+                                                const Shared<Sh>& sh, const Place& pl) {
+  State aggregate[Sh::V];
+#pragma unroll
+  for (int k = 0; k < Sh::V; ++k) aggregate[k] = tile_aggregate(sh, pl, k);
+  store_states<Sh::V>(s, i, stride, aggregate);
 }
 
 // body(j) for the row's steps: j = 0 .. len-1 (kReverse: len-1 .. 0). A full row runs
@@ -485,26 +533,23 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_forward_kernel(ForwardArgs<T>
   // 3. the tile's prefix: the initial state (first tile), or by look-back
   if (pl.pos == 0) {
     if (pl.row == 0 && pl.active) {
+      State init[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i)
-        store_state3(args.saved, state_at(d, pl.b, 0, pl.c0 + i), cs, initial(i));
+      for (int i = 0; i < V; ++i) init[i] = initial(i);
+      store_states<V>(args.saved, state_at(d, pl.b, 0, pl.c0), cs, init);
     }
     first_prefix(sh, pl, initial);
   } else {
-    if (holds_aggregate) {
-#pragma unroll
-      for (int i = 0; i < V; ++i)
-        store_state3(args.aggregate, state_at(d, pl.b, pl.n, pl.c0 + i), cs,
-                     tile_aggregate(sh, pl, i));
-    }
+    if (holds_aggregate)
+      store_aggregate(args.aggregate, state_at(d, pl.b, pl.n, pl.c0), cs, sh, pl);
     publish(flags + pl.pos, kAggregate);
     const float* saved = args.saved;
     const float* aggregate = args.aggregate;
     // forward: scan position == time tile; a tile's inclusive prefix is the next one's saved
     // state
-    auto read = [&](int m, int i, bool inclusive) {
-      return load_state3(inclusive ? saved : aggregate,
-                         state_at(d, pl.b, inclusive ? m + 1 : m, pl.c0 + i), cs);
+    auto read = [&](int m, bool inclusive, State (&out)[V]) {
+      load_states<V>(inclusive ? saved : aggregate,
+                     state_at(d, pl.b, inclusive ? m + 1 : m, pl.c0), cs, out);
     };
     auto steps_of = [&](int m) { return tile_steps(m, d.T); };
     look_back(sh, pl, flags, w, initial, read, steps_of);
@@ -512,16 +557,17 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_forward_kernel(ForwardArgs<T>
 
   // publish the inclusive prefix: the state entering the next tile (or the final state)
   if (holds_aggregate) {
+    State after[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      State after = prefix_of(sh, pl, i);
-      combine(after, tile_aggregate(sh, pl, i), static_cast<float>(tile_steps(pl.n, d.T)) * w[i]);
-      if (pl.n + 1 < d.NT) {
-        store_state3(args.saved, state_at(d, pl.b, pl.n + 1, pl.c0 + i), cs, after);
-      } else {
-        store_state3(args.state_out, static_cast<int64_t>(pl.b) * 3 * d.C + pl.c0 + i, cs,
-                     after);
-      }
+      after[i] = prefix_of(sh, pl, i);
+      combine(after[i], tile_aggregate(sh, pl, i),
+              static_cast<float>(tile_steps(pl.n, d.T)) * w[i]);
+    }
+    if (pl.n + 1 < d.NT) {
+      store_states<V>(args.saved, state_at(d, pl.b, pl.n + 1, pl.c0), cs, after);
+    } else {
+      store_states<V>(args.state_out, static_cast<int64_t>(pl.b) * 3 * d.C + pl.c0, cs, after);
     }
   }
   State entering[V];  // the state entering the row
@@ -617,10 +663,16 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<
     scan_rows<Sh, false>(sh, pl, d.T, w, s);
   }
   const float fwd_before = static_cast<float>(steps_before<Sh, false>(pl, d.T));
+  State tile_start[V];  // the saved state entering the tile
+  if (pl.active) {
+    load_states<V>(args.saved, state_at(d, pl.b, pl.n, pl.c0), cs, tile_start);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) tile_start[i] = kIdentity;
+  }
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    State s = pl.active ? load_state3(args.saved, state_at(d, pl.b, pl.n, pl.c0 + i), cs)
-                        : kIdentity;
+    State s = tile_start[i];
     combine(s, rows_before<Sh, false>(sh, pl, i), fwd_before * w[i]);
     for_steps<S>(pl.len, [&](int j) {
       fs[j][i] = s;
@@ -699,31 +751,28 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<
   if (pl.pos == 0) {
     first_prefix(sh, pl, initial);
   } else {
-    if (holds_aggregate) {
-#pragma unroll
-      for (int i = 0; i < V; ++i)
-        store_state3(args.aggregate, state_at(d, pl.b, pl.n, pl.c0 + i), cs,
-                     tile_aggregate(sh, pl, i));
-    }
+    if (holds_aggregate)
+      store_aggregate(args.aggregate, state_at(d, pl.b, pl.n, pl.c0), cs, sh, pl);
     publish(flags + pl.pos, kAggregate);
     const float* aggregate = args.aggregate;
     const float* prefix = args.prefix;
     // scan position m is time tile NT - 1 - m
-    auto read = [&](int m, int i, bool inclusive) {
-      return load_state3(inclusive ? prefix : aggregate,
-                         state_at(d, pl.b, d.NT - 1 - m, pl.c0 + i), cs);
+    auto read = [&](int m, bool inclusive, State (&out)[V]) {
+      load_states<V>(inclusive ? prefix : aggregate, state_at(d, pl.b, d.NT - 1 - m, pl.c0), cs,
+                     out);
     };
     auto steps_of = [&](int m) { return tile_steps(d.NT - 1 - m, d.T); };
     look_back(sh, pl, flags, w, initial, read, steps_of);
   }
   if (holds_aggregate && pl.n > 0) {
+    State at_start[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      State at_start = prefix_of(sh, pl, i);
-      combine(at_start, tile_aggregate(sh, pl, i),
+      at_start[i] = prefix_of(sh, pl, i);
+      combine(at_start[i], tile_aggregate(sh, pl, i),
               static_cast<float>(tile_steps(pl.n, d.T)) * w[i]);
-      store_state3(args.prefix, state_at(d, pl.b, pl.n, pl.c0 + i), cs, at_start);
     }
+    store_states<V>(args.prefix, state_at(d, pl.b, pl.n, pl.c0), cs, at_start);
   }
   State R[V];  // the gradient state entering the row's end
   const float after = static_cast<float>(steps_before<Sh, true>(pl, d.T));
@@ -752,8 +801,8 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<
   // in double
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    sh.seen[0][pl.row][i][pl.lane] = sw[i];
-    sh.seen[1][pl.row][i][pl.lane] = su[i];
+    sh.seen[0][i][pl.row][pl.lane] = sw[i];
+    sh.seen[1][i][pl.row][pl.lane] = su[i];
   }
   __syncthreads();
   if (pl.row == 0 && pl.active) {
@@ -761,8 +810,8 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<
     for (int i = 0; i < V; ++i) {
       float tw = 0.f, tu = 0.f;
       for (int y = 0; y < Sh::R; ++y) {
-        tw += sh.seen[0][y][i][pl.lane];
-        tu += sh.seen[1][y][i][pl.lane];
+        tw += sh.seen[0][i][y][pl.lane];
+        tu += sh.seen[1][i][y][pl.lane];
       }
       atomicAdd(args.sums + pl.c0 + i, static_cast<double>(tw));
       atomicAdd(args.sums + d.C + pl.c0 + i, static_cast<double>(tu));

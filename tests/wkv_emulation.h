@@ -247,6 +247,10 @@ inline double atomicAdd(double* p, double value) {
 }
 inline float __ldcg(const float* p) { return *p; }
 inline double __ldcg(const double* p) { return *p; }
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 __ldcg(const float4* p) { return *p; }
 inline float __fdividef(float x, float y) { return x / y; }
 // glibc declares __expf but does not export it; <cmath> is in, so a macro is safe here
 #define __expf(x) std::exp(static_cast<float>(x))
