@@ -41,14 +41,15 @@ using namespace wkv::gpu;
 // Four channels a thread: 4 float32 states of each kind in registers (8 would not leave room
 // for the rest). Rows of 8 steps forward and 4 backward, whatever the dtype; the backward also
 // holds the forward state of every step, and some of it spills (a few hundred bytes a thread,
-// to L1). Measured on an H200 (B=8, T=3750, C=256): a block's time is mostly fixed costs
-// (barriers, the look-back, loads in flight at 2 blocks per SM), so fewer, larger tiles win even
-// with the spills: the float32 backward took 0.181 ms with rows of 2 steps and 0.138 ms with 4
-// (and 1 block per SM, with no spills, was slower than 2 with them). Half-precision forward rows of 16 steps
-// spill more and were slower. Scalar shapes where C or an address does not allow vectors.
-template <typename T, bool kVector>
+// to local memory). Measured on an H200 (B=8, T=3750, C=256): a block's time is mostly fixed
+// costs (barriers, the look-back, loads in flight at 2 blocks per SM), so fewer, larger tiles
+// win even with the spills: the float32 backward took 0.181 ms with rows of 2 steps and
+// 0.138 ms with 4 (and 1 block per SM, with no spills, was slower than 2 with them).
+// Half-precision forward rows of 16 steps spill more and were slower. Scalar shapes where C or
+// an address does not allow vectors.
+template <bool kVector>
 using ForwardShape = Shape<kVector ? 4 : 1, kVector ? 8 : 16>;
-template <typename T, bool kVector>
+template <bool kVector>
 using BackwardShape = Shape<kVector ? 4 : 1, kVector ? 4 : 8>;
 
 bool aligned(const void* p, int bytes) {
@@ -175,11 +176,11 @@ std::tuple<Tensor, Tensor, Tensor> wkv_forward_cuda(const Tensor& decay_, const 
     args.y = y.data_ptr<T_>();
     args.state_out = state_out.data_ptr<float>();
     args.saved = saved.data_ptr<float>();
-    using Vec = ForwardShape<T_, true>;
+    using Vec = ForwardShape<true>;
     if (vectors_fit<T_, Vec::V>(C, {&k, &v, &r, &y})) {
       launch_forward<T_, Vec>(args, k, r.defined());
     } else {
-      launch_forward<T_, ForwardShape<T_, false>>(args, k, r.defined());
+      launch_forward<T_, ForwardShape<false>>(args, k, r.defined());
     }
   });
   return {y, state_out, saved};
@@ -230,14 +231,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward_cuda(
     args.gstate_in = state_ ? gstate_in.data_ptr<float>() : nullptr;
     args.gdecay = gdecay.data_ptr<float>();
     args.gfirst = gfirst.data_ptr<float>();
-    using Vec = BackwardShape<T_, true>;
+    using Vec = BackwardShape<true>;
     const Tensor none;
     // (saved is read V floats at a time too: it must be aligned like the vectors)
     if (vectors_fit<T_, Vec::V>(C, {&k, &v, &gy, &r, &gk, &gv, r.defined() ? &gr : &none}) &&
         aligned(saved.data_ptr(), static_cast<int>(sizeof(float)) * Vec::V)) {
       launch_backward<T_, Vec>(args, k, r.defined());
     } else {
-      launch_backward<T_, BackwardShape<T_, false>>(args, k, r.defined());
+      launch_backward<T_, BackwardShape<false>>(args, k, r.defined());
     }
   });
   return {gdecay, gfirst, gk, gv, gstate_in, gr};

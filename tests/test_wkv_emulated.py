@@ -140,6 +140,27 @@ def test_unaligned_inputs_take_the_scalar_path(emulated):
     assert rel(y, y_ref) < 2e-6
 
 
+def test_unaligned_saved_state_takes_the_scalar_backward(emulated):
+    """The backward reads the forward's saved states 16 bytes at a time: handed a `saved` that
+    starts 4 bytes into its storage, it runs the scalar kernel (a GPU would fault on the
+    vector loads), with the gradients of the aligned call."""
+    B, T, C = 2, 200, 8
+    decay, first, k, v, _ = make_inputs(B, T, C)
+    args = [t.float() for t in (decay, first, k, v)]
+    gy = torch.randn(B, T, C)
+    (y, state_out, saved), aligned, stats = run(emulated, *args, gy=gy)
+    assert stats["misaligned_vector_loads"] == 0
+    flat = torch.empty(saved.numel() + 1)
+    saved_odd = flat[1:].view(saved.shape)
+    saved_odd.copy_(saved)
+    assert saved_odd.data_ptr() % 16 != 0
+    emulated.configure(8, 0, 0)
+    odd = emulated.backward(*args, None, None, saved_odd, state_out, gy, None)
+    assert emulated.stats()["misaligned_vector_loads"] == 0
+    for name, a, b in zip(("decay", "first", "k", "v"), odd[:4], aligned[:4], strict=True):
+        assert rel(a, b) < 1e-6, name
+
+
 def test_many_batch_rows(emulated):
     B, T, C = 600, 5, 4
     check(emulated, B, T, C, torch.float32, True, False, concurrency=16)

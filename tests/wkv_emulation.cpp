@@ -34,6 +34,7 @@ py::dict stats() {
   d["saw_prefix"] = s.saw_prefix;
   d["windows_continued"] = s.windows_continued;
   d["blocks"] = s.blocks;
+  d["misaligned_vector_loads"] = s.misaligned_vector_loads;
   return d;
 }
 

@@ -46,6 +46,7 @@ struct Stats {
   int64_t flag_loads = 0, saw_not_ready = 0, saw_aggregate = 0, saw_prefix = 0;
   int64_t windows_continued = 0;  // __syncthreads_and that returned false: another look-back round
   int64_t blocks = 0;
+  int64_t misaligned_vector_loads = 0;  // a GPU would fault on these ("misaligned address")
 };
 
 struct Block;
@@ -250,7 +251,11 @@ inline double __ldcg(const double* p) { return *p; }
 struct alignas(16) float4 {
   float x, y, z, w;
 };
-inline float4 __ldcg(const float4* p) { return *p; }
+inline float4 __ldcg(const float4* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(float4) != 0)
+    ++wkv_emulation::Runtime::get().stats.misaligned_vector_loads;
+  return *p;
+}
 inline float __fdividef(float x, float y) { return x / y; }
 // glibc declares __expf but does not export it; <cmath> is in, so a macro is safe here
 #define __expf(x) std::exp(static_cast<float>(x))
