@@ -106,3 +106,22 @@ def test_every_checkout_compiles_the_same_staged_copies(tmp_path, monkeypatch):
     for file in ext.sources + ext.headers:
         copy = tmp_path / "build" / "src" / file
         assert copy.read_bytes() == (build.SOURCE_DIR / file).read_bytes()
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_kernel_timing_program_compiles(tmp_path):
+    """docs/wkv_kernel_timing.cu (the kernel timings in docs/benchmarks.md) launches the
+    kernels of cuda/wkv_kernel.cuh directly: it must keep compiling as they change."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    nvcc = Path(build.find_cuda_home()) / "bin" / "nvcc"
+    proc = subprocess.run([str(nvcc), "-O3", "-std=c++17", "-arch=sm_90",
+                           "--expt-relaxed-constexpr", f"-I{root / 'cuda'}", "-c",
+                           str(root / "docs" / "wkv_kernel_timing.cu"),
+                           "-o", str(tmp_path / "timing.o")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "timing.o").stat().st_size > 0
