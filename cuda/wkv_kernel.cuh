@@ -287,7 +287,7 @@ __device__ __forceinline__ State tile_aggregate(const Shared<Sh>& sh, const Plac
 // Publish this tile's flag once every thread's writes of its data are done: the barrier orders
 // the block's writes before thread 0's release store, and a release is cumulative (PTX memory
 // model), so a reader whose acquire sees the flag sees those writes too. No separate fence:
-// __threadfence (MEMBAR.SC) before the release cost 2-6% of the kernels' time on an H200.
+// __threadfence (MEMBAR.SC) before the release cost 2-7% of the kernels' time on an H200.
 __device__ __forceinline__ void publish(int* flag, int value) {
   __syncthreads();
   if (threadIdx.x == 0) store_release(flag, value);
