@@ -147,7 +147,7 @@ def build_callbacks(options: TrainOptions, validation: bool,
         # data wait, GPU busy fraction, launches)
         ThroughputMonitor(every_n_steps=options.run.memory_log_every),
         EpochSummary(),
-        # --capture on a GPU: the classifier compiled, its step replayed as CUDA graphs
+        # on a GPU: the train step recorded as a CUDA graph and replayed (--no-capture: eager)
         GraphCapture(enabled=options.hardware.capture),
     ]
     if opt.ema > 0:

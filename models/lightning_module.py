@@ -16,6 +16,7 @@ set-up data module; `SignalEnsemble` averages the probabilities of several for p
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -37,9 +38,11 @@ from torchmetrics.classification import (
 )
 
 from models.dual_branch import DualBranchClassifier, DualBranchConfig
+from models.train_step import CapturedTrainStep, GraphAdamW
 from utils.metrics import classification_report_from_confusion, plot_confusion_matrix, to_plain
 
 RNG_KEY = "rng_states"
+log = logging.getLogger(__name__)
 
 
 class WarmupCosine:
@@ -163,6 +166,11 @@ class SignalClassifierModule(pl.LightningModule):
         # Filled at test end (all ranks) for train.py to write out.
         self.test_results: dict[str, Any] = {}
         self.samples_trained = 0  # by this process, since it started
+        # the whole train step as a CUDA graph (utils.throughput.GraphCapture asks for it
+        # before the optimizer is made; models/train_step.py)
+        self.capture_train_step = False
+        self.train_step_graph: CapturedTrainStep | None = None
+        self.step_loss: Tensor | None = None  # the last training step's loss, for the guards
 
     @classmethod
     def from_options(cls, model: Any, optimization: Any, datamodule: Any,
@@ -201,29 +209,79 @@ class SignalClassifierModule(pl.LightningModule):
             label_smoothing=self.hparams.label_smoothing,
         )
 
-    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """(x, y) for an (x, y, lengths) batch whose signals are all whole: what the model
+        does with such lengths (nothing), found on the host, where it costs no device sync,
+        so the step takes the unmasked path (and can be a captured graph)."""
+        if (isinstance(batch, (tuple, list)) and len(batch) == 3
+                and isinstance(batch[0], Tensor) and batch[0].dim() >= 2
+                and isinstance(batch[2], Tensor) and batch[2].device.type == "cpu"
+                and bool((batch[2] == batch[0].shape[1]).all())):
+            return batch[0], batch[1]
+        return batch
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor | None:
         x, y, lengths = _unpack(batch)
         alpha = self.hparams.mixup
-        if alpha > 0 and len(y) > 1:
-            lam = float(np.random.beta(alpha, alpha))
-            other = torch.randperm(len(y), device=y.device)
+        mixing = alpha > 0 and len(y) > 1
+        lam = float(np.random.beta(alpha, alpha)) if mixing else 1.0
+        other = torch.randperm(len(y), device=y.device) if mixing else None
+        captured = self._captured_step(x, y, lengths, lam, other)
+        if captured is not None:
+            loss, logits = captured
+        elif mixing:
             x = lam * x + (1 - lam) * x[other]
             if lengths is not None:
                 lengths = torch.maximum(lengths, lengths[other])
             logits = self(x, lengths)
             loss = lam * self.loss(logits, y) + (1 - lam) * self.loss(logits, y[other])
-            # the training metrics score the blend against its larger part's label (against y
-            # alone, a model that fits every blend scored about 0.6 on ten classes)
-            y = y if lam >= 0.5 else y[other]
         else:
             logits = self(x, lengths)
             loss = self.loss(logits, y)
+        # the training metrics score a blend against its larger part's label (against y
+        # alone, a model that fits every blend scored about 0.6 on ten classes)
+        if mixing and lam < 0.5:
+            y = y[other]
+        self.step_loss = loss.detach()
         self.train_metrics.update(logits.detach(), y)
         self.samples_trained += x.shape[0]
-        self.train_loss(loss.detach(), len(y))
+        # the weight as a device tensor: a Python number becomes one through a blocking copy,
+        # a device sync every step (it held a captured step's host back by ~3 ms on an H200)
+        self.train_loss(loss.detach(), _count(loss, len(y)))
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(y))
-        return loss
+        # a captured step has trained already: nothing for Lightning to back-propagate
+        return None if captured is not None else loss
+
+    def _captured_step(self, x: Tensor, y: Tensor, lengths: Tensor | None, lam: float,
+                       other: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """(loss, logits) of this batch's step as a CUDA graph (models/train_step.py), which
+        updates the weights itself; None where the step runs eagerly (capture not asked for,
+        a batch with lengths or of another shape, or a model that could not be captured)."""
+        optimizer = self.trainer.optimizers[0] if self.capture_train_step else None
+        if not isinstance(optimizer, GraphAdamW) or lengths is not None:
+            return None
+        if self.train_step_graph is None:
+            trainer = self.trainer
+            clip = trainer.gradient_clip_val or 0.0
+            by_value = str(trainer.gradient_clip_algorithm) == "value"
+            self.train_step_graph = CapturedTrainStep(
+                self.model, self.loss, optimizer, clip_norm=0.0 if by_value else clip,
+                clip_value=clip if by_value else 0.0)
+        step = self.train_step_graph
+        if not step.accepts(x):
+            return None
+        if other is None:
+            other = torch.arange(len(y), device=y.device)
+        try:
+            outputs = step(x, y, lam, other)
+        except RuntimeError as exc:
+            self.capture_train_step = False
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.info("train step: eager from here on, not captured as a CUDA graph (%s)", reason)
+            return None
+        optimizer.updated_in_step = True
+        return outputs
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val", self.val_metrics, self.val_confusion,
@@ -260,7 +318,8 @@ class SignalClassifierModule(pl.LightningModule):
         if stage == "test":
             self._test_probs.append(torch.softmax(logits.float(), -1).detach().cpu())
             self._test_labels.append(y.detach().cpu())
-        mean_loss.update(self.loss(logits, y), len(y))
+        loss = self.loss(logits, y)
+        mean_loss.update(loss, _count(loss, len(y)))
         metrics.update(logits, y)
         confusion.update(logits, y)
         self.log(f"{stage}/loss", mean_loss, prog_bar=stage == "val")
@@ -330,9 +389,14 @@ class SignalClassifierModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = self.model.optimizer_groups(hp.weight_decay)
-        # not fused=True: Lightning's mixed-precision plugins refuse gradient clipping with an
-        # optimizer that unscales gradients itself; torch picks the foreach kernels on CUDA
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        # on a GPU without a GradScaler (bf16-mixed, 32): the fused kernels, one launch per
+        # parameter group instead of a dozen foreach ones (configure_gradient_clipping clips
+        # for it); with a GradScaler (16-mixed) the foreach kernels, which Lightning unscales
+        if self.capture_train_step:
+            optimizer = GraphAdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas),
+                                          fused=self._fused_optimizer() or None)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = hp.warmup * total if hp.warmup < 1 else hp.warmup
         schedule = WarmupCosine(total, round(warmup), hp.min_lr_ratio)
@@ -341,6 +405,30 @@ class SignalClassifierModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
         }
+
+    def _fused_optimizer(self) -> bool:
+        """Fused AdamW: on a GPU, unless a GradScaler unscales the gradients (16-mixed)."""
+        trainer = self._trainer
+        if trainer is None or self.device.type != "cuda":
+            return False
+        return getattr(trainer.precision_plugin, "scaler", None) is None
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except for the fused optimizer (no GradScaler, so nothing to
+        unscale), which Lightning's mixed-precision plugin refuses: clipped here the same way."""
+        if getattr(optimizer, "updated_in_step", False):
+            return  # clipped inside the captured step, before its update
+        if not gradient_clip_val or not optimizer.defaults.get("fused"):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        else:
+            nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
 
 class SignalEnsemble(pl.LightningModule):
@@ -372,6 +460,11 @@ def _unpack(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
     if len(batch) == 3:
         return batch[0], batch[1], batch[2]
     return batch[0], batch[1], None
+
+
+def _count(like: Tensor, n: int) -> Tensor:
+    """n as a float32 scalar on like's device, made there (no host-to-device copy)."""
+    return torch.full((), float(n), dtype=torch.float32, device=like.device)
 
 
 def _indent(text: str) -> str:

@@ -131,7 +131,11 @@ def validate_signal(x: Tensor, channels: int, min_length: int = 1, why: str = ""
     if not x.is_floating_point():
         raise ValueError(f"expected a floating-point signal; got dtype {x.dtype} "
                          f"(convert integer PCM with x.float() and scale it)")
-    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+    # not while compiling or recording a CUDA graph (a host sync breaks both; the readers
+    # refuse non-finite samples and NonFiniteGuard watches the loss there)
+    if (check_finite and not torch.compiler.is_compiling()
+            and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+            and not bool(torch.isfinite(x).all())):
         raise ValueError(f"the signal contains NaN or Inf values (shape {shape})")
     return x
 

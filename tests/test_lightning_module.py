@@ -114,6 +114,52 @@ def test_optimizer_groups_and_step_schedule() -> None:
     # 8 steps: the schedule ran to its end, lr = lr * min_lr_ratio
     assert trainer.global_step == 8
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.05, rel=1e-6)
+    assert not optimizer.defaults.get("fused")  # fused kernels only on a GPU
+
+
+def test_lengths_that_pad_nothing_are_dropped_before_the_transfer() -> None:
+    module = tiny_module()
+    x, y = torch.randn(3, 128), torch.tensor([0, 1, 2])
+    whole = module.on_before_batch_transfer((x, y, torch.full((3,), 128)), 0)
+    assert len(whole) == 2 and whole[0] is x and whole[1] is y
+    padded = (x, y, torch.tensor([128, 100, 128]))
+    assert module.on_before_batch_transfer(padded, 0) is padded
+    assert module.on_before_batch_transfer((x, y), 0) == (x, y)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_the_fused_optimizer_is_clipped_as_lightning_would(algorithm: str) -> None:
+    """Lightning refuses to clip for a fused optimizer; the module clips it itself, the same
+    way torch.nn.utils does for the foreach one."""
+    torch.manual_seed(0)
+    module = tiny_module()
+    x, y = torch.randn(4, 128), torch.tensor([0, 1, 2, 0])
+    module.loss(module(x), y).backward()
+    params = [p for p in module.parameters() if p.grad is not None]
+    clip = 1e-3 if algorithm == "norm" else 1e-4
+    if algorithm == "norm":
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        assert norm > 10 * clip  # so clipping has something to do
+        scale = clip / (norm + 1e-6)
+        expected = [p.grad * scale for p in params]
+    else:
+        expected = [p.grad.clamp(-clip, clip) for p in params]
+    fused = torch.optim.AdamW(module.model.optimizer_groups(0.0), lr=1e-3, fused=True)
+    module.configure_gradient_clipping(fused, clip, algorithm)
+    for param, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(param.grad, want)
+
+
+@pytest.mark.cuda
+def test_bf16_training_on_a_gpu_uses_the_fused_optimizer_and_clips() -> None:
+    module = tiny_module()
+    trainer = quiet_trainer(accelerator="gpu", precision="bf16-mixed", max_steps=4,
+                            limit_val_batches=0, gradient_clip_val=0.01)
+    trainer.fit(module, train_dataloaders=loader(32, 3))
+    assert trainer.optimizers[0].defaults["fused"] is True
+    # the last step's gradients, as clipped before its update (the next step zeroes them)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and 0 < float(torch.nn.utils.get_total_norm(grads)) <= 0.01 * 1.001
 
 
 def test_test_metrics_match_sklearn() -> None:

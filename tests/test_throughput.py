@@ -190,16 +190,25 @@ def test_capture_leaves_the_model_eager_after_the_fit():
     assert len(traced) == 1 and not capture.active
 
 
+def test_automatic_capture_is_quiet_on_a_cpu(caplog):
+    """The default (enabled=None) captures where it can; a CPU run is not told about it."""
+    with caplog.at_level(logging.INFO, logger="utils.throughput"):
+        _fit([GraphCapture(enabled=None)], steps=2)
+    assert "train step" not in caplog.text
+
+
 def test_capture_blocker_names_the_reason():
     model = torch.nn.Linear(2, 2)
     assert capture_blocker(model, torch.device("cpu")) == "not on a GPU (cpu)"
 
 
 @cuda
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_graph_capture_trains_like_eager_and_reports_gpu_busy(tmp_path, checkpointing):
-    """The whole classifier compiled with reduce-overhead under Lightning (bf16-mixed) gives
-    the eager run's weights after the same steps; the monitor reports a busy fraction."""
+@pytest.mark.parametrize(("checkpointing", "accumulate"), [(False, 1), (True, 1), (False, 2)])
+def test_graph_capture_trains_like_eager_and_reports_gpu_busy(tmp_path, checkpointing,
+                                                              accumulate):
+    """The captured train step under Lightning (bf16-mixed) gives the eager run's weights after
+    the same steps (with gradients accumulated over two batches it says why it stays eager);
+    the monitor reports a busy fraction."""
     torch._dynamo.reset()
     # no dropout, no SpecAugment: compiled code draws other random numbers than eager
     model = {**TINY_MODEL, "dropout": 0.0,
@@ -216,6 +225,7 @@ def test_graph_capture_trains_like_eager_and_reports_gpu_busy(tmp_path, checkpoi
         trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=12, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, precision="bf16-mixed",
+                             accumulate_grad_batches=accumulate,
                              callbacks=[GraphCapture(enabled=capture), monitor])
         trainer.fit(module, DataLoader(data, batch_size=8, drop_last=True))
         results.append(({k: v.detach().float().cpu() for k, v in module.state_dict().items()},

@@ -104,9 +104,12 @@ class HardwareOptions:
     sync_batchnorm: bool | None = option(None, "BatchNorm statistics over all ranks' batches "
                                          "(default: on for multi-GPU runs; PyTorch's "
                                          "SyncBatchNorm needs GPUs)")
-    capture: bool = option(False, "GPU: the whole classifier under torch.compile(reduce-overhead), "
-                                  "its train step replayed as CUDA graphs (eager again, with the "
-                                  "reason logged, where that cannot work; see docs/benchmarks.md)")
+    capture: bool | None = option(
+        None, "GPU: the whole train step (forward, loss, backward, clipping, AdamW update) "
+        "recorded once as a CUDA graph and replayed (eager, with the reason logged, where it "
+        "cannot be); --capture also compiles the classifier with reduce-overhead where the whole "
+        "step cannot be one graph (DDP); --no-capture: eager (default: on for one GPU; see "
+        "docs/benchmarks.md)")
 
     def __post_init__(self) -> None:
         check_fields(self)

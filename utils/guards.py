@@ -48,9 +48,12 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):  # a captured step returns none: it has trained
+            loss = getattr(pl_module, "step_loss", None)
         if not isinstance(loss, torch.Tensor):
             return
-        step = torch.tensor(trainer.global_step, device=loss.device)
+        # made on the device: torch.tensor(n, device=...) is a blocking copy, a sync a step
+        step = torch.full((), trainer.global_step, dtype=torch.long, device=loss.device)
         if self._bad_step is None or self._bad_step.device != loss.device:
             self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
         # remember the first step whose loss is not finite

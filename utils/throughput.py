@@ -1,13 +1,13 @@
 """Keeping the GPU busy during training, and measuring how busy it is: two Lightning callbacks.
 
-`GraphCapture`: on a GPU, the whole classifier (both branches) goes through
-    torch.compile(mode="reduce-overhead"): its forward and backward are replayed as CUDA graphs,
-    one host launch each instead of hundreds of kernel launches. Where capture cannot work it
-    leaves the model eager and logs one line saying why (not on a GPU, no Triton, per-block
-    batch shapes that keep changing). It replaces a per-block compile (`compile_blocks`).
-    Compiled, the classifier's per-forward NaN/Inf check of its input (a host sync) is not
-    made: the readers refuse or repair non-finite samples (data/formats/core.py) and
-    NonFiniteGuard checks the loss every 50 steps.
+`GraphCapture`: on one GPU, the whole train step (forward, loss, backward, clipping, AdamW)
+    recorded once as a CUDA graph and replayed (`models.train_step.CapturedTrainStep`); with
+    --capture and several processes, the whole classifier under
+    torch.compile(mode="reduce-overhead") instead. Where neither can work it leaves the step
+    eager and logs one line saying why (not on a GPU, gradient accumulation, a GradScaler,
+    batch shapes that keep changing). Captured or compiled, the classifier's per-forward
+    NaN/Inf check of its input (a host sync) is not made: the readers refuse or repair
+    non-finite samples (data/formats/core.py) and NonFiniteGuard checks the loss.
 `ThroughputMonitor`: the one throughput callback. Every `every_n_steps` training steps it logs
     to the trainer's logger (TensorBoard) samples/s (all ranks), wall ms per step, the fraction
     of the step the loader made the loop wait, and, from a short torch.profiler window, GPU busy
@@ -33,6 +33,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from utils.benchmarking import busy_and_launches
 
 log = logging.getLogger(__name__)
+# torch.compile modes that record CUDA graphs themselves
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _batch_shape(batch: Any) -> tuple[int, ...] | None:
@@ -51,8 +53,13 @@ def capture_blocker(model: torch.nn.Module, device: torch.device) -> str | None:
     return None
 
 
-def _uncompile_blocks(model: torch.nn.Module) -> bool:
-    """Undo `compile_blocks` (the whole model is compiled instead); True if there were any."""
+def _uncompile_blocks(model: torch.nn.Module, graph_modes_only: bool = False) -> bool:
+    """Undo `compile_blocks` (the whole model is compiled instead; or, with
+    graph_modes_only, only where the blocks' compile mode records CUDA graphs); True if there
+    were any."""
+    config = getattr(getattr(model, "config", None), "time", None)
+    if graph_modes_only and getattr(config, "compile_mode", "default") not in GRAPH_MODES:
+        return False
     undone = False
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
@@ -61,43 +68,92 @@ def _uncompile_blocks(model: torch.nn.Module) -> bool:
     return undone
 
 
-class GraphCapture(Callback):
-    """torch.compile(mode=`mode`) of `pl_module.model` (in place: parameter names and
-    checkpoints are unchanged) when fitting on a GPU; eager with a one-line logged reason
-    where that cannot work. After `max_shapes` different training-batch shapes it goes back to
-    eager (each new shape would be compiled and recorded again). Validation, test and predict
-    run eagerly: in eval mode, and for each of their batch shapes, the whole model would be
-    compiled and recorded once more (over a minute each for configs/gpu.yaml's model on an
-    H200) to save a few milliseconds per batch. The fit's teardown makes the model eager for
-    good."""
+def whole_step_blocker(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+    """Why the whole train step (models/train_step.py) cannot be one CUDA graph in this
+    fit, or None if it can."""
+    if not hasattr(pl_module, "capture_train_step"):
+        return f"{type(pl_module).__name__} has no captured train step"
+    if trainer.world_size > 1:
+        return f"{trainer.world_size} processes: DDP all-reduces the gradients outside a graph"
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        return "16-mixed: the GradScaler reads its overflow checks on the host"
+    return accumulation_blocker(trainer)
 
-    def __init__(self, enabled: bool = True, mode: str = "reduce-overhead",
+
+def accumulation_blocker(trainer: pl.Trainer) -> str | None:
+    """Why no part of the train step can be replayed as CUDA graphs: gradients accumulated
+    over several batches would live in one replay's memory and be overwritten by the next
+    (torch.compile's reduce-overhead fails on them); None if they are not."""
+    if trainer.accumulate_grad_batches > 1:
+        return f"gradients accumulate over {trainer.accumulate_grad_batches} batches"
+    return None
+
+
+class GraphCapture(Callback):
+    """On a GPU, the train step replayed as CUDA graphs; eager with a one-line logged reason
+    where that cannot work. enabled: True (--capture), None (the default: the whole step
+    only, nothing said on a CPU) or False (--no-capture).
+
+    Where it can (one process, no gradient accumulation), the whole step (forward, loss,
+    backward, clipping and the AdamW update) is recorded as one graph after a few eager steps
+    and replayed for every batch of that shape (`models.train_step.CapturedTrainStep`);
+    batches of another shape, or with lengths, take the eager step, and a model that cannot be
+    recorded trains eagerly from then on (logged). Blocks compiled with a CUDA-graph mode
+    (reduce-overhead, max-autotune) are made eager first: a graph cannot hold another's.
+
+    Otherwise, torch.compile(mode=`mode`) of `pl_module.model` (in place: parameter names and
+    checkpoints are unchanged) replays its forward and backward as graphs. After `max_shapes`
+    different training-batch shapes it goes back to eager (each new shape would be compiled
+    and recorded again). Validation, test and predict run eagerly: in eval mode, and for each
+    of their batch shapes, the whole model would be compiled and recorded once more (over a
+    minute each for configs/gpu.yaml's model on an H200) to save a few milliseconds per
+    batch. The fit's teardown makes the model eager for good."""
+
+    def __init__(self, enabled: bool | None = True, mode: str = "reduce-overhead",
                  max_shapes: int = 3) -> None:
-        self.enabled = enabled
+        self.enabled = enabled  # None: the whole step where it can be, else eager
         self.mode = mode
         self.max_shapes = max_shapes
-        self.active = False
+        self.active = False  # the whole model compiled
+        self.whole_step = False  # the whole train step captured
         self._shapes: set[tuple[int, ...]] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.active:
+        if stage != "fit" or self.active or self.whole_step:
+            return
+        if self.enabled is False:
+            log.debug("train step: eager, not captured as CUDA graphs (turned off)")
             return
         device = trainer.strategy.root_device
-        reason = "turned off" if not self.enabled else capture_blocker(pl_module.model, device)
-        if reason is not None:
-            # said where capture was asked for; quiet where it is simply off
-            level = logging.INFO if self.enabled else logging.DEBUG
-            log.log(level, "train step: eager, not captured as CUDA graphs (%s)", reason)
+        whole = whole_step_blocker(trainer, pl_module)
+        # what stops the whole model's compile, the way round when the step cannot be one
+        # graph; only when asked for (a compile takes a minute)
+        reason = capture_blocker(pl_module.model, device) or accumulation_blocker(trainer)
+        if self.enabled is None and reason is None:
+            reason = "the whole model's compile only with --capture"
+        if device.type != "cuda" or (whole is not None and reason is not None):
+            quiet = device.type != "cuda" and self.enabled is None  # not asked for, no GPU
+            log.log(logging.DEBUG if quiet else logging.INFO,
+                    "train step: eager, not captured as CUDA graphs (%s)",
+                    reason if device.type != "cuda" or reason == whole else f"{whole}; {reason}")
             return
         from models.wkv import prepare_backend
 
-        prepare_backend(device)  # a trace can only use a WKV kernel that is already loaded
+        prepare_backend(device)  # a trace or a graph can only use a loaded WKV kernel
+        if whole is None:
+            self.whole_step = True
+            pl_module.capture_train_step = True  # before configure_optimizers
+            undone = _uncompile_blocks(pl_module.model, graph_modes_only=True)
+            log.info("train step: forward, loss, backward, clipping and the AdamW update "
+                     "recorded as one CUDA graph after a few eager steps, then replayed%s",
+                     " (the blocks' CUDA-graph compile made eager)" if undone else "")
+            return
         replaced = _uncompile_blocks(pl_module.model)
         pl_module.model.compile(mode=self.mode)
         self.active = True
         log.info("train step: the whole classifier under torch.compile(mode=%r): forward and "
-                 "backward replayed as CUDA graphs%s", self.mode,
-                 " (instead of the per-block compile)" if replaced else "")
+                 "backward replayed as CUDA graphs%s; not the whole step as one graph (%s)",
+                 self.mode, " (instead of the per-block compile)" if replaced else "", whole)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -152,6 +208,10 @@ class GraphCapture(Callback):
         if stage == "fit" and self.active:
             self._uncompile(pl_module)
             self._shapes.clear()
+        if stage == "fit" and self.whole_step:
+            self.whole_step = False
+            pl_module.capture_train_step = False
+            pl_module.train_step_graph = None  # its memory pool goes with it
 
     def _uncompile(self, pl_module: pl.LightningModule) -> None:
         self.active = False
