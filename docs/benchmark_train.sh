@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device run behind docs/benchmarks.md's "train.py on the GPU: samples/s and GPU busy"
-# (issue 15): train.py of this tree (with and without --capture) and of an older main
+# (issue 15): train.py of this tree (captured, the default, and --no-capture) and of an older main
 # (commit MAIN, default d79eb28) one after another on one GPU, logs under OUT.
 #   OUT=/tmp/out BUDGET=585 bash docs/benchmark_train.sh
 #   MAIN_TAR=main.tar ...   # main's files from `git archive MAIN` where the GPU machine has no .git
@@ -60,9 +60,9 @@ sys.exit(train.main(sys.argv[1:], [ThroughputMonitor(every_n_steps=50,
   echo "train $label rc=$?"
 }
 
-this_run gpuyaml_capture --config configs/gpu.yaml --capture $STEPS
+this_run gpuyaml_capture --config configs/gpu.yaml $STEPS  # captured: the default on one GPU
 main_run main_gpuyaml --config configs/gpu.yaml $STEPS
-this_run default_capture --capture $STEPS
+this_run default_capture $STEPS
 main_run main_default $STEPS
-this_run gpuyaml --config configs/gpu.yaml $STEPS
+this_run gpuyaml_eager --config configs/gpu.yaml --no-capture $STEPS
 cat "$OUT"/train_*.tb.txt "$OUT"/train_*.jsonl 2>/dev/null
