@@ -53,13 +53,9 @@ def capture_blocker(model: torch.nn.Module, device: torch.device) -> str | None:
     return None
 
 
-def _uncompile_blocks(model: torch.nn.Module, graph_modes_only: bool = False) -> bool:
-    """Undo `compile_blocks` (the whole model is compiled instead; or, with
-    graph_modes_only, only where the blocks' compile mode records CUDA graphs); True if there
-    were any."""
-    config = getattr(getattr(model, "config", None), "time", None)
-    if graph_modes_only and getattr(config, "compile_mode", "default") not in GRAPH_MODES:
-        return False
+def _uncompile_blocks(model: torch.nn.Module) -> bool:
+    """Undo `compile_blocks` (the whole model is compiled instead, or the blocks' compile
+    mode records CUDA graphs of its own); True if there were any."""
     undone = False
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
@@ -125,17 +121,19 @@ class GraphCapture(Callback):
             log.debug("train step: eager, not captured as CUDA graphs (turned off)")
             return
         device = trainer.strategy.root_device
-        whole = whole_step_blocker(trainer, pl_module)
-        # what stops the whole model's compile, the way round when the step cannot be one
-        # graph; only when asked for (a compile takes a minute)
-        reason = capture_blocker(pl_module.model, device) or accumulation_blocker(trainer)
-        if self.enabled is None and reason is None:
-            reason = "the whole model's compile only with --capture"
-        if device.type != "cuda" or (whole is not None and reason is not None):
-            quiet = device.type != "cuda" and self.enabled is None  # not asked for, no GPU
-            log.log(logging.DEBUG if quiet else logging.INFO,
+        if device.type != "cuda":  # said where capture was asked for; quiet by default
+            log.log(logging.INFO if self.enabled else logging.DEBUG,
                     "train step: eager, not captured as CUDA graphs (%s)",
-                    reason if device.type != "cuda" or reason == whole else f"{whole}; {reason}")
+                    capture_blocker(pl_module.model, device))
+            return
+        whole = whole_step_blocker(trainer, pl_module)
+        # the way round, when asked for: the whole model compiled (a compile takes a minute)
+        fallback = None if whole is None else (
+            "the whole model's compile only with --capture" if not self.enabled
+            else capture_blocker(pl_module.model, device) or accumulation_blocker(trainer))
+        if fallback is not None:
+            log.info("train step: eager, not captured as CUDA graphs (%s)",
+                     whole if fallback == whole else f"{whole}; {fallback}")
             return
         from models.wkv import prepare_backend
 
@@ -143,7 +141,9 @@ class GraphCapture(Callback):
         if whole is None:
             self.whole_step = True
             pl_module.capture_train_step = True  # before configure_optimizers
-            undone = _uncompile_blocks(pl_module.model, graph_modes_only=True)
+            time_config = getattr(getattr(pl_module.model, "config", None), "time", None)
+            undone = (getattr(time_config, "compile_mode", None) in GRAPH_MODES
+                      and _uncompile_blocks(pl_module.model))
             log.info("train step: forward, loss, backward, clipping and the AdamW update "
                      "recorded as one CUDA graph after a few eager steps, then replayed%s",
                      " (the blocks' CUDA-graph compile made eager)" if undone else "")
