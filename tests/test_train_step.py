@@ -55,6 +55,11 @@ def test_graph_adamw_updates_like_adamw_and_skips_an_update_done_in_the_step() -
     assert graph_adamw.updated_in_step is False  # the next step updates again
 
 
+def test_graph_adamw_without_parameters_says_so() -> None:
+    with pytest.raises(ValueError, match="at least one parameter"):
+        GraphAdamW([], lr=1e-3)
+
+
 def test_graph_adamw_follows_lambdalr_in_place_and_checkpoints_plain_numbers() -> None:
     params = _params()
     optimizer = GraphAdamW([{"params": params}], lr=1e-2)
