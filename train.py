@@ -44,7 +44,6 @@ from pytorch_lightning.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
-    TQDMProgressBar,
 )
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
@@ -66,7 +65,13 @@ from models.defaults import (
     model_settings,
 )
 from models.lightning_module import SignalClassifierModule, SignalEnsemble
-from utils.callbacks import BudgetEMA, EpochSummary, PredictionCSVWriter, RNGStateCheckpoint
+from utils.callbacks import (
+    BudgetEMA,
+    EpochSummary,
+    PredictionCSVWriter,
+    RNGStateCheckpoint,
+    StepLossBar,
+)
 from utils.checkpoint_io import AtomicCheckpointIO, write_failure
 from utils.checks import check_before_training, check_options, check_steps_per_process
 from utils.cli import (
@@ -158,7 +163,7 @@ def build_callbacks(options: TrainOptions, validation: bool,
         callbacks.append(EarlyStopping(monitor=opt.monitor, mode=mode, patience=opt.patience,
                                        check_on_train_epoch_end=False))
     if options.run.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(StepLossBar(refresh_rate=10))
     return callbacks
 
 

@@ -248,7 +248,9 @@ class SignalClassifierModule(pl.LightningModule):
         # the weight as a device tensor: a Python number becomes one through a blocking copy,
         # a device sync every step (it held a captured step's host back by ~3 ms on an H200)
         self.train_loss(loss.detach(), _count(loss, len(y)))
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        # not prog_bar: that turns the loss into a number after every step, a device sync;
+        # the progress bar (utils.callbacks.StepLossBar) reads step_loss when it redraws
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(y))
         # a captured step has trained already: nothing for Lightning to back-propagate
         return None if captured is not None else loss

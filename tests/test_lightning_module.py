@@ -264,3 +264,27 @@ def test_mixup_training_metrics_score_the_larger_part(monkeypatch, lam) -> None:
                         10.0 * torch.nn.functional.one_hot(larger, 3).float())
     module.training_step((torch.randn(4, 128), y), 0)
     assert float(module.train_metrics["acc"].compute()) == 1.0
+
+
+def test_step_loss_reaches_the_bar_without_a_per_step_metric() -> None:
+    """The training loss is no prog_bar step metric (Lightning turns those into numbers after
+    every step: a device sync); the bar reads the module's step loss when it redraws."""
+    from utils.callbacks import StepLossBar
+
+    seen: list[dict] = []
+
+    class Bar(StepLossBar):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            seen.append({"bar": self.get_metrics(trainer, pl_module),
+                         "pbar": dict(trainer.progress_bar_metrics),
+                         "loss": float(pl_module.step_loss)})
+
+    torch.manual_seed(0)
+    module = tiny_module()
+    trainer = quiet_trainer(max_steps=3, enable_progress_bar=True, callbacks=[Bar()])
+    trainer.fit(module, loader(16, 3))
+    assert len(seen) == 3
+    for step in seen:
+        assert not any(key.startswith("train/loss") for key in step["pbar"])
+        assert step["bar"]["train/loss_step"] == step["loss"]

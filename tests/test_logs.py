@@ -35,3 +35,13 @@ def test_quiet_known_warnings_ignores_them_and_filters_lightning_once() -> None:
     assert [str(w.message) for w in caught] == ["something else"]
     added = [f for f in rank_zero.filters if f not in before]
     assert len(added) <= 1 and all(isinstance(f, DropLogMessages) for f in added)
+
+
+def test_a_module_bound_warning_is_quiet_only_from_that_module() -> None:
+    message = "To copy construct from a tensor, it is recommended to use sourceTensor.clone()"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        for module in ("pytorch_lightning.callbacks.lr_monitor", "my_code"):
+            warnings.warn_explicit(message, UserWarning, f"{module}.py", 1, module=module)
+    assert [w.filename for w in caught] == ["my_code.py"]

@@ -18,7 +18,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter, Callback, WeightAveraging
+from pytorch_lightning.callbacks import (
+    BasePredictionWriter,
+    Callback,
+    TQDMProgressBar,
+    WeightAveraging,
+)
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
@@ -115,6 +120,20 @@ class EpochSummary(Callback):
             bar.print(line)  # on a line of its own above the bar, not glued onto it
         else:
             print(line, flush=True)
+
+
+class StepLossBar(TQDMProgressBar):
+    """Lightning's progress bar, with the last step's training loss read only when the bar
+    redraws (every `refresh_rate` steps). A `prog_bar=True` step metric is turned into a
+    Python number after every step, a device sync that keeps a GPU waiting for the host."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule
+                    ) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "step_loss", None)
+        if trainer.training and loss is not None:
+            metrics["train/loss_step"] = float(loss)
+        return metrics
 
 
 class PredictionCSVWriter(BasePredictionWriter):

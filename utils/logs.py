@@ -30,6 +30,13 @@ class DropLogMessages(logging.Filter):
         return not any(part in str(record.msg) for part in self.parts)
 
 
+# (message, module) patterns of harmless warnings that are only harmless from that module:
+# LearningRateMonitor copies each learning rate with torch.tensor(), which warns when the
+# rate is already a tensor (the captured train step's optimizer keeps it on the GPU)
+KNOWN_MODULE_WARNINGS = (
+    (r"To copy construct from a tensor", r"pytorch_lightning\.callbacks\.lr_monitor"),
+)
+
 # Lightning advertises a cloud logger and reports TPUs nobody asked about
 _LIGHTNING_NOISE = DropLogMessages("Tip: For seamless cloud logging", "TPU available")
 
@@ -39,7 +46,9 @@ def quiet_known_warnings() -> None:
     a cloud logger and its report of TPUs dropped (once, however often this is called)."""
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    for pattern, module in KNOWN_MODULE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, module=module)
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_LIGHTNING_NOISE)
 
 
-__all__ = ["KNOWN_WARNINGS", "DropLogMessages", "quiet_known_warnings"]
+__all__ = ["KNOWN_MODULE_WARNINGS", "KNOWN_WARNINGS", "DropLogMessages", "quiet_known_warnings"]
