@@ -100,7 +100,7 @@ class OptimizationOptions:
     ema: float = option(0.0, "validate, checkpoint and test an exponential moving average of "
                         "the weights whose horizon is this fraction of all optimizer steps "
                         "(0: off, the weights as trained)", in_range(0.0, 1.0), metavar="F")
-    label_smoothing: float = option(0.0, "cross-entropy label smoothing", in_range(0.0, 1.0),
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing", in_range(0.0, 1.0),
                                     metavar="E")
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)",
                               in_range(0.0, float("inf")), metavar="NORM")
