@@ -68,6 +68,7 @@ from models.lightning_module import SignalClassifierModule, SignalEnsemble
 from utils.callbacks import (
     BudgetEMA,
     EpochSummary,
+    LastCheckpoint,
     PredictionCSVWriter,
     RNGStateCheckpoint,
     StepLossBar,
@@ -142,9 +143,9 @@ def build_callbacks(options: TrainOptions, validation: bool,
             filename=f"best-epoch={{epoch:03d}}-{short}={{{opt.monitor}:.4f}}",
             auto_insert_metric_name=False))
     callbacks += [
-        # every epoch's end, for --resume (save_last=True only writes when the best changes)
-        ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1,
-                        enable_version_counter=False),
+        # an epoch's end at most once a minute and the last epoch's, for --resume
+        # (save_last=True only writes when the best changes)
+        LastCheckpoint(dirpath),
         RNGStateCheckpoint(),
         LearningRateMonitor(logging_interval="step"),
         MemoryMonitorCallback(every_n_steps=options.run.memory_log_every),
@@ -477,9 +478,14 @@ def train_one(options: TrainOptions, extra_callbacks: list[Callback] | None = No
             raise
     if trainer.received_sigterm or trainer.interrupted:  # Lightning stopped the fit
         signal_name = "SIGTERM" if trainer.received_sigterm else "Ctrl-C"
+        last = next((c for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)),
+                    None)
+        where = ("no checkpoint was written yet: start the run again" if last is None
+                 or last.saved_step is None else
+                 f"continue with --resume last (from step {last.saved_step}, the newest epoch "
+                 f"end's checkpoint in {run.run_dir / 'checkpoints'})")
         raise TrainingInterrupted(f"stopped by {signal_name} at step {trainer.global_step}; "
-                                  "nothing was tested; continue with --resume last (the last "
-                                  f"epoch's checkpoint in {run.run_dir / 'checkpoints'})",
+                                  f"nothing was tested; {where}",
                                   143 if trainer.received_sigterm else 130)
     if trainer.global_step == 0:
         raise TrainingFailed(f"no training step was taken ({len(run.datamodule.train_dataset)} "

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from data.datamodule import PredictionInputs, SignalItems
 from data.formats import UNLABELLED, SignalDataset
 from models.lightning_module import gather_rng_states
-from utils.callbacks import BudgetEMA, PredictionCSVWriter, RNGStateCheckpoint
+from utils.callbacks import BudgetEMA, LastCheckpoint, PredictionCSVWriter, RNGStateCheckpoint
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -120,3 +120,41 @@ def test_budget_ema_averages_over_a_fraction_of_the_steps(tmp_path) -> None:
     assert not torch.allclose(module.layer.weight, record.weights[-1])
     with pytest.raises(ValueError, match="fraction of the steps"):
         BudgetEMA(0.0)
+
+
+class _RecordSaves(pl.Callback):
+    """The global step of every checkpoint written, and a stop asked for after `stop_epoch`."""
+
+    def __init__(self, stop_epoch: int | None = None) -> None:
+        self.steps: list[int] = []
+        self.stop_epoch = stop_epoch
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.steps.append(checkpoint["global_step"])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.stop_epoch:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(("interval", "budget", "stop_epoch", "saved"), [
+    (0.0, {"max_epochs": 5}, None, [4, 8, 12, 16, 20]),  # every epoch's end
+    (1e9, {"max_epochs": 5}, None, [4, 20]),  # the first and the last epoch's
+    (1e9, {"max_steps": 10}, None, [4, 10]),  # the step budget ends mid-epoch
+    (1e9, {"max_epochs": 5}, 2, [4, 12]),  # another callback stops the run after epoch 3
+])
+def test_last_checkpoint_is_written_at_most_once_an_interval_and_at_the_end(
+        tmp_path, interval, budget, stop_epoch, saved) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3), torch.randint(0, 2, (16,)))
+    record, last = _RecordSaves(stop_epoch), LastCheckpoint(tmp_path, min_interval_s=interval)
+    trainer = pl.Trainer(**budget, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[last, record])
+    module = _Linear()
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    assert record.steps == saved and last.saved_step == saved[-1]
+    # the file holds the end of training
+    final = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert final["global_step"] == saved[-1]
+    torch.testing.assert_close(final["state_dict"]["layer.weight"], module.layer.weight)

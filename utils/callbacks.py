@@ -1,6 +1,7 @@
 """Lightning callbacks for the cross-cutting work of a run: every rank's RNG states in the
-checkpoints (exact resume), a one-line epoch summary, an exponential moving average of the
-weights over the end of training, and writing predictions.
+checkpoints (exact resume), how often the resume checkpoint is written, a one-line epoch
+summary, an exponential moving average of the weights over the end of training, and writing
+predictions.
 
 The memory monitor lives with the memory utilities (utils.memory.MemoryMonitorCallback), the
 throughput monitor (per step and per epoch) with the CUDA-graph capture
@@ -21,6 +22,7 @@ import torch
 from pytorch_lightning.callbacks import (
     BasePredictionWriter,
     Callback,
+    ModelCheckpoint,
     TQDMProgressBar,
     WeightAveraging,
 )
@@ -120,6 +122,43 @@ class EpochSummary(Callback):
             bar.print(line)  # on a line of its own above the bar, not glued onto it
         else:
             print(line, flush=True)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` at the end of an epoch (where resume is exact), but at most once every
+    `min_interval_s` seconds, and always at the end of the last epoch (the step or epoch
+    budget reached, or a stop asked for by early stopping or another callback: Lightning runs
+    checkpoint callbacks after the others). On the suite's small sets an epoch is a few
+    steps: a save after each one (about 40 ms on a CPU) was an eighth of the training time.
+    A killed run then loses at most `min_interval_s` of training, as before at most an epoch.
+    """
+
+    def __init__(self, dirpath: str | Path | None, min_interval_s: float = 60.0) -> None:
+        super().__init__(dirpath=dirpath, filename="last", save_top_k=1,
+                         enable_version_counter=False)
+        self.min_interval_s = min_interval_s
+        self._saved_at: float | None = None
+        self.saved_step: int | None = None  # the global step of the newest save, if any
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        now = time.monotonic()
+        last_epoch = (trainer.max_epochs not in (None, -1)
+                      and trainer.current_epoch + 1 >= trainer.max_epochs)
+        budget_spent = (trainer.max_steps not in (None, -1)
+                        and trainer.global_step >= trainer.max_steps)
+        due = (trainer.should_stop or last_epoch or budget_spent or self._saved_at is None
+               or now - self._saved_at >= self.min_interval_s)
+        if due:
+            self._saved_at, self.saved_step = now, trainer.global_step
+        return due
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._due(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._due(trainer):
+            super().on_validation_end(trainer, pl_module)
 
 
 class StepLossBar(TQDMProgressBar):
