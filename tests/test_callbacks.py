@@ -137,6 +137,12 @@ class _RecordSaves(pl.Callback):
             trainer.should_stop = True
 
 
+class _Validated(_Linear):
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("validation", [False, True])
 @pytest.mark.parametrize(("interval", "budget", "stop_epoch", "saved"), [
     (0.0, {"max_epochs": 5}, None, [4, 8, 12, 16, 20]),  # every epoch's end
     (1e9, {"max_epochs": 5}, None, [4, 20]),  # the first and the last epoch's
@@ -144,15 +150,16 @@ class _RecordSaves(pl.Callback):
     (1e9, {"max_epochs": 5}, 2, [4, 12]),  # another callback stops the run after epoch 3
 ])
 def test_last_checkpoint_is_written_at_most_once_an_interval_and_at_the_end(
-        tmp_path, interval, budget, stop_epoch, saved) -> None:
+        tmp_path, interval, budget, stop_epoch, saved, validation) -> None:
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(16, 3), torch.randint(0, 2, (16,)))
+    data = DataLoader(TensorDataset(torch.randn(16, 3), torch.randint(0, 2, (16,))),
+                      batch_size=4)
     record, last = _RecordSaves(stop_epoch), LastCheckpoint(tmp_path, min_interval_s=interval)
     trainer = pl.Trainer(**budget, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[last, record])
-    module = _Linear()
-    trainer.fit(module, DataLoader(data, batch_size=4))
+                         num_sanity_val_steps=0, callbacks=[last, record])
+    module = _Validated() if validation else _Linear()
+    trainer.fit(module, data, val_dataloaders=data if validation else None)
     assert record.steps == saved and last.saved_step == saved[-1]
     # the file holds the end of training
     final = torch.load(tmp_path / "last.ckpt", weights_only=True)

@@ -125,17 +125,18 @@ class EpochSummary(Callback):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """`last.ckpt` at the end of an epoch (where resume is exact), but at most once every
-    `min_interval_s` seconds, and always at the end of the last epoch (the step or epoch
-    budget reached, or a stop asked for by early stopping or another callback: Lightning runs
-    checkpoint callbacks after the others). On the suite's small sets an epoch is a few
-    steps: a save after each one (about 40 ms on a CPU) was an eighth of the training time.
-    A killed run then loses at most `min_interval_s` of training, as before at most an epoch.
+    """`last.ckpt` at the end of a training epoch (where resume is exact, also with several
+    validations an epoch), but at most once every `min_interval_s` seconds, and always at the
+    end of the last epoch (the step or epoch budget reached, or a stop asked for by early
+    stopping or another callback: Lightning runs checkpoint callbacks after the others). On
+    the suite's small sets an epoch is a few steps, and a save after each one cost about 8% of
+    a CPU run. A killed run loses at most `min_interval_s` of training, or one epoch where an
+    epoch takes longer.
     """
 
     def __init__(self, dirpath: str | Path | None, min_interval_s: float = 60.0) -> None:
         super().__init__(dirpath=dirpath, filename="last", save_top_k=1,
-                         enable_version_counter=False)
+                         enable_version_counter=False, save_on_train_epoch_end=True)
         self.min_interval_s = min_interval_s
         self._saved_at: float | None = None
         self.saved_step: int | None = None  # the global step of the newest save, if any
@@ -155,10 +156,6 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer):
             super().on_train_epoch_end(trainer, pl_module)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._due(trainer):
-            super().on_validation_end(trainer, pl_module)
 
 
 class StepLossBar(TQDMProgressBar):
