@@ -31,6 +31,9 @@ def test_quiet_known_warnings_ignores_them_and_filters_lightning_once() -> None:
         quiet_known_warnings()
         warnings.warn("The 'train_dataloader' does not have many workers which may be a "
                       "bottleneck.", UserWarning, stacklevel=1)
+        warnings.warn("You have overridden `on_before_batch_transfer` in `LightningModule` but "
+                      "have passed in a `LightningDataModule`. It will use the implementation "
+                      "from `LightningModule` instance.", UserWarning, stacklevel=1)
         warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else"]
     added = [f for f in rank_zero.filters if f not in before]

@@ -16,6 +16,9 @@ KNOWN_WARNINGS = (
     r".*is smaller than the logging interval.*",  # Lightning: an epoch of few steps
     r".*`srun` command is available on your system.*",  # Lightning, on a SLURM host
     r".*LeafSpec.*is deprecated.*",  # torch's pytree, as Lightning calls it
+    # Lightning, on every fit with a data module: SignalClassifierModule's own hook (it drops
+    # lengths that pad nothing, on the host) is the one meant, and the one Lightning runs
+    r".*overridden `on_before_batch_transfer` in `LightningModule` but have passed in a.*",
 )
 
 
