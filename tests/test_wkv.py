@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 f64 = torch.float64
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-300) -> float:
+    """|a - b| / |b|, with |b| taken as at least floor (for values that cancel to near 0)."""
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all(), "non-finite values"
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
 
 
 def make_inputs(B, T, C, device="cpu", k_range=3.0, decay_shift=0.0, seed=None, state=False):

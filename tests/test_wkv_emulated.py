@@ -24,6 +24,7 @@ SOURCES = [HERE / "wkv_emulation.cpp", HERE / "wkv_emulation.h",
            wkv_build.SOURCE_DIR / "wkv_common.h"]
 f64 = torch.float64
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+GRAD_FLOOR = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +76,11 @@ def check(emulated, B, T, C, dtype, with_state, gated, seed=0, **options):
     if with_state:
         s[:, 2] = s[:, 2].clamp(max=0)
     k, v = k.to(dtype), v.to(dtype)
-    r = torch.randn(B, T, C, dtype=f64).to(dtype) if gated else None
-    gy = torch.randn(B, T, C, dtype=f64).to(dtype)
-    gstate = torch.randn(B, 3, C)
+    # seeded, so that a case's inputs do not depend on which tests ran before it
+    gen = torch.Generator().manual_seed(1000 + seed)
+    r = torch.randn(B, T, C, generator=gen, dtype=f64).to(dtype) if gated else None
+    gy = torch.randn(B, T, C, generator=gen, dtype=f64).to(dtype)
+    gstate = torch.randn(B, 3, C, generator=gen)
     (y, so, saved), g, stats = run(emulated, decay.float(), first.float(), k, v,
                                    None if s is None else s.float(), r, gy, gstate, seed=seed,
                                    **options)
@@ -91,7 +94,10 @@ def check(emulated, B, T, C, dtype, with_state, gated, seed=0, **options):
     got = [g[0], g[1], g[2], g[3]] + ([g[4]] if with_state else []) + ([g[5]] if gated else [])
     for name, a, b in zip(names, got, g_ref, strict=True):
         assert a.dtype == (dtype if name in ("k", "v", "r") else torch.float32), name
-        assert rel(a, b) < max(tol, 1e-5), name
+        # a gradient that cancels to a small fraction of the incoming one (one step, v close to
+        # y) is held to that fraction's size: float32 rounding of its O(1) terms is what is left
+        floor = GRAD_FLOOR * (gy.double().norm() + gstate.double().norm())
+        assert rel(a, b, floor) < max(tol, 1e-5), name
     return stats
 
 
