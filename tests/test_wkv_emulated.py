@@ -92,11 +92,11 @@ def check(emulated, B, T, C, dtype, with_state, gated, seed=0, **options):
     names = ["decay", "first", "k", "v"] + (["state"] if with_state else [])
     names += ["r"] if gated else []
     got = [g[0], g[1], g[2], g[3]] + ([g[4]] if with_state else []) + ([g[5]] if gated else [])
+    # a gradient that cancels to a small fraction of the incoming one (one step, v close to y)
+    # is held to that fraction's size: float32 rounding of its O(1) terms is what is left
+    floor = GRAD_FLOOR * (gy.double().norm() + gstate.double().norm())
     for name, a, b in zip(names, got, g_ref, strict=True):
         assert a.dtype == (dtype if name in ("k", "v", "r") else torch.float32), name
-        # a gradient that cancels to a small fraction of the incoming one (one step, v close to
-        # y) is held to that fraction's size: float32 rounding of its O(1) terms is what is left
-        floor = GRAD_FLOOR * (gy.double().norm() + gstate.double().norm())
         assert rel(a, b, floor) < max(tol, 1e-5), name
     return stats
 
