@@ -60,7 +60,9 @@ class ModelOptions:
     rwkv_dropout: float = option(0.0, "residual dropout inside the RWKV blocks",
                                  in_range(0.0, 1.0), metavar="P")
     gradient_checkpointing: bool = option(False, "recompute RWKV block activations in backward")
-    compile: bool = option(False, "torch.compile every RWKV block (GPU; slow to start)")
+    compile: bool = option(False, "torch.compile every RWKV block (GPU; slow to start); "
+                           "where the train step is one CUDA graph, the whole classifier "
+                           "inside it instead")
     compile_mode: CompileMode = option(
         "default", "torch.compile mode for compile; reduce-overhead also replays each block "
         "as a CUDA graph (fewer kernel launches, more memory)")

@@ -240,6 +240,40 @@ def test_graph_capture_trains_like_eager_and_reports_gpu_busy(tmp_path, checkpoi
     assert busy and all(0 < b <= 1.05 for b in busy)
 
 
+@cuda
+def test_compiled_blocks_become_one_compiled_classifier_inside_the_captured_step(caplog):
+    """compile_blocks with the whole step captured: the whole classifier is compiled (default
+    mode, no graphs of its own) and recorded inside the step; the weights follow the eager
+    run's, evaluation runs eagerly and the model is eager after the fit."""
+    torch._dynamo.reset()
+    model = {**TINY_MODEL, "dropout": 0.0,
+             "time": {**TINY_MODEL["time"], "compile_blocks": True},
+             "freq": {**TINY_MODEL["freq"], "time_mask_param": 0, "freq_mask_param": 0,
+                      "dropout": 0.0}}
+    results = []
+    for capture in (False, True):
+        torch.manual_seed(0)
+        module = SignalClassifierModule(model=model, num_classes=3, mixup=0.0)
+        torch.manual_seed(1)
+        data = TensorDataset(torch.randn(64, 512), torch.randint(0, 3, (64,)))
+        callback = GraphCapture(enabled=None if capture else False)
+        trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=12, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, precision="bf16-mixed",
+                             callbacks=[callback])
+        with caplog.at_level(logging.INFO, logger="utils.throughput"):
+            trainer.fit(module, DataLoader(data, batch_size=8, drop_last=True))
+        if capture:
+            assert "the whole classifier compiled inside it" in caplog.text
+            assert module.model._compiled_call_impl is None  # eager after the fit
+            assert all(b._compiled_call_impl is None for b in module.model.time_branch.blocks)
+        results.append({k: v.detach().float().cpu() for k, v in module.state_dict().items()})
+    eager, captured = results
+    for name, value in eager.items():
+        torch.testing.assert_close(captured[name], value, rtol=0, atol=3e-2,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.slow
 def test_whole_classifier_compiled_gives_eager_gradients():
     """What GraphCapture compiles: the whole classifier (conv stem with a partial last patch,

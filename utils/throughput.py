@@ -94,8 +94,12 @@ class GraphCapture(Callback):
     backward, clipping and the AdamW update) is recorded as one graph after a few eager steps
     and replayed for every batch of that shape (`models.train_step.CapturedTrainStep`);
     batches of another shape, or with lengths, take the eager step, and a model that cannot be
-    recorded trains eagerly from then on (logged). Blocks compiled with a CUDA-graph mode
-    (reduce-overhead, max-autotune) are made eager first: a graph cannot hold another's.
+    recorded trains eagerly from then on (logged). Where the model asks for compiled blocks
+    (`compile`), the whole classifier is compiled instead, in the default mode (Triton
+    kernels, no CUDA graphs of its own), so the recorded step holds its fused kernels rather
+    than the eager code around the blocks; evaluation runs it eagerly, as below. Otherwise
+    blocks compiled with a CUDA-graph mode (reduce-overhead, max-autotune) are made eager
+    first: a graph cannot hold another's.
 
     Otherwise, torch.compile(mode=`mode`) of `pl_module.model` (in place: parameter names and
     checkpoints are unchanged) replays its forward and backward as graphs. After `max_shapes`
@@ -142,11 +146,20 @@ class GraphCapture(Callback):
             self.whole_step = True
             pl_module.capture_train_step = True  # before configure_optimizers
             time_config = getattr(getattr(pl_module.model, "config", None), "time", None)
-            undone = (getattr(time_config, "compile_mode", None) in GRAPH_MODES
-                      and _uncompile_blocks(pl_module.model))
+            how = ""
+            if getattr(time_config, "compile_blocks", False) and capture_blocker(
+                    pl_module.model, device) is None:
+                # compile asked for: the whole classifier, in the mode that records no graphs
+                # of its own (Triton kernels), so the step's graph holds fused kernels
+                _uncompile_blocks(pl_module.model)
+                pl_module.model.compile()
+                self.active = True
+                how = " (the whole classifier compiled inside it, instead of each block)"
+            elif (getattr(time_config, "compile_mode", None) in GRAPH_MODES
+                  and _uncompile_blocks(pl_module.model)):
+                how = " (the blocks' CUDA-graph compile made eager)"
             log.info("train step: forward, loss, backward, clipping and the AdamW update "
-                     "recorded as one CUDA graph after a few eager steps, then replayed%s",
-                     " (the blocks' CUDA-graph compile made eager)" if undone else "")
+                     "recorded as one CUDA graph after a few eager steps, then replayed%s", how)
             return
         replaced = _uncompile_blocks(pl_module.model)
         pl_module.model.compile(mode=self.mode)
@@ -168,8 +181,9 @@ class GraphCapture(Callback):
                          "vary: %d seen, e.g. %s; each would be compiled and recorded again)",
                          len(self._shapes), shape)
                 return
-        # a new iteration: the previous step's graph outputs are dead and may be overwritten
-        torch.compiler.cudagraph_mark_step_begin()
+        if not self.whole_step:
+            # a new iteration: the previous step's graph outputs are dead and may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _eager(self) -> None:
         if self.active:
