@@ -120,6 +120,9 @@ class DataConfig:
     aug_shift: float = option(0.0, "random circular shift, fraction of the length; 0 keeps "
                               "event positions", in_range(0.0, 1.0, high_open=False),
                               metavar="F")
+    aug_slice: float = option(0.0, "window slicing: a random stretch of 1 - F to all of each "
+                              "training signal, resampled to its length (0: off)",
+                              in_range(0.0, 1.0), metavar="F")
     batch_size: int | None = option(None, "per device; the effective batch is this x devices x "
                                     "nodes x accumulate (default: a quarter of the training "
                                     "items, 4 to 32)", at_least(1), metavar="N")
@@ -221,8 +224,9 @@ class SignalItems(Dataset):
         real = min(len(x), self.length)
         x = torch.from_numpy(np.ascontiguousarray(fit_length(x, self.length)))
         if self.transform is not None:
-            x = self.transform(x)
-            x[real:] = 0  # noise must not fill the padding the model leaves out
+            # the signal only: noise must not fill the padding the model leaves out, and a
+            # shift or slice must not move padding into the signal
+            x[:real] = self.transform(x[:real])
         return (x, torch.tensor(self.record_labels[record], dtype=torch.int64),
                 torch.tensor(real, dtype=torch.int64))
 
@@ -500,7 +504,7 @@ class SignalDataModule(pl.LightningDataModule):
             _, items = plan_windows(dataset.lengths[indices], cfg.length_policy, length,
                                     cfg.window_stride, dataset.source)
             items[:, 0] = indices[items[:, 0]]
-        augment = (make_augmentation(cfg.aug_scale, cfg.aug_noise, cfg.aug_shift)
+        augment = (make_augmentation(cfg.aug_scale, cfg.aug_noise, cfg.aug_shift, cfg.aug_slice)
                    if train and cfg.augment else None)
         return SignalItems(dataset.signals, dataset.labels, items, length, cfg.normalize,
                            stats, random_crop=train, transform=augment,

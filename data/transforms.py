@@ -375,10 +375,38 @@ class RandomShift(nn.Module):
         return out
 
 
+class RandomSlice(nn.Module):
+    """Window slicing (Le Guennec, Malinowski and Tavenard, 2016): each signal replaced by a
+    random stretch of it, between (1 - max_fraction) of its length and all of it, resampled
+    back to its length by linear interpolation: a small random crop and time stretch."""
+
+    def __init__(self, max_fraction: float = 0.1):
+        super().__init__()
+        if not 0 <= max_fraction < 1:
+            raise ValueError(f"slice fraction must be in [0, 1); got {max_fraction}")
+        self.max_fraction = max_fraction
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = x.shape[-1]
+        if length < 2 or self.max_fraction == 0:
+            return x
+        rows = _per_row(x)
+        span = (1 - self.max_fraction * torch.rand(rows, device=x.device)) * (length - 1)
+        start = torch.rand(rows, device=x.device) * (length - 1 - span)
+        pos = start + span * torch.linspace(0, 1, length, device=x.device)
+        low = pos.floor().long().clamp(0, length - 2)
+        frac = (pos - low).clamp(0, 1).to(x.dtype)
+        left = x.gather(-1, low)
+        return left + frac * (x.gather(-1, low + 1) - left)
+
+
 def make_augmentation(scale: tuple[float, float] | None = None, noise: float = 0.05,
-                      shift: float = 0.0) -> nn.Module | None:
-    """The training augmentation chain (scale -> shift -> noise), or None if all are off."""
+                      shift: float = 0.0, slice_fraction: float = 0.0) -> nn.Module | None:
+    """The training augmentation chain (slice -> scale -> shift -> noise), or None if all are
+    off."""
     steps: list[nn.Module] = []
+    if slice_fraction > 0:
+        steps.append(RandomSlice(slice_fraction))
     if scale is not None and tuple(scale) != (1.0, 1.0):
         steps.append(RandomScale(*scale))
     if shift > 0:

@@ -331,7 +331,8 @@ def test_items_give_their_real_length_and_zero_padding(tmp_path, rng):
     signals = [rng.standard_normal(n).astype(np.float32) for n in (50, 20, 35, 50)] * 5
     np.savez(tmp_path / "u.npz", X=np.concatenate(signals), lengths=[len(s) for s in signals],
              y=np.arange(20) % 2)
-    dm = make_dm(source=str(tmp_path / "u.npz"), length=None, test_fraction=0.0)
+    dm = make_dm(source=str(tmp_path / "u.npz"), length=None, test_fraction=0.0,
+                 aug_shift=0.2, aug_slice=0.2)
     for dataset in (dm.train_dataset, dm.val_dataset):  # training: noise stays out of the pad
         for i, (record, _) in enumerate(dataset.items):
             x, _, n = dataset[i]

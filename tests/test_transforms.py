@@ -10,6 +10,7 @@ from data.transforms import (
     RandomCrop,
     RandomScale,
     RandomShift,
+    RandomSlice,
     bandpass,
     filter_dataset,
     fit_length,
@@ -245,8 +246,29 @@ def test_random_shift_circular_and_zero_fill():
         assert torch.all(kept[1:] - kept[:-1] == 1)  # a contiguous run of the original
 
 
+def test_random_slice_stretches_a_random_window_back_to_the_length():
+    torch.manual_seed(0)
+    ramp = torch.arange(100.0).repeat(64, 1)
+    y = RandomSlice(0.2)(ramp)
+    assert y.shape == ramp.shape
+    slopes = y[:, -1] - y[:, 0]  # a line stays a line: its ends are the window's ends
+    torch.testing.assert_close(y[:, 1:] - y[:, :-1], (slopes / 99)[:, None].expand(-1, 99),
+                               rtol=1e-4, atol=1e-4)
+    assert (slopes >= 0.8 * 99 - 1e-3).all() and (slopes <= 99 + 1e-3).all()
+    assert (y[:, 0] >= 0).all() and (y[:, -1] <= 99 + 1e-3).all()
+    assert slopes.std() > 1  # each row its own window
+    one = RandomSlice(0.2)(torch.sin(torch.arange(50.0)))  # a single signal (T,)
+    assert one.shape == (50,)
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(RandomSlice(0.0)(x), x)
+    with pytest.raises(ValueError, match="slice fraction"):
+        RandomSlice(1.0)
+
+
 def test_make_augmentation():
     assert make_augmentation(None, 0.0, 0.0) is None
     chain = make_augmentation((0.9, 1.1), 0.01, 0.1)
     assert [type(m).__name__ for m in chain] == ["RandomScale", "RandomShift", "GaussianNoise"]
     assert chain(torch.zeros(2, 50)).shape == (2, 50)
+    chain = make_augmentation(None, 0.0, 0.0, 0.1)
+    assert [type(m).__name__ for m in chain] == ["RandomSlice"]
