@@ -75,3 +75,24 @@ def test_fmt_and_peak_memory_helpers():
         == ["-", "-", "0.123", "12.3", "1234", "123.5"]
     cpu = torch.device("cpu")
     assert reset_peak_memory(cpu) == 0 and peak_mib_since(cpu, 0) is None
+
+
+def test_wkv_call_profile_times_the_pieces_of_an_eager_call(tmp_path):
+    """docs/profile_wkv_call.py (the host-time breakdown in docs/benchmarks.md) on the CPU
+    kernel: every piece timed, the profiler's table written."""
+    import importlib.util
+    from pathlib import Path
+
+    from models import wkv_build
+
+    if wkv_build.find_cxx() is None:
+        pytest.skip("no C++ compiler")
+    path = Path(__file__).resolve().parents[1] / "docs" / "profile_wkv_call.py"
+    spec = importlib.util.spec_from_file_location("profile_wkv_call", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--device", "cpu", "--calls", "3", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "wkv_call_prof.txt").read_text()
+    for piece in ("operator forward + operator backward", "autograd floor",
+                  "wkv() forward + autograd.grad", "rwkv_signal::wkv_backward"):
+        assert piece in text
