@@ -246,12 +246,15 @@ class DualBranchClassifier(nn.Module):
 
     def _check_lengths(self, lengths: Tensor, x: Tensor) -> Tensor | None:
         """lengths on x's device, checked; None (eagerly) where every signal is full, so an
-        equal-length batch skips the masks and the reversed scan's gathers."""
+        equal-length batch skips the masks and the reversed scan's gathers. Not read while
+        compiling or recording a CUDA graph (a host sync breaks both): a captured train step
+        checks them on the host instead."""
         if not isinstance(lengths, Tensor) or lengths.shape != (x.shape[0],):
             raise ValueError(f"lengths must be a ({x.shape[0]},) tensor of sample counts; "
                              f"got {getattr(lengths, 'shape', type(lengths).__name__)}")
         lengths = lengths.to(device=x.device, dtype=torch.long)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not (
+                x.is_cuda and torch.cuda.is_current_stream_capturing()):
             low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync
             if low < self.min_length or high > x.shape[1]:
                 raise ValueError(f"lengths must lie in [{self.min_length}, T = {x.shape[1]}]; "

@@ -210,14 +210,22 @@ class SignalClassifierModule(pl.LightningModule):
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """(x, y) for an (x, y, lengths) batch whose signals are all whole: what the model
-        does with such lengths (nothing), found on the host, where it costs no device sync,
-        so the step takes the unmasked path (and can be a captured graph)."""
+        """An (x, y, lengths) batch's lengths checked on the host, where it costs no device
+        sync (a captured step does not read them on the device); (x, y) where its signals are
+        all whole: what the model does with such lengths (nothing), so the step takes the
+        unmasked path."""
         if (isinstance(batch, (tuple, list)) and len(batch) == 3
                 and isinstance(batch[0], Tensor) and batch[0].dim() >= 2
                 and isinstance(batch[2], Tensor) and batch[2].device.type == "cpu"
-                and bool((batch[2] == batch[0].shape[1]).all())):
-            return batch[0], batch[1]
+                and batch[2].shape == batch[0].shape[:1] and batch[2].numel() > 0):
+            steps = batch[0].shape[1]
+            low, high = (int(v) for v in torch.aminmax(batch[2]))
+            least = getattr(self.model, "min_length", 1)
+            if low < least or high > steps:
+                raise ValueError(f"batch lengths must lie in [{least}, T = {steps}]; "
+                                 f"got {low}..{high}")
+            if low == steps:
+                return batch[0], batch[1]
         return batch
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor | None:
@@ -259,9 +267,10 @@ class SignalClassifierModule(pl.LightningModule):
                        other: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """(loss, logits) of this batch's step as a CUDA graph (models/train_step.py), which
         updates the weights itself; None where the step runs eagerly (capture not asked for,
-        a batch with lengths or of another shape, or a model that could not be captured)."""
+        a batch of another shape or kind than the recorded one, or a model that could not be
+        captured)."""
         optimizer = self.trainer.optimizers[0] if self.capture_train_step else None
-        if not isinstance(optimizer, GraphAdamW) or lengths is not None:
+        if not isinstance(optimizer, GraphAdamW):
             return None
         if self.train_step_graph is None:
             trainer = self.trainer
@@ -271,12 +280,12 @@ class SignalClassifierModule(pl.LightningModule):
                 self.model, self.loss, optimizer, clip_norm=0.0 if by_value else clip,
                 clip_value=clip if by_value else 0.0)
         step = self.train_step_graph
-        if not step.accepts(x):
+        if not step.accepts(x, lengths):
             return None
         if other is None:
             other = torch.arange(len(y), device=y.device)
         try:
-            outputs = step(x, y, lam, other)
+            outputs = step(x, y, lam, other, lengths)
         except RuntimeError as exc:
             self.capture_train_step = False
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

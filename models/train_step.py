@@ -10,8 +10,12 @@ launch a step, whatever the model. It follows PyTorch's whole-network capture re
   cuFFT and the optimizer's state are initialised there, outside the graph);
 - the next step is captured with the gradients unset, so backward allocates them from the
   graph's memory pool and every replay overwrites them (nothing accumulates);
-- each later step copies its batch, its mixup weight and its mixup partners into the graph's
-  static inputs and replays it.
+- each later step copies its batch, its mixup weight, its mixup partners and, for padded
+  batches, the signals' lengths into the graph's static inputs and replays it.
+
+A graph is recorded for one batch shape and one kind of batch: with lengths (zero-padded
+signals, whose masks then take their values from the lengths input at every replay) or
+without.
 
 The learning rate lives in a device tensor (`GraphAdamW`) that the schedule fills in place, so
 the replayed update follows the schedule. Random numbers drawn on the GPU inside the model
@@ -96,8 +100,9 @@ class CapturedTrainStep:
 
     model: (B, T) -> (B, K) logits, in training mode. loss: (logits, y) -> scalar.
     clip_norm / clip_value: gradient clipping (0: off), done inside the graph.
-    Calls take one batch shape, the one the graph was recorded for: `accepts` says whether a
-    batch has it (and is on the model's GPU); other batches take the eager step elsewhere.
+    Calls take one batch shape, with lengths or without as the graph was recorded: `accepts`
+    says whether a batch is such (and is on the model's GPU); other batches take the eager
+    step elsewhere. A model called with lengths takes model(x, lengths).
     """
 
     def __init__(self, model: nn.Module, loss: Loss, optimizer: GraphAdamW,
@@ -107,39 +112,50 @@ class CapturedTrainStep:
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shape: tuple[int, ...] | None = None
+        self.with_lengths: bool | None = None  # the kind of batch recorded
         self.steps = 0  # steps taken (eager warmup, capture and replays)
-        self._inputs: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._inputs: tuple[Tensor, ...] | None = None
         self._outputs: tuple[Tensor, Tensor] | None = None
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def accepts(self, x: Tensor) -> bool:
-        """Whether this batch can take the captured step (its shape is the recorded one, or
-        nothing is recorded yet)."""
-        return x.is_cuda and (self.shape is None or tuple(x.shape) == self.shape)
+    def accepts(self, x: Tensor, lengths: Tensor | None = None) -> bool:
+        """Whether this batch can take the captured step (its shape and kind are the
+        recorded ones, or nothing is recorded yet)."""
+        if not x.is_cuda or (lengths is not None and not lengths.is_cuda):
+            return False
+        return self.shape is None or (tuple(x.shape) == self.shape
+                                      and (lengths is not None) == self.with_lengths)
 
-    def __call__(self, x: Tensor, y: Tensor, lam: float, other: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: Tensor, y: Tensor, lam: float, other: Tensor,
+                 lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Train on (x, y) blended with (x[other], y[other]) by lam (mixup; lam = 1 for none):
-        the weights are updated in place. x: (B, T) float, y and other: (B,) int64.
+        the weights are updated in place. x: (B, T) float, y and other: (B,) int64; lengths:
+        (B,) int64 real samples of zero-padded signals (a blend keeps the longer), or None.
         Returns (loss, logits (B, K)), both detached; a replay overwrites them, so use them
         before the next call."""
         if self.shape is None:
-            self.shape = tuple(x.shape)
+            self.shape, self.with_lengths = tuple(x.shape), lengths is not None
         lam_t = torch.full((), float(lam), dtype=torch.float32, device=x.device)
+        inputs = (x, y, lam_t, other) + (() if lengths is None else (lengths.long(),))
         if self.graph is None and self.steps < self.warmup:
             self.steps += 1
-            return self._on_side_stream(x, y, lam_t, other)
+            return self._on_side_stream(*inputs)
         if self.graph is None:
-            self._capture(x, y, lam_t, other)
-        for static, value in zip(self._inputs, (x, y, lam_t, other), strict=True):
+            self._capture(*inputs)
+        for static, value in zip(self._inputs, inputs, strict=True):
             static.copy_(value, non_blocking=True)
         self.graph.replay()
         self.steps += 1
         return self._outputs
 
-    def _step(self, x: Tensor, y: Tensor, lam: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+    def _step(self, x: Tensor, y: Tensor, lam: Tensor, other: Tensor,
+              lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """What the graph holds: the same as the eager training step, with lam a tensor."""
         mixed = lam * x + (1 - lam) * x[other]
-        logits = self.model(mixed)
+        if lengths is None:
+            logits = self.model(mixed)
+        else:
+            logits = self.model(mixed, torch.maximum(lengths, lengths[other]))
         loss = lam * self.loss(logits, y) + (1 - lam) * self.loss(logits, y[other])
         loss.backward()
         if self.clip_value > 0:

@@ -125,6 +125,10 @@ def test_lengths_that_pad_nothing_are_dropped_before_the_transfer() -> None:
     padded = (x, y, torch.tensor([128, 100, 128]))
     assert module.on_before_batch_transfer(padded, 0) is padded
     assert module.on_before_batch_transfer((x, y), 0) == (x, y)
+    # checked here, on the host: a captured step does not read them on the device
+    for bad in ([128, 129, 100], [128, 0, 100]):
+        with pytest.raises(ValueError, match="batch lengths must lie in"):
+            module.on_before_batch_transfer((x, y, torch.tensor(bad)), 0)
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])

@@ -153,13 +153,22 @@ def test_the_captured_step_trains_like_the_eager_step(mixup: float) -> None:
 
 
 @cuda
-def test_padded_batches_take_the_eager_step_and_whole_ones_the_graph() -> None:
-    _, trainer, _, step = _fit(capture=True, steps=4, lengths="padded")
-    assert trainer.global_step == 4
-    assert step is None or step.graph is None
-    # lengths that pad nothing are dropped on the host (no device sync): captured
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_padded_batches_are_captured_with_their_lengths(mixup: float) -> None:
+    """Zero-padded batches: the graph takes the lengths as an input, so its masks follow
+    every batch's lengths, and the weights are the eager run's."""
+    _, _, eager, _ = _fit(capture=False, mixup=mixup, lengths="padded")
+    _, trainer, captured, step = _fit(capture=True, mixup=mixup, lengths="padded")
+    assert trainer.global_step == 12
+    assert step is not None and step.graph is not None and step.with_lengths
+    assert step.steps == 12  # every batch captured
+    for name, value in eager.items():
+        torch.testing.assert_close(captured[name], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    # lengths that pad nothing are dropped on the host (no device sync): the unmasked graph
     _, trainer, _, step = _fit(capture=True, steps=6, lengths="whole")
     assert trainer.global_step == 6 and step is not None and step.graph is not None
+    assert not step.with_lengths
 
 
 @cuda

@@ -92,9 +92,9 @@ class GraphCapture(Callback):
 
     Where it can (one process, no gradient accumulation), the whole step (forward, loss,
     backward, clipping and the AdamW update) is recorded as one graph after a few eager steps
-    and replayed for every batch of that shape (`models.train_step.CapturedTrainStep`);
-    batches of another shape, or with lengths, take the eager step, and a model that cannot be
-    recorded trains eagerly from then on (logged). Where the model asks for compiled blocks
+    and replayed for every batch of that shape and kind, zero-padded with lengths or whole
+    (`models.train_step.CapturedTrainStep`); other batches take the eager step, and a model
+    that cannot be recorded trains eagerly from then on (logged). Where the model asks for compiled blocks
     (`compile`), the whole classifier is compiled instead, in the default mode (Triton
     kernels, no CUDA graphs of its own), so the recorded step holds its fused kernels rather
     than the eager code around the blocks; evaluation runs it eagerly, as below. Otherwise
