@@ -212,19 +212,23 @@ def host_us_per_call(device, calls: int = 200) -> dict:
         y, _ = wkv(*leaves, check_finite=False)
         torch.autograd.grad(y.sum(), leaves)
 
-    out = {}
-    for name, fn in (("fwd_us", fwd), ("fwd_bwd_us", fwd_bwd)):
-        for _ in range(20):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[name] = (time.perf_counter() - start) / calls * 1e6
-    return out
+    return {name: mean_call_us(fn, device, calls)
+            for name, fn in (("fwd_us", fwd), ("fwd_bwd_us", fwd_bwd))}
+
+
+def mean_call_us(fn, device, calls: int = 200, warmup: int = 20) -> float:
+    """Microseconds per call of fn over `calls` back-to-back calls, the device waited for once
+    at the end (after `warmup` calls): for tiny kernels, the host's time per call."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def op_section(args, device, tb_s) -> dict:

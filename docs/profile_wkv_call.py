@@ -18,26 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_rwkv import mean_call_us  # noqa: E402
 from models.wkv import prepare_backend, wkv  # noqa: E402
-
-
-def mean_us(fn, device: torch.device, calls: int) -> float:
-    for _ in range(20):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"device {device} ({name}), torch {torch.__version__}, 1 x 16 x 32, "
              f"mean of {args.calls} calls"]
     for what, fn in rows:
-        lines.append(f"{mean_us(fn, device, args.calls):9.1f} us  {what}")
+        lines.append(f"{mean_call_us(fn, device, args.calls):9.1f} us  {what}")
     print("\n".join(lines), flush=True)
 
     from torch.profiler import ProfilerActivity, profile

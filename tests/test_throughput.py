@@ -202,6 +202,32 @@ def test_capture_blocker_names_the_reason():
     assert capture_blocker(model, torch.device("cpu")) == "not on a GPU (cpu)"
 
 
+def _without_random_draws(**time) -> dict:
+    """TINY_MODEL with no dropout and no SpecAugment (compiled code and graphs draw other
+    random numbers than eager code), `time` options added."""
+    return {**TINY_MODEL, "dropout": 0.0, "time": {**TINY_MODEL["time"], **time},
+            "freq": {**TINY_MODEL["freq"], "time_mask_param": 0, "freq_mask_param": 0,
+                     "dropout": 0.0}}
+
+
+def _fit_on_gpu(model: dict, callbacks: list, **trainer_args) -> SignalClassifierModule:
+    """12 bf16-mixed steps on one GPU, the same initial weights and data every call."""
+    torch.manual_seed(0)
+    module = SignalClassifierModule(model=model, num_classes=3, mixup=0.0)
+    torch.manual_seed(1)
+    data = TensorDataset(torch.randn(64, 512), torch.randint(0, 3, (64,)))
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=12, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, precision="bf16-mixed",
+                         callbacks=callbacks, **trainer_args)
+    trainer.fit(module, DataLoader(data, batch_size=8, drop_last=True))
+    return module
+
+
+def _weights(module: pl.LightningModule) -> dict:
+    return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+
+
 @cuda
 @pytest.mark.parametrize(("checkpointing", "accumulate"), [(False, 1), (True, 1), (False, 2)])
 def test_graph_capture_trains_like_eager_and_reports_gpu_busy(tmp_path, checkpointing,
@@ -210,26 +236,13 @@ def test_graph_capture_trains_like_eager_and_reports_gpu_busy(tmp_path, checkpoi
     the same steps (with gradients accumulated over two batches it says why it stays eager);
     the monitor reports a busy fraction."""
     torch._dynamo.reset()
-    # no dropout, no SpecAugment: compiled code draws other random numbers than eager
-    model = {**TINY_MODEL, "dropout": 0.0,
-             "time": {**TINY_MODEL["time"], "gradient_checkpointing": checkpointing},
-             "freq": {**TINY_MODEL["freq"], "time_mask_param": 0, "freq_mask_param": 0,
-                      "dropout": 0.0}}
+    model = _without_random_draws(gradient_checkpointing=checkpointing)
     results = []
     for capture in (False, True):
-        torch.manual_seed(0)
-        module = SignalClassifierModule(model=model, num_classes=3, mixup=0.0)
-        torch.manual_seed(1)
-        data = TensorDataset(torch.randn(64, 512), torch.randint(0, 3, (64,)))
         monitor = ThroughputMonitor(every_n_steps=4, profile_at=2, profile_steps=2)
-        trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=12, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, precision="bf16-mixed",
-                             accumulate_grad_batches=accumulate,
-                             callbacks=[GraphCapture(enabled=capture), monitor])
-        trainer.fit(module, DataLoader(data, batch_size=8, drop_last=True))
-        results.append(({k: v.detach().float().cpu() for k, v in module.state_dict().items()},
-                        monitor.history))
+        module = _fit_on_gpu(model, [GraphCapture(enabled=capture), monitor],
+                             accumulate_grad_batches=accumulate)
+        results.append((_weights(module), monitor.history))
     (eager, _), (captured, history) = results
     for name, value in eager.items():
         # bf16 steps: Adam moves each weight by ~lr a step whatever the gradient size
@@ -246,28 +259,16 @@ def test_compiled_blocks_become_one_compiled_classifier_inside_the_captured_step
     mode, no graphs of its own) and recorded inside the step; the weights follow the eager
     run's, evaluation runs eagerly and the model is eager after the fit."""
     torch._dynamo.reset()
-    model = {**TINY_MODEL, "dropout": 0.0,
-             "time": {**TINY_MODEL["time"], "compile_blocks": True},
-             "freq": {**TINY_MODEL["freq"], "time_mask_param": 0, "freq_mask_param": 0,
-                      "dropout": 0.0}}
+    model = _without_random_draws(compile_blocks=True)
     results = []
     for capture in (False, True):
-        torch.manual_seed(0)
-        module = SignalClassifierModule(model=model, num_classes=3, mixup=0.0)
-        torch.manual_seed(1)
-        data = TensorDataset(torch.randn(64, 512), torch.randint(0, 3, (64,)))
-        callback = GraphCapture(enabled=None if capture else False)
-        trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=12, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, precision="bf16-mixed",
-                             callbacks=[callback])
         with caplog.at_level(logging.INFO, logger="utils.throughput"):
-            trainer.fit(module, DataLoader(data, batch_size=8, drop_last=True))
+            module = _fit_on_gpu(model, [GraphCapture(enabled=None if capture else False)])
         if capture:
             assert "the whole classifier compiled inside it" in caplog.text
             assert module.model._compiled_call_impl is None  # eager after the fit
             assert all(b._compiled_call_impl is None for b in module.model.time_branch.blocks)
-        results.append({k: v.detach().float().cpu() for k, v in module.state_dict().items()})
+        results.append(_weights(module))
     eager, captured = results
     for name, value in eager.items():
         torch.testing.assert_close(captured[name], value, rtol=0, atol=3e-2,

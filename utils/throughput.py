@@ -94,12 +94,12 @@ class GraphCapture(Callback):
     backward, clipping and the AdamW update) is recorded as one graph after a few eager steps
     and replayed for every batch of that shape and kind, zero-padded with lengths or whole
     (`models.train_step.CapturedTrainStep`); other batches take the eager step, and a model
-    that cannot be recorded trains eagerly from then on (logged). Where the model asks for compiled blocks
-    (`compile`), the whole classifier is compiled instead, in the default mode (Triton
-    kernels, no CUDA graphs of its own), so the recorded step holds its fused kernels rather
-    than the eager code around the blocks; evaluation runs it eagerly, as below. Otherwise
-    blocks compiled with a CUDA-graph mode (reduce-overhead, max-autotune) are made eager
-    first: a graph cannot hold another's.
+    that cannot be recorded trains eagerly from then on (logged). Where the model asks for
+    compiled blocks (`compile`), the whole classifier is compiled instead, in the default
+    mode (Triton kernels, no CUDA graphs of its own), so the recorded step holds its fused
+    kernels rather than the eager code around the blocks; evaluation runs it eagerly, as
+    below. Otherwise blocks compiled with a CUDA-graph mode (reduce-overhead, max-autotune)
+    are made eager first: a graph cannot hold another's.
 
     Otherwise, torch.compile(mode=`mode`) of `pl_module.model` (in place: parameter names and
     checkpoints are unchanged) replays its forward and backward as graphs. After `max_shapes`
