@@ -129,6 +129,13 @@ class Fusion(nn.Module):
 AMPLITUDE_FEATURES = 16  # width of the embedded (mean, log std) of each signal
 
 
+def check_length_range(low: int, high: int, least: int, steps: int,
+                       what: str = "lengths") -> None:
+    """Signal lengths low..high of a batch of `steps` samples must lie in [least, steps]."""
+    if low < least or high > steps:
+        raise ValueError(f"{what} must lie in [{least}, T = {steps}]; got {low}..{high}")
+
+
 def signal_statistics(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Mean and std (at least 1e-6) of each signal over its real samples: (B, T) -> (B, 1) x2."""
     if mask is None:
@@ -256,9 +263,7 @@ class DualBranchClassifier(nn.Module):
         if not torch.compiler.is_compiling() and not (
                 x.is_cuda and torch.cuda.is_current_stream_capturing()):
             low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync
-            if low < self.min_length or high > x.shape[1]:
-                raise ValueError(f"lengths must lie in [{self.min_length}, T = {x.shape[1]}]; "
-                                 f"got {low}..{high}")
+            check_length_range(low, high, self.min_length, x.shape[1])
             if low == x.shape[1]:
                 return None
         return lengths

@@ -37,7 +37,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from models.dual_branch import DualBranchClassifier, DualBranchConfig
+from models.dual_branch import DualBranchClassifier, DualBranchConfig, check_length_range
 from models.train_step import CapturedTrainStep, GraphAdamW
 from utils.metrics import classification_report_from_confusion, plot_confusion_matrix, to_plain
 
@@ -220,10 +220,8 @@ class SignalClassifierModule(pl.LightningModule):
                 and batch[2].shape == batch[0].shape[:1] and batch[2].numel() > 0):
             steps = batch[0].shape[1]
             low, high = (int(v) for v in torch.aminmax(batch[2]))
-            least = getattr(self.model, "min_length", 1)
-            if low < least or high > steps:
-                raise ValueError(f"batch lengths must lie in [{least}, T = {steps}]; "
-                                 f"got {low}..{high}")
+            check_length_range(low, high, getattr(self.model, "min_length", 1), steps,
+                               "batch lengths")
             if low == steps:
                 return batch[0], batch[1]
         return batch
