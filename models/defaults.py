@@ -154,7 +154,8 @@ def model_settings(model: ModelOptions, facts: DataFacts) -> dict[str, Any]:
         "keep_amplitude": model.keep_amplitude and model.instance_norm,
         "time": {
             "hidden_size": model.hidden_size, "num_layers": model.num_layers,
-            "patch_size": model.patch_size, "stem": model.stem, "pooling": model.pooling,
+            "patch_size": model.patch_size, "stem": model.stem,
+            "stem_depth": model.stem_depth, "pooling": model.pooling,
             "bidirectional": model.bidirectional, "dropout": model.rwkv_dropout,
             "gradient_checkpointing": model.gradient_checkpointing,
             "compile_blocks": model.compile, "compile_mode": model.compile_mode,

@@ -33,6 +33,8 @@ class ModelOptions:
     stem: Literal["conv", "patch"] = option(
         "conv", "RWKV input stem: multi-scale convolution then patch means, or plain patches "
         "(needed for streaming)")
+    stem_depth: int = option(1, "layers of the conv stem at full resolution (InceptionTime-"
+                             "style, residual)", at_least(1), metavar="N")
     pooling: Literal["meanmax", "mean", "last"] = option(
         "meanmax", "RWKV per-step features -> one vector")
     bidirectional: bool = option(True, "add a time-reversed WKV scan to every RWKV block (no "

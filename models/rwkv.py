@@ -43,6 +43,9 @@ class RWKVConfig:
     # local shape detectors the recurrence alone learns slowly from little data (no streaming)
     stem: str = "patch"
     stem_kernels: tuple[int, ...] = (9, 19, 39)  # "conv" stem kernel sizes (odd)
+    # "conv" stem layers at full resolution; layers after the first take a 1x1 bottleneck of
+    # the previous layer and add it back (residual), as in InceptionTime's modules
+    stem_depth: int = 1
     bidirectional: bool = False  # add a time-reversed WKV scan to every block (no streaming)
     # per-step features -> (B, C): "mean", "last", or "meanmax" (mean and max side by side,
     # (B, 2C): a brief event survives the max where a mean would dilute it)
@@ -57,7 +60,8 @@ class RWKVConfig:
     check_input_finite: bool = True  # refuse NaN/Inf input (one device sync per forward)
 
     def __post_init__(self) -> None:
-        for name in ("input_size", "hidden_size", "num_layers", "ffn_mult", "patch_size"):
+        for name in ("input_size", "hidden_size", "num_layers", "ffn_mult", "patch_size",
+                     "stem_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RWKVConfig.{name} must be an integer >= 1; got {value!r}")
@@ -218,11 +222,13 @@ class PatchEmbedding(nn.Module):
 class ConvStem(nn.Module):
     """Multi-scale convolution stem: (B, T, input_size) -> (B, ceil(T / patch_size), C).
 
-    One Inception-style layer at full resolution: a 1x1 bottleneck-free set of convolutions
-    with `stem_kernels` sizes (9, 19, 39 samples) plus a max-pool -> 1x1 path, concatenated to
-    C channels, BatchNorm, ReLU; then the mean over each patch of `patch_size` samples. With
-    `lengths`, samples past a signal's end are zeroed before the convolution and patches are
-    averaged over real samples only, so a padded signal gives exactly what it gives alone.
+    `stem_depth` Inception-style layers at full resolution. The first: convolutions of
+    `stem_kernels` sizes (9, 19, 39 samples) plus a max-pool -> 1x1 path, concatenated to C
+    channels, BatchNorm, ReLU. Each further layer does the same on a 1x1 bottleneck of the
+    previous one's C channels and adds its input back before the ReLU. Then the mean over each
+    patch of `patch_size` samples. With `lengths`, samples past a signal's end are zeroed
+    before every convolution and patches are averaged over real samples only, so a padded
+    signal gives exactly what it gives alone.
     """
 
     def __init__(self, config: RWKVConfig):
@@ -235,20 +241,44 @@ class ConvStem(nn.Module):
                                    for k in kernels)
         self.pool_conv = nn.Conv1d(c_in, C - width * len(kernels), 1, bias=False)
         self.norm = nn.BatchNorm1d(C)
+        self.layers = nn.ModuleList(_InceptionLayer(C, kernels, width)
+                                    for _ in range(config.stem_depth - 1))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B, T, input_size); mask: (B, T) 1 for real samples, 0 for padding, or None."""
-        h = x.transpose(1, 2)  # (B, input_size, T)
-        if mask is not None:
-            h = h * mask.unsqueeze(1).to(h.dtype)
+        h = _masked(x.transpose(1, 2), mask)  # (B, input_size, T)
         branches = [conv(h) for conv in self.convs]
         branches.append(self.pool_conv(_max3(h, mask)))
         h = F.relu(self.norm(torch.cat(branches, 1)))
-        if self.patch_size > 1:
-            h = _patch_mean(h, mask, self.patch_size)
-        elif mask is not None:
-            h = h * mask.unsqueeze(1).to(h.dtype)
+        for layer in self.layers:
+            h = layer(_masked(h, mask), mask)
+        h = _patch_mean(h, mask, self.patch_size) if self.patch_size > 1 else _masked(h, mask)
         return h.transpose(1, 2)
+
+
+class _InceptionLayer(nn.Module):
+    """(B, C, T) -> (B, C, T): a 1x1 bottleneck to `width` channels, convolutions of each
+    kernel size on it beside a max-pool -> 1x1 path on the input, BatchNorm, the input added
+    back, ReLU. The input's padding must already be zero."""
+
+    def __init__(self, C: int, kernels: tuple[int, ...], width: int):
+        super().__init__()
+        self.bottleneck = nn.Conv1d(C, width, 1, bias=False)
+        self.convs = nn.ModuleList(nn.Conv1d(width, width, k, padding=k // 2, bias=False)
+                                   for k in kernels)
+        self.pool_conv = nn.Conv1d(C, C - width * len(kernels), 1, bias=False)
+        self.norm = nn.BatchNorm1d(C)
+
+    def forward(self, h: Tensor, mask: Tensor | None) -> Tensor:
+        z = self.bottleneck(h)  # a 1x1 convolution keeps zero padding zero
+        branches = [conv(z) for conv in self.convs]
+        branches.append(self.pool_conv(_max3(h, mask)))
+        return F.relu(self.norm(torch.cat(branches, 1)) + h)
+
+
+def _masked(h: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, C, T) with the padding steps (mask 0) set to zero; h itself when mask is None."""
+    return h if mask is None else h * mask.unsqueeze(1).to(h.dtype)
 
 
 def _max3(h: Tensor, mask: Tensor | None) -> Tensor:

@@ -389,13 +389,16 @@ def test_autocast_forward_backward_finite(dtype, checkpointing):
 # ------------------------------------------------------------------------------- padding
 
 
-@pytest.mark.parametrize("stem,patch", [("conv", 1), ("conv", 3), ("patch", 4), ("patch", 1)])
+@pytest.mark.parametrize("stem,patch,depth", [("conv", 1, 1), ("conv", 3, 1), ("conv", 1, 3),
+                                              ("conv", 3, 2), ("patch", 4, 1), ("patch", 1, 1)])
 @pytest.mark.parametrize("pooling", ["meanmax", "mean", "last"])
-def test_padded_signal_gives_what_it_gives_alone(stem, patch, pooling):
+def test_padded_signal_gives_what_it_gives_alone(stem, patch, depth, pooling):
     """A signal zero-padded inside a batch of longer ones, with its length, gives exactly the
-    features it gives alone: the stem, the reverse scan and the pooling leave padding out."""
+    features it gives alone: the stem (every layer of it), the reverse scan and the pooling
+    leave padding out."""
     model = randomize(create_optimized_rwkv(**SMALL, stem=stem, patch_size=patch,
-                                            bidirectional=True, pooling=pooling))
+                                            stem_depth=depth, bidirectional=True,
+                                            pooling=pooling))
     with torch.no_grad():  # BatchNorm statistics that are not the identity
         for module in model.modules():
             if isinstance(module, nn.BatchNorm1d):
@@ -411,8 +414,10 @@ def test_padded_signal_gives_what_it_gives_alone(stem, patch, pooling):
         torch.testing.assert_close(together[1], model(long)[0], atol=2e-5, rtol=1e-5)
 
 
-def test_conv_stem_shapes_and_original_model():
-    fast, original = pair(stem="conv", patch_size=3, pooling="meanmax", bidirectional=True)
+@pytest.mark.parametrize("depth", [1, 3])
+def test_conv_stem_shapes_and_original_model(depth):
+    fast, original = pair(stem="conv", patch_size=3, pooling="meanmax", bidirectional=True,
+                          stem_depth=depth)
     x = torch.randn(2, 31)
     assert fast(x).shape == (2, fast.out_features) == (2, 2 * SMALL["hidden_size"])
     with torch.no_grad():
