@@ -24,9 +24,15 @@ namespace {
 // What differs under tests/wkv_emulation.h: the device, its guard, the launch.
 bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
+// dynamic_shared: bytes of dynamic shared memory. Over 48 KB a block (with the static) needs the
+// kernel's opt-in, set on every launch: it is per device, and allowed during graph capture.
 template <class Args>
-void launch(void (*kernel)(Args), unsigned grid, const Args& args) {
-  kernel<<<grid, wkv::gpu::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+void launch(void (*kernel)(Args), unsigned grid, const Args& args, int dynamic_shared = 0) {
+  if (dynamic_shared > 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        dynamic_shared));
+  }
+  kernel<<<grid, wkv::gpu::kThreads, dynamic_shared, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 }  // namespace
@@ -41,7 +47,8 @@ using namespace wkv::gpu;
 // Four channels a thread: 4 float32 states of each kind in registers (8 would not leave room
 // for the rest). Rows of 8 steps forward and 4 backward, whatever the dtype; the backward also
 // holds the forward state of every step, and some of it spills (a few hundred bytes a thread,
-// to local memory). Measured on an H200 (B=8, T=3750, C=256): a block's time is mostly fixed
+// to local memory); its steps' values for the second walk (StepCache) take 64 KB of dynamic
+// shared memory a block, 90 KB with the static: 2 blocks per SM on sm_90, 1 on sm_80/86/89. Measured on an H200 (B=8, T=3750, C=256): a block's time is mostly fixed
 // costs (barriers, the look-back, loads in flight at 2 blocks per SM), so fewer, larger tiles
 // win even with the spills: the float32 backward took 0.181 ms with rows of 2 steps and
 // 0.138 ms with 4 (and 1 block per SM, with no spills, was slower than 2 with them).
@@ -141,7 +148,7 @@ void launch_backward(BackwardArgs<T> args, const Tensor& k, bool gated) {
   args.flags = args.counter + 2;
   launch(gated ? wkv_backward_kernel<T, Sh::V, Sh::S, true>
               : wkv_backward_kernel<T, Sh::V, Sh::S, false>,
-         static_cast<unsigned>(tiles), args);
+         static_cast<unsigned>(tiles), args, static_cast<int>(sizeof(StepCache<Sh>)));
 }
 
 std::tuple<Tensor, Tensor, Tensor> wkv_forward_cuda(const Tensor& decay_, const Tensor& first_,

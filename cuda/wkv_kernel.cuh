@@ -27,7 +27,10 @@
 //
 // The forward saves the state entering every tile (the look-back's inclusive prefixes are
 // exactly those), so the backward recomputes the forward states of a tile from it without a
-// look-back of its own, and runs the look-back on the gradient state. The backward also sums the
+// look-back of its own, and runs the look-back on the gradient state. It walks each row twice
+// in reverse time: the first walk (for the row's gradient summary) also computes all that does
+// not depend on the gradient state (y_t, gy_t / D_t, the gate's gradient) and leaves it in
+// dynamic shared memory for the second, which writes the gradients. The backward also sums the
 // decay/first gradients: per block in shared memory, across blocks with double atomics, and the
 // last block to finish writes the float32 results (no second kernel).
 //
@@ -37,13 +40,17 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "wkv_common.h"
 
 #ifndef WKV_EMULATION
 #include <cuda/atomic>
 #define WKV_SHARED(type, name) __shared__ type name
+// The launch's dynamic shared memory as one `type`: a block's static shared memory is capped at
+// 48 KB, more needs the launch's opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize).
+#define WKV_DYNAMIC_SHARED(type, name)                                 \
+  extern __shared__ __align__(16) unsigned char wkv_dynamic_shared[]; \
+  type& name = *reinterpret_cast<type*>(wkv_dynamic_shared)
 namespace wkv::gpu {
 // flags between blocks: release by the publisher, acquire by the reader (device scope)
 __device__ __forceinline__ int load_acquire(int* flag) {
@@ -222,6 +229,20 @@ template <class States>
 __device__ __forceinline__ State get(const States& from, int row, int i, int lane) {
   return {from[0][i][row][lane], from[1][i][row][lane], from[2][i][row][lane]};
 }
+
+// The backward's values of each of a thread's steps that do not depend on the gradient state,
+// from the row's first walk to its second; in dynamic shared memory (with Shared, over the
+// 48 KB of static shared memory a block may have). [step][row][lane], a thread's V channels one
+// vector: a warp's 16-byte accesses cover 512 consecutive bytes, 128 per quarter warp (one word
+// per bank, no conflict), one instruction where a word per channel took V.
+template <class Sh>
+struct StepCache {
+  using Values = Pack<float, Sh::V>[Sh::S][Sh::R][Sh::LX];
+  Values g;      // gy_t / D_t (gated: sigmoid(r_t) gy_t / D_t)
+  Values y;      // y_t (before the gate)
+  Values m;      // the larger exponent of D_t: max(p, u + k_t)
+  Values bonus;  // e^{u+k_t} gy_t / D_t
+};
 
 // Scan positions of the rows: time order, or with kReverse from the last row back.
 template <class Sh, bool kReverse>
@@ -629,6 +650,7 @@ template <typename T, int V, int S, bool kGate>
 __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<T> args) {
   using Sh = Shape<V, S>;
   WKV_SHARED(Shared<Sh>, sh);
+  WKV_DYNAMIC_SHARED(StepCache<Sh>, cache);  // the launch gives sizeof(StepCache<Sh>)
   const Dims& d = args.d;
   const Place pl = place_of<Sh>(next_tile(args.counter, sh.tile), d, true);
   const int64_t cs = static_cast<int64_t>(d.C);
@@ -681,60 +703,52 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<
     });
   }
 
-  // Walks the row backwards on gradient state R (which leaves at the row's start). With
-  // kWrite, writes gk, gv (gr) and accumulates dL/dw, dL/du.
+  // One step back on gradient state R, from the step's g, y, m (the cache's values)
+  auto step_back = [&](State& R, int i, float g, float y, float m) {
+    const ExpPair f = exp_pair(R.p + w[i], -m);
+    R.a = f.ex * R.a + f.ey * g;
+    R.b = f.ex * R.b - f.ey * g * y;
+    R.p = f.m;
+  };
+
+  // The row's first walk, from the empty gradient state: the row's gradient summary. On the
+  // way, all that does not depend on the gradient state: the cache's values, gr and dL/du.
   float sw[V], su[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) sw[i] = su[i] = 0.f;
-  auto walk = [&](State (&R)[V], auto write) {
-    constexpr bool kWrite = decltype(write)::value;
+  {
+    State R[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) R[i] = kIdentity;
     for_steps<S, true>(pl.len, [&](int j) {
-      float gk_out[V], gv_out[V], gr_out[V];
+      float g[V], y[V], m[V], bonus[V], gr_out[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const float kraw = static_cast<float>(kk[j].x[i]), kt = bounded_k(kraw);
+        const float kt = bounded_k(static_cast<float>(kk[j].x[i]));
         const float vt = static_cast<float>(vv[j].x[i]);
         float gyt = static_cast<float>(gg[j].x[i]);
         const State& s = fs[j][i];
         const ExpPair e = exp_pair(s.p, u[i] + kt);
         const float inv_d = __fdividef(1.f, e.ex * s.b + e.ey);  // D_t = d e^q, d >= 1
-        const float y = (e.ex * s.a + e.ey * vt) * inv_d;
+        y[i] = (e.ex * s.a + e.ey * vt) * inv_d;
         if (kGate) {
           const Gate gate = gate_of(static_cast<float>(rr[j].x[i]));
-          gr_out[i] = gyt * y * gate.ds;
+          gr_out[i] = gyt * y[i] * gate.ds;
           gyt *= gate.s;
         }
-        const float g = gyt * inv_d;  // gy_t / D_t = g e^{-q}
-        if (kWrite) {
-          // e^{k_t} R <= 1: R's terms are e^{(s-t-1)w}/D_s and D_s holds e^{(s-1-t)w + k_t}
-          const float ek = __expf(kt + R[i].p);
-          const float bonus = e.ey * g;  // e^{u+k_t} gy_t / D_t
-          // a k beyond kMaxK was read as kMaxK: no gradient reaches it (as through a clamp)
-          gk_out[i] = kraw > kMaxK ? 0.f : (R[i].a * vt + R[i].b) * ek + bonus * (vt - y);
-          gv_out[i] = R[i].a * ek + bonus;
-          su[i] += bonus * (vt - y);
-          sw[i] += (R[i].a * s.a + R[i].b * s.b) * __expf(w[i] + s.p + R[i].p);
-        }
-        const ExpPair f = exp_pair(R[i].p + w[i], -e.m);
-        R[i].a = f.ex * R[i].a + f.ey * g;
-        R[i].b = f.ex * R[i].b - f.ey * g * y;
-        R[i].p = f.m;
+        g[i] = gyt * inv_d;  // gy_t / D_t = g e^{-q}
+        m[i] = e.m;
+        bonus[i] = e.ey * g[i];  // e^{u+k_t} gy_t / D_t
+        su[i] += bonus[i] * (vt - y[i]);
+        step_back(R[i], i, g[i], y[i], m[i]);
       }
-      if (kWrite) {
-        const int64_t at = pl.io + static_cast<int64_t>(j) * d.C;
-        store_pack<T, V>(args.gk + at, gk_out);
-        store_pack<T, V>(args.gv + at, gv_out);
-        if (kGate) store_pack<T, V>(args.gr + at, gr_out);
-      }
+      store_pack<float, V>(cache.g[j][pl.row][pl.lane].x, g);
+      store_pack<float, V>(cache.y[j][pl.row][pl.lane].x, y);
+      store_pack<float, V>(cache.m[j][pl.row][pl.lane].x, m);
+      store_pack<float, V>(cache.bonus[j][pl.row][pl.lane].x, bonus);
+      if (kGate) store_pack<T, V>(args.gr + pl.io + static_cast<int64_t>(j) * d.C, gr_out);
     });
-  };
-
-  // the row's gradient summary from the empty gradient state, then the scan in reverse time
-  {
-    State R[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) R[i] = kIdentity;
-    walk(R, std::false_type{});
+    // then the scan in reverse time
     scan_rows<Sh, true>(sh, pl, d.T, w, R);
   }
   const bool holds_aggregate = pl.row == 0 && pl.active;  // the last row in reverse order
@@ -783,8 +797,32 @@ __global__ void __launch_bounds__(kThreads, 2) wkv_backward_kernel(BackwardArgs<
   }
   if (pl.n > 0) publish(flags + pl.pos, kPrefix);
 
-  // the gradients of the row's steps
-  if (pl.active) walk(R, std::true_type{});
+  // The second walk: the gradients of the row's steps, from the cache (written by this thread)
+  if (pl.active) {
+    for_steps<S, true>(pl.len, [&](int j) {
+      const Pack<float, V> g = cache.g[j][pl.row][pl.lane], y = cache.y[j][pl.row][pl.lane];
+      const Pack<float, V> m = cache.m[j][pl.row][pl.lane];
+      const Pack<float, V> bonus = cache.bonus[j][pl.row][pl.lane];
+      float gk_out[V], gv_out[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float kraw = static_cast<float>(kk[j].x[i]), kt = bounded_k(kraw);
+        const float vt = static_cast<float>(vv[j].x[i]);
+        const State& s = fs[j][i];
+        // e^{k_t} R <= 1: R's terms are e^{(s-t-1)w}/D_s and D_s holds e^{(s-1-t)w + k_t}
+        const float ek = __expf(kt + R[i].p);
+        // a k beyond kMaxK was read as kMaxK: no gradient reaches it (as through a clamp)
+        gk_out[i] = kraw > kMaxK ? 0.f
+                                 : (R[i].a * vt + R[i].b) * ek + bonus.x[i] * (vt - y.x[i]);
+        gv_out[i] = R[i].a * ek + bonus.x[i];
+        sw[i] += (R[i].a * s.a + R[i].b * s.b) * __expf(w[i] + s.p + R[i].p);
+        step_back(R[i], i, g.x[i], y.x[i], m.x[i]);
+      }
+      const int64_t at = pl.io + static_cast<int64_t>(j) * d.C;
+      store_pack<T, V>(args.gk + at, gk_out);
+      store_pack<T, V>(args.gv + at, gv_out);
+    });
+  }
   if (args.gstate_in != nullptr && pl.n == 0 && pl.row == 0 && pl.active) {
     // dL/d(initial state) from the gradient state at t = 0: A_0 = a0 e^{p0}
 #pragma unroll

@@ -111,10 +111,15 @@ void run(const char* name, int B, int T, int C, int iters) {
     cudaMemsetAsync(zero_f, 0, (tiles_f + 1) * 4);
     wkv_forward_kernel<E, 4, FS, kGate><<<tiles_f, kThreads>>>(fa);
   }, iters);
+  // the backward's dynamic shared memory (over 48 KB a block with the static: opted in)
+  const int cache_bytes = static_cast<int>(sizeof(StepCache<SB>));
+  CHECK(cudaFuncSetAttribute(wkv_backward_kernel<E, 4, BS, kGate>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, cache_bytes));
   const float bwd_ms = time_ms([&] {
     cudaMemsetAsync(zero_b, 0, zero_b_bytes);
-    wkv_backward_kernel<E, 4, BS, kGate><<<tiles_b, kThreads>>>(ba);
+    wkv_backward_kernel<E, 4, BS, kGate><<<tiles_b, kThreads, cache_bytes>>>(ba);
   }, iters);
+  CHECK(cudaGetLastError());  // a launch that failed would time as fast
 
   std::vector<E> host_y(n), host_gk(n);
   std::vector<float> host_gdecay(C);

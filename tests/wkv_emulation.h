@@ -64,6 +64,8 @@ struct Block {
   std::vector<std::unique_ptr<Fiber>> fibers;
   std::vector<Fiber*> runnable;
   std::vector<unsigned char> shared;
+  std::vector<unsigned char> dynamic;  // the launch's dynamic shared memory
+  size_t static_bytes = 0;
   int arrived = 0, live = 0;
   bool and_acc = true, and_result = true;
 };
@@ -73,6 +75,7 @@ class Runtime {
   static constexpr int kThreads = 256;
   static constexpr size_t kStack = 64 * 1024;
   static constexpr size_t kShared = 48 * 1024;  // the static shared memory limit of a block
+  static constexpr size_t kSharedOptIn = 227 * 1024;  // static + dynamic, opted in (sm_90)
 
   static Runtime& get() {
     static Runtime runtime;
@@ -82,10 +85,12 @@ class Runtime {
   Options options;
   Stats stats;
 
-  // Runs body() as `grid` blocks of kThreads threads.
-  void launch(unsigned grid, const std::function<void()>& body) {
+  // Runs body() as `grid` blocks of kThreads threads, with `dynamic` bytes of dynamic shared
+  // memory each.
+  void launch(unsigned grid, const std::function<void()>& body, size_t dynamic = 0) {
     std::mt19937_64 rng(options.seed);
     body_ = &body;
+    dynamic_ = dynamic;
     std::vector<std::unique_ptr<Block>> active;
     unsigned next = 0;
     while (next < grid || !active.empty()) {
@@ -158,7 +163,18 @@ class Runtime {
 
   void* shared_memory(size_t bytes) {
     if (bytes > kShared) throw std::runtime_error("emulated kernel: too much shared memory");
+    current_->block->static_bytes = bytes;
     return current_->block->shared.data();
+  }
+
+  // (after the static shared memory: a kernel declares that first)
+  void* dynamic_shared_memory(size_t bytes) {
+    if (bytes > dynamic_) {
+      throw std::runtime_error("emulated kernel: more dynamic shared memory than the launch gave");
+    }
+    if (current_->block->static_bytes + dynamic_ > kSharedOptIn)
+      throw std::runtime_error("emulated kernel: too much shared memory (static + dynamic)");
+    return current_->block->dynamic.data();
   }
 
  private:
@@ -178,7 +194,9 @@ class Runtime {
         block->fibers.push_back(std::move(f));
       }
     }
+    block->dynamic.resize(dynamic_);
     std::memset(block->shared.data(), 0xff, block->shared.size());  // NaN floats, -1 ints
+    std::memset(block->dynamic.data(), 0xff, block->dynamic.size());
     block->arrived = 0;
     block->live = kThreads;
     block->and_acc = block->and_result = true;
@@ -211,6 +229,7 @@ class Runtime {
   Fiber* current_ = nullptr;
   const std::function<void()>* body_ = nullptr;
   std::vector<std::unique_ptr<Block>> spare_;
+  size_t dynamic_ = 0;  // the current launch's dynamic shared memory per block
   std::unique_ptr<std::string> error_;
 };
 
@@ -221,10 +240,16 @@ T& shared_variable() {
   return *static_cast<T*>(Runtime::get().shared_memory(sizeof(T)));
 }
 
+template <typename T>
+T& dynamic_shared_variable() {
+  return *static_cast<T*>(Runtime::get().dynamic_shared_memory(sizeof(T)));
+}
+
 }  // namespace wkv_emulation
 
 #define threadIdx (wkv_emulation::thread_index())
 #define WKV_SHARED(type, name) type& name = wkv_emulation::shared_variable<type>()
+#define WKV_DYNAMIC_SHARED(type, name) type& name = wkv_emulation::dynamic_shared_variable<type>()
 
 inline void __syncthreads() { wkv_emulation::Runtime::get().barrier(true); }
 inline int __syncthreads_and(int predicate) {
@@ -280,6 +305,7 @@ inline void store_release(int* flag, int value) {
 }  // namespace wkv::gpu
 
 template <class Args>
-void launch(void (*kernel)(Args), unsigned grid, const Args& args) {
-  wkv_emulation::Runtime::get().launch(grid, [kernel, &args] { kernel(args); });
+void launch(void (*kernel)(Args), unsigned grid, const Args& args, int dynamic_shared = 0) {
+  wkv_emulation::Runtime::get().launch(grid, [kernel, &args] { kernel(args); },
+                                       static_cast<size_t>(dynamic_shared));
 }
