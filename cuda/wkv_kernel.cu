@@ -48,10 +48,11 @@ using namespace wkv::gpu;
 // for the rest). Rows of 8 steps forward and 4 backward, whatever the dtype; the backward also
 // holds the forward state of every step, and some of it spills (a few hundred bytes a thread,
 // to local memory); its steps' values for the second walk (StepCache) take 64 KB of dynamic
-// shared memory a block, 90 KB with the static: 2 blocks per SM on sm_90, 1 on sm_80/86/89. Measured on an H200 (B=8, T=3750, C=256): a block's time is mostly fixed
-// costs (barriers, the look-back, loads in flight at 2 blocks per SM), so fewer, larger tiles
-// win even with the spills: the float32 backward took 0.181 ms with rows of 2 steps and
-// 0.138 ms with 4 (and 1 block per SM, with no spills, was slower than 2 with them).
+// shared memory a block, 90 KB with the static: 2 blocks per SM on sm_90, 1 on sm_80/86/89.
+// Measured on an H200 (B=8, T=3750, C=256): a block's time is mostly fixed costs (barriers,
+// the look-back, loads in flight at 2 blocks per SM), so fewer, larger tiles win even with the
+// spills: the float32 backward took 0.181 ms with rows of 2 steps and 0.138 ms with 4 (and 1
+// block per SM, with no spills, was slower than 2 with them); the step cache took it to 0.112.
 // Half-precision forward rows of 16 steps spill more and were slower. Scalar shapes where C or
 // an address does not allow vectors.
 template <bool kVector>
