@@ -73,6 +73,9 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.stem == "patch" and self.stem_depth > 1:
+            raise ValueError(f"stem_depth: expected 1 with stem 'patch' (only the conv stem "
+                             f"has further layers); got {self.stem_depth}")
         if self.cnn_channels is not None:
             self.cnn_channels = [int(c) for c in self.cnn_channels]
             if not self.cnn_channels or min(self.cnn_channels) < 1:

@@ -77,6 +77,9 @@ class RWKVConfig:
                                             for k in self.stem_kernels):
             raise ValueError(f"RWKVConfig.stem_kernels must be odd positive sizes; "
                              f"got {self.stem_kernels!r}")
+        if self.stem == "patch" and self.stem_depth > 1:
+            raise ValueError(f"RWKVConfig.stem_depth = {self.stem_depth} needs the 'conv' stem "
+                             f"(the 'patch' stem is one layer)")
         if self.stem == "conv" and self.hidden_size < len(self.stem_kernels) + 1:
             raise ValueError(f"RWKVConfig.hidden_size = {self.hidden_size} is too narrow for a "
                              f"conv stem of {len(self.stem_kernels)} kernels")
@@ -247,9 +250,7 @@ class ConvStem(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B, T, input_size); mask: (B, T) 1 for real samples, 0 for padding, or None."""
         h = _masked(x.transpose(1, 2), mask)  # (B, input_size, T)
-        branches = [conv(h) for conv in self.convs]
-        branches.append(self.pool_conv(_max3(h, mask)))
-        h = F.relu(self.norm(torch.cat(branches, 1)))
+        h = F.relu(self.norm(_inception(self.convs, self.pool_conv, h, h, mask)))
         for layer in self.layers:
             h = layer(_masked(h, mask), mask)
         h = _patch_mean(h, mask, self.patch_size) if self.patch_size > 1 else _masked(h, mask)
@@ -271,9 +272,13 @@ class _InceptionLayer(nn.Module):
 
     def forward(self, h: Tensor, mask: Tensor | None) -> Tensor:
         z = self.bottleneck(h)  # a 1x1 convolution keeps zero padding zero
-        branches = [conv(z) for conv in self.convs]
-        branches.append(self.pool_conv(_max3(h, mask)))
-        return F.relu(self.norm(torch.cat(branches, 1)) + h)
+        return F.relu(self.norm(_inception(self.convs, self.pool_conv, z, h, mask)) + h)
+
+
+def _inception(convs: nn.ModuleList, pool_conv: nn.Module, z: Tensor, h: Tensor,
+               mask: Tensor | None) -> Tensor:
+    """The convolutions of z beside the max-pool -> 1x1 path of h, concatenated on channels."""
+    return torch.cat([*(conv(z) for conv in convs), pool_conv(_max3(h, mask))], 1)
 
 
 def _masked(h: Tensor, mask: Tensor | None) -> Tensor:

@@ -432,6 +432,10 @@ def test_conv_stem_refuses_streaming_and_bad_kernels():
         RWKVConfig(stem="conv", stem_kernels=(4,))
     with pytest.raises(ValueError, match="stem must be one of"):
         RWKVConfig(stem="inception")
+    with pytest.raises(ValueError, match="stem_depth = 3 needs the 'conv' stem"):
+        RWKVConfig(stem="patch", stem_depth=3)
+    with pytest.raises(ValueError, match="stem_depth must be an integer >= 1; got 0"):
+        RWKVConfig(stem="conv", stem_depth=0)
 
 
 # --------------------------------------------------- fused blocks == the per-op (unfused) math
