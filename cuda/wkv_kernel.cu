@@ -20,18 +20,32 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <mutex>
+#include <set>
+
 namespace {
 // What differs under tests/wkv_emulation.h: the device, its guard, the launch.
 bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
-// dynamic_shared: bytes of dynamic shared memory. Over 48 KB a block (with the static) needs the
-// kernel's opt-in, set on every launch: it is per device, and allowed during graph capture.
+// Over 48 KB of shared memory a block (static and dynamic) needs the kernel's opt-in, which is
+// per device: set once for each kernel, device and size (a kernel is always launched with the
+// same size), then remembered, so a launch costs no driver call for it.
+template <class Args>
+void allow_dynamic_shared(void (*kernel)(Args), int bytes) {
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, int, int>> done;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel),
+                                   static_cast<int>(c10::cuda::current_device()), bytes);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(key) > 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done.insert(key);
+}
+
+// dynamic_shared: bytes of dynamic shared memory for the launch
 template <class Args>
 void launch(void (*kernel)(Args), unsigned grid, const Args& args, int dynamic_shared = 0) {
-  if (dynamic_shared > 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        dynamic_shared));
-  }
+  if (dynamic_shared > 0) allow_dynamic_shared(kernel, dynamic_shared);
   kernel<<<grid, wkv::gpu::kThreads, dynamic_shared, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -3,7 +3,8 @@
 // PyTorch, timed with CUDA events (each launch with its scratch memset, as the operator does),
 // in the project's tile shapes and in the neighbouring ones it was chosen against.
 //   nvcc -O3 -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -Icuda \
-//        -o wkv_kernel_timing docs/wkv_kernel_timing.cu && ./wkv_kernel_timing
+//        -o wkv_kernel_timing docs/wkv_kernel_timing.cu && ./wkv_kernel_timing [ONLY]
+// ONLY: run only the cases whose line starts with it, e.g. "bf16 gated 8/4 B=64" (for ncu).
 // Each line: forward and backward ms and GB/s (k, v, y forward; k, v, gy, gk, gv backward; r and
 // gr with the gate), the tiles of each launch, and checksums (equal across shapes of a dtype).
 // The variants of that section without a fence, atomics or look-back were copies of the header
@@ -13,6 +14,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "wkv_kernel.cuh"
@@ -63,9 +66,17 @@ float time_ms(const F& f, int iters) {
   return ms / iters;
 }
 
+const char* only = nullptr;  // the command line's case filter, or null: every case
+
 // forward rows of FS steps, backward rows of BS, 4 channels a thread; kGate: sigmoid(r) * wkv
 template <typename E, int FS, int BS, bool kGate = false>
 void run(const char* name, int B, int T, int C, int iters) {
+  char label[96];
+  std::snprintf(label, sizeof(label), "%-18s B=%d T=%d", name, B, T);
+  std::string compact;  // the label with the padding spaces squeezed, as ONLY is written
+  for (const char* c = label; *c; ++c)
+    if (!(*c == ' ' && !compact.empty() && compact.back() == ' ')) compact += *c;
+  if (only != nullptr && compact.rfind(only, 0) != 0) return;
   using SF = Shape<4, FS>;
   using SB = Shape<4, BS>;
   const int64_t n = static_cast<int64_t>(B) * T * C;
@@ -134,9 +145,9 @@ void run(const char* name, int B, int T, int C, int iters) {
   for (int c = 0; c < C; ++c) sum_gdecay += std::fabs(host_gdecay[c]);
   const double fwd_bytes = static_cast<double>(n) * sizeof(E) * (kGate ? 4 : 3);
   const double bwd_bytes = static_cast<double>(n) * sizeof(E) * (kGate ? 7 : 5);
-  std::printf("%-18s B=%d T=%d C=%d  fwd %.4f ms (%.0f GB/s)  bwd %.4f ms (%.0f GB/s)  "
+  std::printf("%s C=%d  fwd %.4f ms (%.0f GB/s)  bwd %.4f ms (%.0f GB/s)  "
               "tiles %lld / %lld  sums y %.6e gk %.6e gdecay %.6e\n",
-              name, B, T, C, fwd_ms, fwd_bytes / fwd_ms / 1e6, bwd_ms, bwd_bytes / bwd_ms / 1e6,
+              label, C, fwd_ms, fwd_bytes / fwd_ms / 1e6, bwd_ms, bwd_bytes / bwd_ms / 1e6,
               static_cast<long long>(tiles_f), static_cast<long long>(tiles_b), sum_y, sum_gk,
               sum_gdecay);
   for (void* p : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(y),
@@ -149,8 +160,9 @@ void run(const char* name, int B, int T, int C, int iters) {
     cudaFree(p);  // null for the gate's arrays without it: a no-op
 }
 
-int main() {
+int main(int argc, char** argv) {
   using bf16 = __nv_bfloat16;
+  if (argc > 1) only = argv[1];
   const int it = 200;
   // the project's shapes (forward rows of 8, backward rows of 4) and the earlier 4 / 2
   run<float, 8, 4>("fp32 rows 8/4", 8, 3750, 256, it);
@@ -161,6 +173,7 @@ int main() {
   run<bf16, 8, 2>("bf16 rows 8/2", 8, 3750, 256, it);
   run<bf16, 8, 4, true>("bf16 gated 8/4", 8, 3750, 256, it);
   run<bf16, 8, 2, true>("bf16 gated 8/2", 8, 3750, 256, it);
+  run<bf16, 8, 4, true>("bf16 gated 8/4", 64, 938, 256, it);  // configs/gpu.yaml's calls
   run<float, 8, 4>("fp32 rows 8/4", 1, 3750, 256, it);
   run<float, 4, 2>("fp32 rows 4/2", 1, 3750, 256, it);
   run<float, 8, 4>("fp32 rows 8/4", 8, 65536, 256, 20);
