@@ -150,6 +150,7 @@ def model_settings(model: ModelOptions, facts: DataFacts) -> dict[str, Any]:
         "branches": model.branches,
         "fusion": model.fusion,
         "dropout": model.dropout,
+        "branch_loss": model.branch_loss,
         "instance_norm": model.instance_norm,
         "keep_amplitude": model.keep_amplitude and model.instance_norm,
         "time": {

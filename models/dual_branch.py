@@ -54,6 +54,10 @@ class DualBranchConfig:
     # training set's statistics, not per signal) as a second time-branch channel, and its
     # mean and log std as features beside the branches' (some classes differ in amplitude)
     keep_amplitude: bool = True
+    # each branch's pooled features also get a linear head of their own in training, whose
+    # cross-entropy counts with this weight beside the fused head's (0: none): every branch
+    # learns to classify alone, not only through the fusion (gradient blending)
+    branch_loss: float = 0.0
 
     def __post_init__(self) -> None:
         self.time = _branch_config(RWKVConfig, self.time, "time")
@@ -73,6 +77,8 @@ class DualBranchConfig:
             raise ValueError(f"fusion_dim must be an integer >= 1; got {self.fusion_dim!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        if not (isinstance(self.branch_loss, (int, float)) and 0.0 <= self.branch_loss <= 10.0):
+            raise ValueError(f"branch_loss must be a weight in [0, 10]; got {self.branch_loss!r}")
         if self.keep_amplitude and not self.instance_norm:
             raise ValueError("keep_amplitude needs instance_norm: without it nothing is erased")
         if self.instance_norm and self.time.input_size != 1:
@@ -191,6 +197,10 @@ class DualBranchClassifier(nn.Module):
             width += AMPLITUDE_FEATURES
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(width, config.num_classes)
+        # training-only heads of each branch alone (branch_loss); none with one branch
+        self.branch_heads = nn.ModuleList(
+            nn.Linear(w, config.num_classes) for w in widths
+        ) if config.branch_loss > 0 and len(widths) > 1 else nn.ModuleList()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DualBranchClassifier:
@@ -203,9 +213,25 @@ class DualBranchClassifier(nn.Module):
         a signal shorter than its STFT window)."""
         return 1
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor | None = None,
+                branch_heads: bool = False) -> Tensor:
         """x: (B, T) or (B, T, input_size) float; lengths: (B,) int real samples per signal
-        (the rest is zero padding), or None. Returns (B, num_classes) logits."""
+        (the rest is zero padding), or None. Returns (B, num_classes) logits; with
+        `branch_heads`, what training scores: (B, 1 + H, num_classes), the fused head's
+        logits first, then those of the H branch heads (`branch_loss`; H = 0 without them)."""
+        features, mean, std = self._features(x, lengths)
+        logits = self.head_logits(features, mean, std)
+        if not branch_heads:
+            return logits
+        scored = [logits]
+        if len(self.branch_heads) > 0:
+            scored += [head(self.drop(norm(f))) for head, norm, f in
+                       zip(self.branch_heads, self.fusion.norms, features, strict=True)]
+        return torch.stack(scored, 1)
+
+    def _features(self, x: Tensor, lengths: Tensor | None):
+        """The branches' pooled features (time first) and each signal's (B, 1) mean and std
+        (None without instance_norm)."""
         cfg = self.config
         x = validate_signal(x, cfg.time.input_size, min_length=self.min_length)
         if lengths is not None:
@@ -224,7 +250,7 @@ class DualBranchClassifier(nn.Module):
             features.append(self.time_branch(time_input, lengths=lengths))
         if self.freq_branch is not None:
             features.append(self.freq_branch(freq_input, lengths))
-        return self.head_logits(features, mean, std)
+        return features, mean, std
 
     def branch_inputs(self, signal: Tensor, mean: Tensor, std: Tensor,
                       mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

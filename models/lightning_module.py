@@ -201,13 +201,26 @@ class SignalClassifierModule(pl.LightningModule):
         return self.model(x, lengths)
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Class-weighted, label-smoothed cross-entropy (mean over the batch)."""
+        """Class-weighted, label-smoothed cross-entropy (mean over the batch). logits (B, K),
+        or what training scores with branch heads, (B, 1 + H, K) (`_scored`): the fused
+        head's loss plus branch_loss times each branch head's."""
+        if logits.dim() == 3:
+            weight = self.model.config.branch_loss
+            return self.loss(logits[:, 0], y) + sum(
+                weight * self.loss(logits[:, j], y) for j in range(1, logits.shape[1]))
         return nn.functional.cross_entropy(
             logits.float(),
             y,
             weight=self.class_weight,
             label_smoothing=self.hparams.label_smoothing,
         )
+
+    def _scored(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The logits training scores: (B, K), or (B, 1 + H, K) with the model's H branch
+        heads (the fused head's first)."""
+        if len(self.model.branch_heads) == 0:
+            return self(x, lengths)
+        return self.model(x, lengths, branch_heads=True)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """An (x, y, lengths) batch's lengths checked on the host, where it costs no device
@@ -239,11 +252,13 @@ class SignalClassifierModule(pl.LightningModule):
             x = lam * x + (1 - lam) * x[other]
             if lengths is not None:
                 lengths = torch.maximum(lengths, lengths[other])
-            logits = self(x, lengths)
+            logits = self._scored(x, lengths)
             loss = lam * self.loss(logits, y) + (1 - lam) * self.loss(logits, y[other])
         else:
-            logits = self(x, lengths)
+            logits = self._scored(x, lengths)
             loss = self.loss(logits, y)
+        if logits.dim() == 3:  # the metrics score the fused head
+            logits = logits[:, 0]
         # the training metrics score a blend against its larger part's label (against y
         # alone, a model that fits every blend scored about 0.6 on ten classes)
         if mixing and lam < 0.5:
@@ -275,7 +290,7 @@ class SignalClassifierModule(pl.LightningModule):
             clip = trainer.gradient_clip_val or 0.0
             by_value = str(trainer.gradient_clip_algorithm) == "value"
             self.train_step_graph = CapturedTrainStep(
-                self.model, self.loss, optimizer, clip_norm=0.0 if by_value else clip,
+                self._scored, self.loss, optimizer, clip_norm=0.0 if by_value else clip,
                 clip_value=clip if by_value else 0.0)
         step = self.train_step_graph
         if not step.accepts(x, lengths):

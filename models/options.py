@@ -59,6 +59,9 @@ class ModelOptions:
         "concat", "how the two branches' features are combined")
     dropout: float = option(0.1, "dropout before the classifier head", in_range(0.0, 1.0),
                             metavar="P")
+    branch_loss: float = option(0.0, "in training, a head of each branch's own features whose "
+                                "loss counts with this weight beside the fused head's (0: none)",
+                                in_range(0.0, 10.0, high_open=False), metavar="W")
     rwkv_dropout: float = option(0.0, "residual dropout inside the RWKV blocks",
                                  in_range(0.0, 1.0), metavar="P")
     gradient_checkpointing: bool = option(False, "recompute RWKV block activations in backward")

@@ -98,14 +98,15 @@ Loss = Callable[[Tensor, Tensor], Tensor]
 class CapturedTrainStep:
     """One training step of `model` as a CUDA graph (see the module docstring).
 
-    model: (B, T) -> (B, K) logits, in training mode. loss: (logits, y) -> scalar.
+    model: (B, T) -> logits ((B, K), or any shape `loss` takes), in training mode; a module or
+    a function of one. loss: (logits, y) -> scalar.
     clip_norm / clip_value: gradient clipping (0: off), done inside the graph.
     Calls take one batch shape, with lengths or without as the graph was recorded: `accepts`
     says whether a batch is such (and is on the model's GPU); other batches take the eager
     step elsewhere. A model called with lengths takes model(x, lengths).
     """
 
-    def __init__(self, model: nn.Module, loss: Loss, optimizer: GraphAdamW,
+    def __init__(self, model: Callable[..., Tensor], loss: Loss, optimizer: GraphAdamW,
                  clip_norm: float = 0.0, clip_value: float = 0.0, warmup: int = 3) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.clip_norm, self.clip_value = clip_norm, clip_value
@@ -131,8 +132,8 @@ class CapturedTrainStep:
         """Train on (x, y) blended with (x[other], y[other]) by lam (mixup; lam = 1 for none):
         the weights are updated in place. x: (B, T) float, y and other: (B,) int64; lengths:
         (B,) int64 real samples of zero-padded signals (a blend keeps the longer), or None.
-        Returns (loss, logits (B, K)), both detached; a replay overwrites them, so use them
-        before the next call."""
+        Returns (loss, logits as the model gave them), both detached; a replay overwrites
+        them, so use them before the next call."""
         if self.shape is None:
             self.shape, self.with_lengths = tuple(x.shape), lengths is not None
         lam_t = torch.full((), float(lam), dtype=torch.float32, device=x.device)

@@ -123,6 +123,7 @@ def test_commands_and_their_options(tmp_path) -> None:
     (["--no-lr"], "unknown option --no-lr"),
     (["--bandpass", "1"], "--bandpass: expected"),
     (["--stem-depth", "0"], "--stem-depth: expected an integer >= 1; got 0"),
+    (["--branch-loss", "-0.5"], "--branch-loss: expected a number in [0, 10]; got -0.5"),
     (["--stem", "patch", "--stem-depth", "3"], "stem_depth: expected 1 with stem 'patch'"),
 ])
 def test_bad_values_are_one_line_errors(argv, message) -> None:

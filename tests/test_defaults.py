@@ -59,6 +59,9 @@ def test_fill_model_defaults_keeps_explicit_values_and_fills_the_rest() -> None:
     assert filled.num_layers == auto["num_layers"] and filled.patch_size == auto["patch_size"]
     settings = model_settings(filled, facts)
     DualBranchConfig.from_dict({**settings, "num_classes": 7})  # a valid model
+    assert settings["branch_loss"] == 0.0
+    blended = model_settings(fill_model_defaults(ModelOptions(branch_loss=0.3), facts), facts)
+    assert DualBranchConfig.from_dict({**blended, "num_classes": 7}).branch_loss == 0.3
     assert settings["time"]["hidden_size"] == 8 and settings["freq"]["n_fft"] == 64
     assert settings["freq"]["n_mels"] == 33  # capped at n_fft / 2 + 1
     assert settings["freq"]["freq_mask_param"] == min(auto["freq_mask_param"], 33 // 4)

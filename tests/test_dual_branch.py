@@ -264,3 +264,32 @@ def test_series_shorter_than_the_stft_window_is_padded_to_it():
     with torch.no_grad():
         together = model(batch, torch.tensor([29, 300]))
         torch.testing.assert_close(together[0], model(short)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("branches,heads", [("both", 2), ("time", 0), ("freq", 0)])
+def test_branch_heads_score_each_branch_alone_in_training(branches, heads):
+    model = make(branches, branch_loss=0.5)
+    assert len(model.branch_heads) == heads  # one branch: nothing to blend
+    x = torch.randn(2, 600)
+    model.eval()
+    scored = model(x, branch_heads=True)
+    assert scored.shape == (2, 1 + heads, 3)
+    torch.testing.assert_close(scored[:, 0], model(x))  # the fused head's logits first
+    if heads:
+        # each branch head sees its own branch's features only
+        features, _, _ = model._features(x, None)
+        for j, (head, norm, f) in enumerate(
+                zip(model.branch_heads, model.fusion.norms, features, strict=True), 1):
+            torch.testing.assert_close(scored[:, j], head(norm(f)))
+        model.train()
+        model(x, branch_heads=True)[:, 1:].sum().backward()
+        assert all(p.grad is not None for p in model.branch_heads.parameters())
+        assert not model.head.weight.grad.any()  # their loss does not reach the fused head
+
+
+def test_no_branch_heads_by_default():
+    model = make()
+    assert len(model.branch_heads) == 0
+    assert model(torch.randn(2, 600), branch_heads=True).shape == (2, 1, 3)
+    with pytest.raises(ValueError, match="branch_loss"):
+        make(branch_loss=-1.0)

@@ -292,3 +292,23 @@ def test_step_loss_reaches_the_bar_without_a_per_step_metric() -> None:
     for step in seen:
         assert not any(key.startswith("train/loss") for key in step["pbar"])
         assert step["bar"]["train/loss_step"] == step["loss"]
+
+
+def test_branch_heads_add_their_weighted_loss_and_train() -> None:
+    module = tiny_module(num_classes=3, label_smoothing=0.1)
+    module.model = SignalClassifierModule(model={**TINY_MODEL, "branch_loss": 0.5},
+                                          num_classes=3, label_smoothing=0.1).model
+    logits = torch.randn(6, 3, 3)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    expected = sum(w * torch.nn.functional.cross_entropy(logits[:, j], y, label_smoothing=0.1)
+                   for j, w in enumerate((1.0, 0.5, 0.5)))
+    assert module.loss(logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    # a fit trains the branch heads and scores the fused head
+    torch.manual_seed(0)
+    module = SignalClassifierModule(model={**TINY_MODEL, "branch_loss": 0.5}, num_classes=3,
+                                    mixup=0.2)
+    before = [p.detach().clone() for p in module.model.branch_heads.parameters()]
+    quiet_trainer(max_steps=3).fit(module, loader(16, 3))
+    after = list(module.model.branch_heads.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert torch.isfinite(module.step_loss)
