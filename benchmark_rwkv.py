@@ -391,8 +391,8 @@ _CLI_TIME = dict(stem="conv", pooling="meanmax", bidirectional=True)
 _CLASSIFIERS = {
     "classifier": dict(time=dict(hidden_size=64, num_layers=2, patch_size=8, **_CLI_TIME),
                        freq=dict(channels=[16, 32, 64]), instance_norm=True, keep_amplitude=True),
-    "classifier-gpu-yaml": dict(time=dict(hidden_size=256, num_layers=6, patch_size=4,
-                                          **{**_CLI_TIME, "bidirectional": False}),
+    "classifier-gpu-yaml": dict(time={**_CLI_TIME, "hidden_size": 256, "num_layers": 6,
+                                      "patch_size": 4, "bidirectional": False},
                                 freq=dict(channels=[16, 32, 64, 128]), instance_norm=True,
                                 keep_amplitude=True),
 }

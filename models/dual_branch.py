@@ -229,7 +229,8 @@ class DualBranchClassifier(nn.Module):
                        zip(self.branch_heads, self.fusion.norms, features, strict=True)]
         return torch.stack(scored, 1)
 
-    def _features(self, x: Tensor, lengths: Tensor | None):
+    def _features(self, x: Tensor, lengths: Tensor | None
+                  ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
         """The branches' pooled features (time first) and each signal's (B, 1) mean and std
         (None without instance_norm)."""
         cfg = self.config

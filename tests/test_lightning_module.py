@@ -295,9 +295,8 @@ def test_step_loss_reaches_the_bar_without_a_per_step_metric() -> None:
 
 
 def test_branch_heads_add_their_weighted_loss_and_train() -> None:
-    module = tiny_module(num_classes=3, label_smoothing=0.1)
-    module.model = SignalClassifierModule(model={**TINY_MODEL, "branch_loss": 0.5},
-                                          num_classes=3, label_smoothing=0.1).model
+    module = SignalClassifierModule(model={**TINY_MODEL, "branch_loss": 0.5}, num_classes=3,
+                                    label_smoothing=0.1)
     logits = torch.randn(6, 3, 3)
     y = torch.tensor([0, 1, 2, 2, 1, 0])
     expected = sum(w * torch.nn.functional.cross_entropy(logits[:, j], y, label_smoothing=0.1)
