@@ -233,8 +233,8 @@ __device__ __forceinline__ State get(const States& from, int row, int i, int lan
 // The backward's values of each of a thread's steps that do not depend on the gradient state,
 // from the row's first walk to its second; in dynamic shared memory (with Shared, over the
 // 48 KB of static shared memory a block may have). [step][row][lane], a thread's V channels one
-// vector: a warp's 16-byte accesses cover 512 consecutive bytes, 128 per quarter warp (one word
-// per bank, no conflict), one instruction where a word per channel took V.
+// vector: a warp's V-word accesses cover consecutive bytes, 128 per phase (one word per bank,
+// no conflict), one instruction where a word per channel took V.
 template <class Sh>
 struct StepCache {
   using Values = Pack<float, Sh::V>[Sh::S][Sh::R][Sh::LX];

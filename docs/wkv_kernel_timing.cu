@@ -1,14 +1,14 @@
-// The kernel timings behind docs/benchmarks.md's "Shared-memory layout and larger tiles"
-// (issue 14): cuda/wkv_kernel.cuh's forward and backward kernels launched directly, without
+// The kernel timings behind docs/benchmarks.md's "Shared-memory layout and larger tiles" and
+// "Two channels a thread" (issue 14): cuda/wkv_kernel.cuh's forward and backward kernels launched directly, without
 // PyTorch, timed with CUDA events (each launch with its scratch memset, as the operator does),
 // in the project's tile shapes and in the neighbouring ones it was chosen against.
 //   nvcc -O3 -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -Icuda \
 //        -o wkv_kernel_timing docs/wkv_kernel_timing.cu && ./wkv_kernel_timing [ONLY]
-// ONLY: run only the cases whose line starts with it, e.g. "bf16 gated 8/4 B=64" (for ncu).
+// ONLY: run only the cases whose line starts with it, e.g. "bf16 gated 2x16/2x8 B=64" (for ncu).
 // Each line: forward and backward ms and GB/s (k, v, y forward; k, v, gy, gk, gv backward; r and
 // gr with the gate), the tiles of each launch, and checksums (equal across shapes of a dtype).
-// The variants of that section without a fence, atomics or look-back were copies of the header
-// edited for the one change.
+// The variants without a fence, atomics or look-back, and those with another minimum of blocks
+// per SM in __launch_bounds__, were copies of the header edited for the one change.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -67,15 +67,15 @@ float time_ms(const F& f, int iters) {
 
 const char* only = nullptr;  // the command line's case filter, or null: every case
 
-// forward rows of FS steps, backward rows of BS, 4 channels a thread; kGate: sigmoid(r) * wkv
-template <typename E, int FS, int BS, bool kGate = false>
+// forward FV channels x rows of FS steps a thread, backward BV x BS; kGate: sigmoid(r) * wkv
+template <typename E, int FV, int FS, int BV, int BS, bool kGate = false>
 void run(const char* name, int B, int T, int C, int iters) {
   char key[96], label[96];  // the case as ONLY is written, and as the line prints it
   std::snprintf(key, sizeof(key), "%s B=%d T=%d", name, B, T);
-  std::snprintf(label, sizeof(label), "%-18s B=%d T=%d", name, B, T);
+  std::snprintf(label, sizeof(label), "%-20s B=%d T=%d", name, B, T);
   if (only != nullptr && std::strncmp(key, only, std::strlen(only)) != 0) return;
-  using SF = Shape<4, FS>;
-  using SB = Shape<4, BS>;
+  using SF = Shape<FV, FS>;
+  using SB = Shape<BV, BS>;
   const int64_t n = static_cast<int64_t>(B) * T * C;
   const int NT = (T + kTile - 1) / kTile;
   const int64_t states = static_cast<int64_t>(B) * NT * 3 * C;
@@ -117,15 +117,15 @@ void run(const char* name, int B, int T, int C, int iters) {
 
   const float fwd_ms = time_ms([&] {
     cudaMemsetAsync(zero_f, 0, (tiles_f + 1) * 4);
-    wkv_forward_kernel<E, 4, FS, kGate><<<tiles_f, kThreads>>>(fa);
+    wkv_forward_kernel<E, FV, FS, kGate><<<tiles_f, kThreads>>>(fa);
   }, iters);
   // the backward's dynamic shared memory (over 48 KB a block with the static: opted in)
   const int cache_bytes = static_cast<int>(sizeof(StepCache<SB>));
-  CHECK(cudaFuncSetAttribute(wkv_backward_kernel<E, 4, BS, kGate>,
+  CHECK(cudaFuncSetAttribute(wkv_backward_kernel<E, BV, BS, kGate>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, cache_bytes));
   const float bwd_ms = time_ms([&] {
     cudaMemsetAsync(zero_b, 0, zero_b_bytes);
-    wkv_backward_kernel<E, 4, BS, kGate><<<tiles_b, kThreads, cache_bytes>>>(ba);
+    wkv_backward_kernel<E, BV, BS, kGate><<<tiles_b, kThreads, cache_bytes>>>(ba);
   }, iters);
   CHECK(cudaGetLastError());  // a launch that failed would time as fast
 
@@ -160,22 +160,27 @@ void run(const char* name, int B, int T, int C, int iters) {
 int main(int argc, char** argv) {
   using bf16 = __nv_bfloat16;
   if (argc > 1) only = argv[1];
-  const int it = 200;
-  // the project's shapes (forward rows of 8, backward rows of 4) and the earlier 4 / 2
-  run<float, 8, 4>("fp32 rows 8/4", 8, 3750, 256, it);
-  run<float, 4, 2>("fp32 rows 4/2", 8, 3750, 256, it);
-  run<float, 8, 4, true>("fp32 gated 8/4", 8, 3750, 256, it);
-  run<float, 4, 2, true>("fp32 gated 4/2", 8, 3750, 256, it);
-  run<bf16, 8, 4>("bf16 rows 8/4", 8, 3750, 256, it);
-  run<bf16, 8, 2>("bf16 rows 8/2", 8, 3750, 256, it);
-  run<bf16, 8, 4, true>("bf16 gated 8/4", 8, 3750, 256, it);
-  run<bf16, 8, 2, true>("bf16 gated 8/2", 8, 3750, 256, it);
-  run<bf16, 8, 4, true>("bf16 gated 8/4", 64, 938, 256, it);  // configs/gpu.yaml's calls
-  run<float, 8, 4>("fp32 rows 8/4", 1, 3750, 256, it);
-  run<float, 4, 2>("fp32 rows 4/2", 1, 3750, 256, it);
-  run<float, 8, 4>("fp32 rows 8/4", 8, 65536, 256, 20);
-  run<float, 4, 2>("fp32 rows 4/2", 8, 65536, 256, 20);
-  run<bf16, 8, 4>("bf16 rows 8/4", 8, 65536, 256, 20);
-  run<bf16, 8, 2>("bf16 rows 8/2", 8, 65536, 256, 20);
+  // WKV_TIMING_ITERS: launches per timing (default 200; 20 at T = 65,536), e.g. 1 under
+  // compute-sanitizer
+  const char* iters = std::getenv("WKV_TIMING_ITERS");
+  const int it = iters != nullptr ? std::atoi(iters) : 200, it_long = it < 20 ? it : 20;
+  // "FVxFS/BVxBS": the project's shapes (2 channels x rows of 16 forward, 2 x 8 backward) and
+  // the earlier 4 x 8 / 4 x 4, each at its call shapes
+  run<float, 2, 16, 2, 8>("fp32 2x16/2x8", 8, 3750, 256, it);
+  run<float, 4, 8, 4, 4>("fp32 4x8/4x4", 8, 3750, 256, it);
+  run<float, 2, 16, 2, 8, true>("fp32 gated 2x16/2x8", 8, 3750, 256, it);
+  run<float, 4, 8, 4, 4, true>("fp32 gated 4x8/4x4", 8, 3750, 256, it);
+  run<bf16, 2, 16, 2, 8>("bf16 2x16/2x8", 8, 3750, 256, it);
+  run<bf16, 4, 8, 4, 4>("bf16 4x8/4x4", 8, 3750, 256, it);
+  run<bf16, 2, 16, 2, 8, true>("bf16 gated 2x16/2x8", 8, 3750, 256, it);
+  run<bf16, 4, 8, 4, 4, true>("bf16 gated 4x8/4x4", 8, 3750, 256, it);
+  run<bf16, 2, 16, 2, 8, true>("bf16 gated 2x16/2x8", 64, 938, 256, it);  // gpu.yaml's calls
+  run<bf16, 4, 8, 4, 4, true>("bf16 gated 4x8/4x4", 64, 938, 256, it);
+  run<float, 2, 16, 2, 8>("fp32 2x16/2x8", 1, 3750, 256, it);
+  run<float, 4, 8, 4, 4>("fp32 4x8/4x4", 1, 3750, 256, it);
+  run<float, 2, 16, 2, 8>("fp32 2x16/2x8", 8, 65536, 256, it_long);
+  run<float, 4, 8, 4, 4>("fp32 4x8/4x4", 8, 65536, 256, it_long);
+  run<bf16, 2, 16, 2, 8>("bf16 2x16/2x8", 8, 65536, 256, it_long);
+  run<bf16, 4, 8, 4, 4>("bf16 4x8/4x4", 8, 65536, 256, it_long);
   return 0;
 }
