@@ -58,20 +58,21 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using namespace wkv::gpu;
 
-// Two channels a thread, one row of threads a warp: rows of 16 steps forward and 8 backward
-// (tiles of 64 steps x 64 channels), whatever the dtype. The backward holds the forward state
-// of every step of its row in registers (8 steps x 2 channels) and its steps' values for the
-// second walk (StepCache) in 64 KB of dynamic shared memory a block, 78 KB with the static:
-// 2 blocks per SM on sm_90 (128 registers a thread, no spills), 1 on sm_86/89.
-// Measured on an H200 (B=8, T=3750, C=256; docs/wkv_kernel_timing.cu): against the earlier 4
-// channels x rows of 8 / 4 steps (the same tiles, 16 rows of threads; registers spilled, 128 /
-// 248 bytes a thread in the float32 backward), the float32 backward takes 0.0895 ms instead of
-// 0.112 and the forward 0.0436 instead of 0.0475; bf16 with the gate 0.120 instead of 0.145;
-// at T = 65,536 the backward 1.30 ms instead of 1.68. Fewer rows also mean one round less in
-// the scan inside the tile and 8 predecessors a look-back round. 2 channels x rows of 4 steps
-// at 3 blocks per SM (80 registers, some spilled; tiles of 32 channels) was between the two
-// (0.105 ms), 4 channels x rows of 2 at 3 blocks slower (0.145). Scalar shapes where C or an
-// address does not allow vectors.
+// Two channels a thread, whatever the dtype: forward rows of 16 steps (4 rows of 64 threads,
+// tiles of 64 steps x 128 channels), backward rows of 8 (8 rows of 32 threads, a warp a row;
+// tiles of 64 x 64). The backward holds the forward state of every step of its row in
+// registers (8 steps x 2 channels) and its steps' values for the second walk (StepCache) in
+// 64 KB of dynamic shared memory a block, 78 KB with the static: 2 blocks per SM on sm_90
+// (128 registers a thread, no spills; sm_80 has room for 2 as well), 1 on sm_86/89.
+// Measured on an H200 (B=8, T=3750, C=256; docs/wkv_kernel_timing.cu): against the earlier
+// 4 channels x rows of 8 / 4 steps (the same tiles; 16 backward rows; registers spilled, 128
+// bytes a thread stored and 248 loaded in the float32 backward), the float32 backward takes
+// 0.0895 ms instead of 0.112 and the forward 0.0436 instead of 0.0475; bf16 with the gate
+// 0.120 instead of 0.145; at T = 65,536 the backward 1.30 ms instead of 1.68. Fewer rows also
+// mean one round less in the scan inside the tile and 8 predecessors a look-back round.
+// 2 channels x rows of 4 steps at 3 blocks per SM (80 registers, some spilled; tiles of 32
+// channels) was between the two (0.105 ms), 4 channels x rows of 2 at 3 blocks slower (0.145).
+// Scalar shapes where C or an address does not allow vectors.
 template <bool kVector>
 using ForwardShape = Shape<kVector ? 2 : 1, 16>;
 template <bool kVector>
