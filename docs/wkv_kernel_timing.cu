@@ -1,7 +1,7 @@
 // The kernel timings behind docs/benchmarks.md's "Shared-memory layout and larger tiles" and
-// "Two channels a thread" (issue 14): cuda/wkv_kernel.cuh's forward and backward kernels launched directly, without
-// PyTorch, timed with CUDA events (each launch with its scratch memset, as the operator does),
-// in the project's tile shapes and in the neighbouring ones it was chosen against.
+// "Two channels a thread" (issue 14): cuda/wkv_kernel.cuh's forward and backward kernels
+// launched directly, without PyTorch, timed with CUDA events (each launch with its scratch
+// memset, as the operator does), in the project's tile shapes and in the earlier ones.
 //   nvcc -O3 -std=c++17 -arch=sm_90 --expt-relaxed-constexpr -Icuda \
 //        -o wkv_kernel_timing docs/wkv_kernel_timing.cu && ./wkv_kernel_timing [ONLY]
 // ONLY: run only the cases whose line starts with it, e.g. "bf16 gated 2x16/2x8 B=64" (for ncu).
@@ -164,6 +164,10 @@ int main(int argc, char** argv) {
   // compute-sanitizer
   const char* iters = std::getenv("WKV_TIMING_ITERS");
   const int it = iters != nullptr ? std::atoi(iters) : 200, it_long = it < 20 ? it : 20;
+  if (it < 1) {
+    std::printf("WKV_TIMING_ITERS must be a whole number >= 1, got '%s'\n", iters);
+    return 2;
+  }
   // "FVxFS/BVxBS": the project's shapes (2 channels x rows of 16 forward, 2 x 8 backward) and
   // the earlier 4 x 8 / 4 x 4, each at its call shapes
   run<float, 2, 16, 2, 8>("fp32 2x16/2x8", 8, 3750, 256, it);

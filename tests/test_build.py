@@ -125,3 +125,26 @@ def test_kernel_timing_program_compiles(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "timing.o").stat().st_size > 0
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_kernel_timing_program_refuses_a_bad_launch_count(tmp_path):
+    """WKV_TIMING_ITERS that is not a whole number >= 1 gets a clear message and exit status 2,
+    before any GPU call (so this runs without a GPU), not a timing divided by zero."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    nvcc = Path(build.find_cuda_home()) / "bin" / "nvcc"
+    binary = tmp_path / "timing"
+    proc = subprocess.run([str(nvcc), "-O3", "-std=c++17", "-arch=sm_90",
+                           "--expt-relaxed-constexpr", f"-I{root / 'cuda'}",
+                           str(root / "docs" / "wkv_kernel_timing.cu"), "-o", str(binary)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for bad in ("abc", "0", "-3"):
+        run = subprocess.run([str(binary)], env={"WKV_TIMING_ITERS": bad}, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 2
+        assert f"WKV_TIMING_ITERS must be a whole number >= 1, got '{bad}'" in run.stdout
